@@ -1,0 +1,26 @@
+"""youzhi_ms: GQA -> MLA conversion (layer-adaptive FreqFold), GKD recovery and MLA deployment on MindSpore."""
+from setuptools import find_packages, setup
+
+setup(
+    name="youzhi_ms",
+    version="0.1.0",
+    description="MindSpore-native YouZhi: convert Hugging Face GQA models to DeepSeek-style MLA",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["youzhi_ms", "youzhi_ms.*"]),
+    install_requires=[
+        "mindspore==2.10.0",
+        "numpy>=1.25,<2",  # numpy 2 breaks mindspore 2.10 at run time
+        "safetensors",
+        "pyyaml",
+        "sentencepiece",
+        "tokenizers",
+        "tqdm",
+        "jinja2",  # chat templates
+        "matplotlib",  # report and benchmark plots (PNG, Agg backend)
+    ],
+    extras_require={
+        # transformers (torch, CPU) is the independent reference the tests compare against;
+        # gguf is the reference for our own GGUF reader.
+        "test": ["pytest", "torch==2.13.0", "transformers==4.57.1", "gguf"],
+    },
+)

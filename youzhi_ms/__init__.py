@@ -1,0 +1,2 @@
+"""youzhi_ms: GQA -> MLA (YouZhi) on MindSpore."""
+__version__ = "0.1.0"
