@@ -1,0 +1,232 @@
+"""Hugging Face checkpoint directories: config.json plus single-file or sharded safetensors, read one tensor at a time.
+
+bf16 tensors are widened to float32 with a bit shift in numpy, so reading never depends on a framework's bf16 support.
+Writing goes through `atomic_output_dir` so an interrupted job never leaves a half-written directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple
+
+import numpy as np
+
+from youzhi_ms.errors import YouzhiError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Files copied verbatim from a source directory into a converted one (tokenizer, chat template, generation settings).
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+              "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
+    return (u16.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bf16 bit pattern (uint16)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounding = ((u >> 16) & 1) + 0x7FFF
+    return ((u + rounding) >> 16).astype(np.uint16)
+
+
+def read_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isdir(model_dir):
+        raise YouzhiError(f"model directory {model_dir} does not exist")
+    if not os.path.isfile(path):
+        raise YouzhiError(f"{model_dir} has no config.json; pass a Hugging Face model directory "
+                          "(tools/gguf_to_hf.py makes one from a GGUF file)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_header(path: str) -> Tuple[dict, int]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise YouzhiError(f"{path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+class HFCheckpoint:
+    """Lazy view of a HF model directory's tensors: `names()`, `shape(name)`, `dtype(name)`, `get(name)` (float32)."""
+
+    def __init__(self, model_dir: str):
+        self.dir = model_dir
+        self.config = read_config(model_dir)
+        index_path = os.path.join(model_dir, INDEX_FILE)
+        single = os.path.join(model_dir, SINGLE_FILE)
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                weight_map: Dict[str, str] = json.load(f)["weight_map"]
+            missing = sorted({s for s in weight_map.values() if not os.path.isfile(os.path.join(model_dir, s))})
+            if missing:
+                raise YouzhiError(f"{model_dir}: shard(s) {', '.join(missing)} listed in {INDEX_FILE} are missing; "
+                                  "copy the complete checkpoint (all shards) into the directory")
+        elif os.path.isfile(single):
+            weight_map = None
+        else:
+            raise YouzhiError(f"{model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}; only safetensors checkpoints "
+                              "are read (convert .bin/pickle checkpoints with transformers' save_pretrained first)")
+        self._entries: Dict[str, Tuple[str, dict, int]] = {}
+        files = sorted(set(weight_map.values())) if weight_map else [SINGLE_FILE]
+        for fname in files:
+            fpath = os.path.join(model_dir, fname)
+            header, offset = _read_header(fpath)
+            for name, meta in header.items():
+                self._entries[name] = (fpath, meta, offset)
+        if weight_map:
+            absent = sorted(set(weight_map) - set(self._entries))
+            if absent:
+                raise YouzhiError(f"{model_dir}: tensor {absent[0]} is listed in {INDEX_FILE} but not found in its "
+                                  f"shard {weight_map[absent[0]]}; the shard is corrupt or from another checkpoint")
+
+    def names(self) -> list:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self._entries[name][1]["shape"])
+
+    def dtype(self, name: str) -> str:
+        return self._entries[name][1]["dtype"]
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor in its stored dtype (bf16 as a uint16 bit pattern)."""
+        if name not in self._entries:
+            raise YouzhiError(f"{self.dir}: tensor {name} is missing from the checkpoint")
+        path, meta, offset = self._entries[name]
+        dt = _ST_DTYPES.get(meta["dtype"])
+        if dt is None:
+            raise YouzhiError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+        start, end = meta["data_offsets"]
+        count = int(np.prod(meta["shape"])) if meta["shape"] else 1
+        arr = np.fromfile(path, dtype=dt, count=count, offset=offset + start)
+        if arr.nbytes != end - start:
+            raise YouzhiError(f"{path}: tensor {name} is truncated; the file is incomplete")
+        return arr.reshape(meta["shape"])
+
+    def get(self, name: str, expect_shape: Optional[tuple] = None) -> np.ndarray:
+        """The tensor as float32 (fp16/bf16/fp32 sources), shape-checked when `expect_shape` is given."""
+        arr = self.raw(name)
+        if self.dtype(name) == "BF16":
+            arr = bf16_to_f32(arr)
+        arr = arr.astype(np.float32, copy=False)
+        if expect_shape is not None and tuple(arr.shape) != tuple(expect_shape):
+            raise YouzhiError(f"{self.dir}: tensor {name} has shape {tuple(arr.shape)}, expected {tuple(expect_shape)} "
+                              "from config.json; the weights and config.json do not belong to the same model")
+        return arr
+
+
+def _encode(arr: np.ndarray, dtype: str) -> Tuple[str, np.ndarray]:
+    if dtype == "bf16":
+        return "BF16", f32_to_bf16(arr.astype(np.float32, copy=False))
+    if dtype == "fp16":
+        return "F16", arr.astype(np.float16)
+    if dtype == "fp32":
+        return "F32", arr.astype(np.float32, copy=False)
+    if dtype == "keep":  # raw stored dtype, e.g. from HFCheckpoint.raw
+        inv = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+        return inv[arr.dtype], arr
+    raise YouzhiError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
+
+
+def save_safetensors(path: str, tensors: Iterable[Tuple[str, np.ndarray]], dtype: str = "fp32",
+                     raw_dtypes: Optional[Mapping[str, str]] = None, metadata: Optional[dict] = None) -> None:
+    """Write (name, array) pairs as one safetensors file. Arrays are encoded as `dtype`; with `raw_dtypes`, a name's
+    array is taken as already encoded in that safetensors dtype (used for bit-exact bf16 round trips)."""
+    items = []
+    for name, arr in tensors:
+        if raw_dtypes and name in raw_dtypes:
+            st, data = raw_dtypes[name], np.ascontiguousarray(arr)
+        else:
+            st, data = _encode(np.ascontiguousarray(arr), dtype)
+        items.append((name, st, np.ascontiguousarray(data)))
+    header, offset = {}, 0
+    for name, st, data in items:
+        header[name] = {"dtype": st, "shape": list(data.shape), "data_offsets": [offset, offset + data.nbytes]}
+        offset += data.nbytes
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * ((8 - len(hb) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for _, _, data in items:
+            f.write(data.tobytes())
+
+
+def write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def copy_side_files(src_dir: str, dst_dir: str) -> None:
+    """Copy tokenizer / generation files that exist in src_dir."""
+    for name in SIDE_FILES:
+        p = os.path.join(src_dir, name)
+        if os.path.isfile(p):
+            shutil.copy2(p, os.path.join(dst_dir, name))
+
+
+class ShardedWriter:
+    """Write tensors into shards of at most `max_shard_bytes`, one tensor in memory at a time, plus the index file."""
+
+    def __init__(self, out_dir: str, dtype: str = "fp32", max_shard_bytes: int = 2 << 30):
+        self.out_dir, self.dtype, self.max = out_dir, dtype, max_shard_bytes
+        self._pending: list = []
+        self._pending_bytes = 0
+        self._shards: list = []  # list of list of names
+        self._raw: Dict[str, str] = {}
+
+    def add(self, name: str, arr: np.ndarray, raw_dtype: Optional[str] = None) -> None:
+        if raw_dtype:
+            self._raw[name] = raw_dtype
+        nbytes = arr.nbytes if raw_dtype else arr.size * {"bf16": 2, "fp16": 2}.get(self.dtype, 4)
+        if self._pending and self._pending_bytes + nbytes > self.max:
+            self._flush()
+        self._pending.append((name, arr))
+        self._pending_bytes += nbytes
+
+    def _flush(self) -> None:
+        idx = len(self._shards)
+        fname = f"model-{idx:05d}.safetensors.part"
+        save_safetensors(os.path.join(self.out_dir, fname), self._pending, self.dtype, self._raw)
+        self._shards.append([n for n, _ in self._pending])
+        self._pending, self._pending_bytes = [], 0
+
+    def close(self) -> None:
+        if self._pending or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        if n == 1:
+            os.rename(os.path.join(self.out_dir, "model-00000.safetensors.part"), os.path.join(self.out_dir, SINGLE_FILE))
+            return
+        weight_map = {}
+        for i, names in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.rename(os.path.join(self.out_dir, f"model-{i:05d}.safetensors.part"), os.path.join(self.out_dir, final))
+            weight_map.update({name: final for name in names})
+        write_json(os.path.join(self.out_dir, INDEX_FILE), {"metadata": {}, "weight_map": weight_map})
