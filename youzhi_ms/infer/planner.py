@@ -1,0 +1,629 @@
+"""KV-cache budget arithmetic: how many concurrent full-length requests a model serves on one accelerator card.
+
+Pure Python (no MindSpore, no numpy) so it runs anywhere, including on a laptop before a conversion.
+
+The plan mirrors how vLLM / vLLM-Ascend size the paged KV cache at start-up:
+
+    budget    = device_memory × memory_utilization
+    usable    = budget − weight_bytes − activation_reserve           (bytes left for the KV cache)
+    num_blocks = floor(usable / (block_size × kv_bytes_per_token))   (one block holds block_size tokens, all layers)
+    max_concurrency = num_blocks × block_size / max_model_len        (vLLM logs it as
+                                                                      "Maximum concurrency for N tokens per request")
+
+KV bytes per token (all layers):
+    GQA  layers × 2 × num_key_value_heads × head_dim × bytes          (separate K and V per KV head)
+    MLA  layers × (kv_lora_rank + qk_rope_head_dim) × bytes           (one shared latent plus the rope key; no factor 2)
+
+Activation reserve (what vLLM's profile run measures as peak non-weight memory; we estimate it, see
+`activation_reserve_bytes`):
+    max_num_batched_tokens × (4·hidden + max(3·intermediate, attention width)) × act_bytes   one profile forward
+  + max_num_seqs × vocab × 4 B × 2                                                       fp32 logits + probabilities
+  + runtime_overhead_gib                                                                 runtime workspaces, buffers
+with defaults 8192 batched tokens, 256 sequences, 1 GiB. `activation_reserve_gib` replaces the estimate with a fixed
+figure (e.g. the "activation memory" a real vLLM start-up logged).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+
+from youzhi_ms.errors import YouzhiError
+
+GIB = 1 << 30
+
+# Bytes per element. KV-only dtypes (fp8/int8) are accepted for the cache, not for weights.
+_DTYPE_BYTES = {
+    "bf16": 2, "bfloat16": 2,
+    "fp16": 2, "float16": 2, "half": 2,
+    "fp32": 4, "float32": 4, "float": 4,
+}
+_KV_ONLY_DTYPE_BYTES = {"fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1}
+
+GQA_MODEL_TYPES = ("llama", "qwen2", "mistral")
+MLA_MODEL_TYPES = ("deepseek_v3",)
+_MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "dbrx", "olmoe", "jamba", "granitemoe")
+
+# MindFormers-style (legacy) key names that map onto the Hugging Face ones.
+_KEY_ALIASES = {
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "qkv_has_bias": "attention_bias",
+}
+_TYPE_ALIASES = {"LlamaConfig": "llama", "Qwen2Config": "qwen2", "MistralConfig": "mistral",
+                 "DeepseekV3Config": "deepseek_v3"}
+
+# vLLM-Ascend's MLA graph mode (torchair) supports these query-head counts per latent KV head (vllm-ascend #1451).
+ASCEND_MLA_GRAPH_HEADS = (32, 64, 128)
+FLASHMLA_CACHE_WIDTH = 576  # vLLM CUDA MLA backends: kv_lora_rank + qk_rope_head_dim must be 512 + 64
+
+
+def dtype_bytes(dtype: str, kv_only_ok: bool = False) -> int:
+    key = str(dtype).lower()
+    if key in _DTYPE_BYTES:
+        return _DTYPE_BYTES[key]
+    if kv_only_ok and key in _KV_ONLY_DTYPE_BYTES:
+        return _KV_ONLY_DTYPE_BYTES[key]
+    allowed = sorted(set(_DTYPE_BYTES) | (set(_KV_ONLY_DTYPE_BYTES) if kv_only_ok else set()))
+    raise YouzhiError(f"unknown dtype {dtype!r}; use one of {', '.join(allowed)}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model shapes
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture figures that decide weight and KV-cache bytes.
+
+    GQA models (llama/qwen2/mistral) use `num_key_value_heads` and `head_dim`; DeepSeek-V3 dense MLA models use
+    `kv_lora_rank`, `qk_rope_head_dim`, `qk_nope_head_dim`, `v_head_dim` and `q_lora_rank` (None = full-rank q_proj).
+    Bias flags follow each architecture's Hugging Face modelling code:
+      llama: `attention_bias` puts a bias on q, k, v and o; qwen2: q, k, v always biased, o never; mistral: none;
+      deepseek_v3: `attention_bias` biases q_a_proj, kv_a_proj_with_mqa and o_proj (q_proj, q_b_proj, kv_b_proj never).
+    """
+
+    model_type: str
+    num_hidden_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    kv_lora_rank: Optional[int] = None
+    qk_rope_head_dim: Optional[int] = None
+    qk_nope_head_dim: Optional[int] = None
+    v_head_dim: Optional[int] = None
+    q_lora_rank: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    name: str = ""
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
+    @property
+    def attention(self) -> str:
+        return "MLA" if self.is_mla else "GQA"
+
+    # -- parameter count --------------------------------------------------------------------------------------------
+    def attention_params_per_layer(self) -> int:
+        D, H = self.hidden_size, self.num_attention_heads
+        if not self.is_mla:
+            d, kv = self.head_dim, self.num_key_value_heads
+            n = D * H * d + 2 * D * kv * d + H * d * D  # q, k, v, o
+            if self.qkv_bias:
+                n += H * d + 2 * kv * d
+            if self.o_bias:
+                n += D
+            return n
+        r, rope, nope, v = self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim, self.v_head_dim
+        qk = nope + rope
+        if self.q_lora_rank is None:
+            n = D * H * qk  # q_proj (no bias in DeepSeek-V3)
+        else:
+            rq = self.q_lora_rank
+            n = D * rq + rq + rq * H * qk  # q_a_proj, q_a_layernorm, q_b_proj
+            if self.qkv_bias:
+                n += rq
+        n += D * (r + rope) + r  # kv_a_proj_with_mqa, kv_a_layernorm
+        n += r * H * (nope + v)  # kv_b_proj
+        n += H * v * D  # o_proj
+        if self.qkv_bias:
+            n += r + rope
+        if self.o_bias:
+            n += D
+        return n
+
+    def mlp_params_per_layer(self) -> int:
+        D, I = self.hidden_size, self.intermediate_size
+        return 3 * D * I + ((2 * I + D) if self.mlp_bias else 0)
+
+    def num_params(self) -> int:
+        D, V = self.hidden_size, self.vocab_size
+        per_layer = self.attention_params_per_layer() + self.mlp_params_per_layer() + 2 * D  # + two RMSNorms
+        embed = V * D
+        head = 0 if self.tie_word_embeddings else V * D
+        return embed + self.num_hidden_layers * per_layer + D + head  # + final norm
+
+    def weight_bytes(self, dtype: str = "bf16") -> int:
+        return self.num_params() * dtype_bytes(dtype)
+
+    def kv_elements_per_token_per_layer(self) -> int:
+        if self.is_mla:
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.num_key_value_heads * self.head_dim
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def kv_bytes_per_token(shape: ModelShape, dtype: str = "bf16") -> int:
+    """KV-cache bytes one token occupies across all layers (see the module docstring for both formulas)."""
+    return shape.num_hidden_layers * shape.kv_elements_per_token_per_layer() * dtype_bytes(dtype, kv_only_ok=True)
+
+
+def _req_int(cfg: Mapping[str, Any], key: str, where: str) -> int:
+    val = cfg.get(key)
+    if val is None:
+        raise YouzhiError(f"{where}: config has no {key!r}; pass a complete Hugging Face config.json")
+    if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+        raise YouzhiError(f"{where}: {key} must be a positive integer, got {val!r}; fix the config")
+    return val
+
+
+def _opt_int(cfg: Mapping[str, Any], key: str, where: str) -> Optional[int]:
+    if cfg.get(key) is None:
+        return None
+    return _req_int(cfg, key, where)
+
+
+def shape_from_config(cfg: Mapping[str, Any], name: str = "") -> ModelShape:
+    """A `ModelShape` from a Hugging Face config.json dict (Llama/Qwen2/Mistral GQA or DeepSeek-V3 dense MLA)."""
+    where = name or "config"
+    if not isinstance(cfg, Mapping):
+        raise YouzhiError(f"{where}: expected a JSON/YAML mapping of config keys, got {type(cfg).__name__}")
+    cfg = {_KEY_ALIASES.get(k, k): v for k, v in cfg.items()}
+    mtype = cfg.get("model_type") or _TYPE_ALIASES.get(str(cfg.get("type", "")), None)
+    if not mtype:
+        raise YouzhiError(f"{where}: config has no 'model_type'; supported: "
+                          f"{', '.join(GQA_MODEL_TYPES + MLA_MODEL_TYPES)}")
+    mtype = str(mtype)
+    if mtype in _MOE_MODEL_TYPES or any(cfg.get(k) for k in ("num_local_experts", "num_experts")):
+        raise YouzhiError(f"{where}: model_type {mtype!r} is a mixture-of-experts model; the planner handles dense "
+                          "models only (Llama/Qwen2/Mistral GQA, DeepSeek-V3 with n_routed_experts null)")
+    if mtype not in GQA_MODEL_TYPES + MLA_MODEL_TYPES:
+        raise YouzhiError(f"{where}: unsupported model_type {mtype!r}; supported: "
+                          f"{', '.join(GQA_MODEL_TYPES + MLA_MODEL_TYPES)}")
+
+    layers = _req_int(cfg, "num_hidden_layers", where)
+    hidden = _req_int(cfg, "hidden_size", where)
+    heads = _req_int(cfg, "num_attention_heads", where)
+    inter = _req_int(cfg, "intermediate_size", where)
+    vocab = _req_int(cfg, "vocab_size", where)
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    bias = bool(cfg.get("attention_bias", False))
+    max_pos = _opt_int(cfg, "max_position_embeddings", where)
+    common = dict(model_type=mtype, num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                  intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=tied,
+                  max_position_embeddings=max_pos, name=name)
+
+    if mtype in MLA_MODEL_TYPES:
+        n_routed = cfg.get("n_routed_experts")
+        first_dense = cfg.get("first_k_dense_replace")
+        if n_routed and (first_dense is None or first_dense < layers):
+            raise YouzhiError(f"{where}: DeepSeek-V3 config with n_routed_experts={n_routed} and "
+                              f"first_k_dense_replace={first_dense} < num_hidden_layers={layers} is a mixture-of-"
+                              "experts model; the planner handles dense MLA only (set n_routed_experts null or "
+                              "first_k_dense_replace = num_hidden_layers)")
+        r = _req_int(cfg, "kv_lora_rank", where)
+        rope = _req_int(cfg, "qk_rope_head_dim", where)
+        nope = _req_int(cfg, "qk_nope_head_dim", where)
+        v = _req_int(cfg, "v_head_dim", where)
+        rq = _opt_int(cfg, "q_lora_rank", where)
+        return ModelShape(num_key_value_heads=heads, head_dim=rope, qkv_bias=bias, o_bias=bias,
+                          kv_lora_rank=r, qk_rope_head_dim=rope, qk_nope_head_dim=nope, v_head_dim=v,
+                          q_lora_rank=rq, **common)
+
+    kv = _opt_int(cfg, "num_key_value_heads", where) or heads
+    if heads % kv:
+        raise YouzhiError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+    head_dim = _opt_int(cfg, "head_dim", where)
+    if head_dim is None:
+        if hidden % heads:
+            raise YouzhiError(f"{where}: hidden_size={hidden} is not divisible by num_attention_heads={heads} and "
+                              "the config has no head_dim; add head_dim to the config")
+        head_dim = hidden // heads
+    if mtype == "qwen2":
+        qkv_bias, o_bias = True, False  # Qwen2 attention: bias on q/k/v always, never on o_proj
+    else:
+        qkv_bias, o_bias = bias, bias  # Llama: attention_bias applies to all four; Mistral: the key is absent
+    return ModelShape(num_key_value_heads=kv, head_dim=head_dim, qkv_bias=qkv_bias, o_bias=o_bias,
+                      mlp_bias=bool(cfg.get("mlp_bias", False)), **common)
+
+
+def read_config_file(path: str) -> Dict[str, Any]:
+    """The config dict behind `path`: a model directory (its config.json), a .json file or a .yaml/.yml file.
+
+    YAML files may hold the config keys at top level or under `model: model_config:` (MindFormers run configs).
+    """
+    if not os.path.exists(path):
+        raise YouzhiError(f"{path} does not exist; pass a model directory, a config.json or a yaml config")
+    if os.path.isdir(path):
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise YouzhiError(f"{path} has no config.json; pass a Hugging Face model directory or a config file")
+        path = cfg_path
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise YouzhiError(f"cannot read {path}: {exc.strerror}; check the path and permissions") from None
+    if ext in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise YouzhiError("reading yaml configs needs pyyaml; pip install pyyaml or pass a config.json") from None
+        try:
+            cfg = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise YouzhiError(f"{path} is not valid YAML ({exc}); fix the file") from None
+        if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and \
+                isinstance(cfg["model"].get("model_config"), dict):
+            cfg = cfg["model"]["model_config"]
+        elif isinstance(cfg, dict) and isinstance(cfg.get("model_config"), dict):
+            cfg = cfg["model_config"]
+    else:
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise YouzhiError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
+    if not isinstance(cfg, dict):
+        raise YouzhiError(f"{path} does not contain a mapping of config keys")
+    return cfg
+
+
+def model_label(path: str) -> str:
+    p = os.path.abspath(path)
+    if os.path.isdir(p):
+        return os.path.basename(p.rstrip(os.sep))
+    base = os.path.basename(p)
+    if base == "config.json":
+        return os.path.basename(os.path.dirname(p))
+    return os.path.splitext(base)[0]
+
+
+def load_model_shape(path: str) -> ModelShape:
+    """`ModelShape` of a model directory (reads its config.json) or of a config.json / yaml file."""
+    return shape_from_config(read_config_file(path), name=model_label(path))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GQA -> MLA shape
+# --------------------------------------------------------------------------------------------------------------------
+def _check_conversion_args(source: ModelShape, kv_lora_rank: int, qk_rope_head_dim: Optional[int]) -> int:
+    if source.is_mla:
+        raise YouzhiError(f"{source.name or 'model'} is already MLA (kv_lora_rank={source.kv_lora_rank}); "
+                          "plan a conversion from a GQA model")
+    d = source.head_dim
+    rope = d // 2 if qk_rope_head_dim is None else qk_rope_head_dim
+    if isinstance(rope, bool) or not isinstance(rope, int) or rope <= 0 or rope % 2 or rope > d:
+        raise YouzhiError(f"qk_rope_head_dim must be an even integer in [2, head_dim={d}], got {rope!r}")
+    max_rank = 2 * source.num_key_value_heads * d - rope
+    if isinstance(kv_lora_rank, bool) or not isinstance(kv_lora_rank, int) or not 0 < kv_lora_rank <= max_rank:
+        raise YouzhiError(f"kv_lora_rank must be an integer in [1, {max_rank}] for this model (the joint K/V latent "
+                          f"is 2·num_key_value_heads·head_dim − qk_rope_head_dim = {max_rank} wide), "
+                          f"got {kv_lora_rank!r}")
+    return rope
+
+
+def mla_shape_from_source(source: ModelShape, kv_lora_rank: int, qk_rope_head_dim: Optional[int] = None,
+                          attention_bias: bool = False) -> ModelShape:
+    """The DeepSeek-V3 dense shape a GQA → MLA conversion of `source` produces.
+
+    num_key_value_heads = num_attention_heads; qk_nope_head_dim = v_head_dim = head_dim; qk_rope_head_dim defaults to
+    head_dim / 2; q_lora_rank None. Per layer: q_proj [n_h·(d + rope), D], kv_a_proj_with_mqa [r + rope, D],
+    kv_a_layernorm [r], kv_b_proj [n_h·2d, r], o_proj [D, n_h·d] unchanged; MLP, norms, embeddings unchanged.
+    `attention_bias=False` is the stock export (the checkpoint contract has no attention biases).
+    """
+    rope = _check_conversion_args(source, kv_lora_rank, qk_rope_head_dim)
+    d = source.head_dim
+    return dataclasses.replace(
+        source, model_type="deepseek_v3", num_key_value_heads=source.num_attention_heads, head_dim=rope,
+        qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=False,
+        kv_lora_rank=kv_lora_rank, qk_rope_head_dim=rope, qk_nope_head_dim=d, v_head_dim=d, q_lora_rank=None,
+        name=f"{source.name or 'model'}_mla_r{kv_lora_rank}" + ("" if rope == 64 else f"_rope{rope}"))
+
+
+def mla_config_dict(source_config: Mapping[str, Any], kv_lora_rank: int,
+                    qk_rope_head_dim: Optional[int] = None) -> Dict[str, Any]:
+    """A DeepSeek-V3 dense config.json dict for the conversion of a GQA `source_config` (stock contract: no attention
+    bias, interleaved rope, no experts). Non-shape fields (rope_theta, rope_scaling, eps, token ids, ...) are copied."""
+    src = shape_from_config(source_config)
+    rope = _check_conversion_args(src, kv_lora_rank, qk_rope_head_dim)
+    s = dict(source_config)
+    out: Dict[str, Any] = {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": src.vocab_size,
+        "hidden_size": src.hidden_size,
+        "intermediate_size": src.intermediate_size,
+        "num_hidden_layers": src.num_hidden_layers,
+        "num_attention_heads": src.num_attention_heads,
+        "num_key_value_heads": src.num_attention_heads,
+        "kv_lora_rank": kv_lora_rank,
+        "q_lora_rank": None,
+        "qk_nope_head_dim": src.head_dim,
+        "qk_rope_head_dim": rope,
+        "v_head_dim": src.head_dim,
+        "n_routed_experts": None,
+        "n_shared_experts": None,
+        "first_k_dense_replace": src.num_hidden_layers,
+        "moe_layer_freq": 1,
+        "hidden_act": s.get("hidden_act", "silu"),
+        "max_position_embeddings": s.get("max_position_embeddings"),
+        "rms_norm_eps": s.get("rms_norm_eps", 1e-6),
+        "rope_theta": s.get("rope_theta", 10000.0),
+        "rope_scaling": s.get("rope_scaling"),
+        "rope_interleave": True,
+        "attention_bias": False,
+        "attention_dropout": s.get("attention_dropout", 0.0),
+        "tie_word_embeddings": src.tie_word_embeddings,
+        "initializer_range": s.get("initializer_range", 0.02),
+        "bos_token_id": s.get("bos_token_id"),
+        "eos_token_id": s.get("eos_token_id"),
+        "torch_dtype": s.get("torch_dtype", "bfloat16"),
+        "use_cache": True,
+    }
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlanSettings:
+    """Serving assumptions. Defaults: one 64 GiB Ascend 910B card, vLLM-Ascend-style paged cache (block 128),
+    bf16 weights and cache, `gpu_memory_utilization` 0.9, 4096-token requests."""
+
+    device_memory_gib: float = 64.0
+    memory_utilization: float = 0.9
+    max_model_len: int = 4096
+    block_size: int = 128
+    dtype: str = "bf16"
+    kv_cache_dtype: Optional[str] = None  # None: same as dtype
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    runtime_overhead_gib: float = 1.0
+    activation_reserve_gib: Optional[float] = None  # set: use this instead of the profile-run estimate
+
+    @property
+    def kv_dtype(self) -> str:
+        return self.kv_cache_dtype or self.dtype
+
+    def validate(self) -> "PlanSettings":
+        if not self.device_memory_gib > 0:
+            raise YouzhiError(f"device memory must be positive, got {self.device_memory_gib} GiB")
+        if not 0 < self.memory_utilization <= 1:
+            raise YouzhiError(f"memory utilization must be in (0, 1], got {self.memory_utilization}")
+        for key in ("max_model_len", "block_size", "max_num_batched_tokens", "max_num_seqs"):
+            val = getattr(self, key)
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise YouzhiError(f"{key.replace('_', '-')} must be a positive integer, got {val!r}")
+        if self.runtime_overhead_gib < 0:
+            raise YouzhiError(f"runtime overhead must be >= 0 GiB, got {self.runtime_overhead_gib}")
+        if self.activation_reserve_gib is not None and self.activation_reserve_gib < 0:
+            raise YouzhiError(f"activation reserve must be >= 0 GiB, got {self.activation_reserve_gib}")
+        dtype_bytes(self.dtype)
+        dtype_bytes(self.kv_dtype, kv_only_ok=True)
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["kv_cache_dtype"] = self.kv_dtype
+        return d
+
+
+def attention_activation_width(shape: ModelShape) -> int:
+    """Elements per token live in one attention block of a prefill forward (q, k, v as computed, attention output)."""
+    H = shape.num_attention_heads
+    if shape.is_mla:
+        qk = shape.qk_nope_head_dim + shape.qk_rope_head_dim
+        latent = shape.kv_lora_rank + shape.qk_rope_head_dim
+        return H * qk + latent + H * qk + H * shape.v_head_dim + H * shape.v_head_dim  # q, latent, k, v, out
+    return H * shape.head_dim + 2 * shape.num_key_value_heads * shape.head_dim + H * shape.head_dim
+
+
+def activation_reserve_bytes(shape: ModelShape, settings: PlanSettings = PlanSettings()) -> int:
+    """Estimate of the peak non-weight memory vLLM's start-up profile run measures.
+
+    forward: max_num_batched_tokens tokens in one layer hold the residual stream, the normed input, the attention
+             output and the block output (4·hidden) plus the wider of the MLP intermediates (gate, up, act: 3·inter)
+             and the attention projections, in the activation dtype;
+    logits:  the sampler's dummy run over max_num_seqs sequences: fp32 logits plus fp32 probabilities (2 × 4 B × vocab);
+    runtime: a fixed allowance for runtime workspaces and communication buffers (`runtime_overhead_gib`).
+    `settings.activation_reserve_gib` overrides the whole estimate.
+    """
+    if settings.activation_reserve_gib is not None:
+        return int(round(settings.activation_reserve_gib * GIB))
+    act = dtype_bytes(settings.dtype)
+    per_token = (4 * shape.hidden_size + max(3 * shape.intermediate_size, attention_activation_width(shape))) * act
+    forward = settings.max_num_batched_tokens * per_token
+    logits = settings.max_num_seqs * shape.vocab_size * 4 * 2
+    return forward + logits + int(round(settings.runtime_overhead_gib * GIB))
+
+
+@dataclass
+class ConcurrencyPlan:
+    """All figures of one plan (bytes are exact integers; max_concurrency is num_blocks·block_size/max_model_len)."""
+
+    name: str
+    attention: str
+    model_type: str
+    num_params: int
+    weight_bytes: int
+    device_memory_bytes: int
+    memory_utilization: float
+    budget_bytes: int
+    activation_reserve_bytes: int
+    kv_budget_bytes: int
+    kv_bytes_per_token: int
+    block_size: int
+    block_bytes: int
+    num_blocks: int
+    kv_cache_tokens: int
+    max_model_len: int
+    max_concurrency: float
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.max_concurrency >= 1
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["weight_gib"] = self.weight_bytes / GIB
+        d["kv_budget_gib"] = self.kv_budget_bytes / GIB
+        d["activation_reserve_gib"] = self.activation_reserve_bytes / GIB
+        return d
+
+
+def plan_concurrency(shape: ModelShape, settings: PlanSettings = PlanSettings()) -> ConcurrencyPlan:
+    """The vLLM-style KV-cache plan of `shape` under `settings` (see the module docstring)."""
+    settings.validate()
+    weights = shape.weight_bytes(settings.dtype)
+    device = int(round(settings.device_memory_gib * GIB))
+    budget = int(device * settings.memory_utilization)
+    reserve = activation_reserve_bytes(shape, settings)
+    kv_budget = budget - weights - reserve
+    per_token = kv_bytes_per_token(shape, settings.kv_dtype)
+    block_bytes = settings.block_size * per_token
+    num_blocks = max(0, kv_budget // block_bytes)
+    tokens = num_blocks * settings.block_size
+    plan = ConcurrencyPlan(
+        name=shape.name, attention=shape.attention, model_type=shape.model_type, num_params=shape.num_params(),
+        weight_bytes=weights, device_memory_bytes=device, memory_utilization=settings.memory_utilization,
+        budget_bytes=budget, activation_reserve_bytes=reserve, kv_budget_bytes=kv_budget,
+        kv_bytes_per_token=per_token, block_size=settings.block_size, block_bytes=block_bytes, num_blocks=num_blocks,
+        kv_cache_tokens=tokens, max_model_len=settings.max_model_len,
+        max_concurrency=tokens / settings.max_model_len)
+    plan.warnings = deployment_warnings(shape, settings, plan)
+    return plan
+
+
+def deployment_warnings(shape: ModelShape, settings: PlanSettings = PlanSettings(),
+                        plan: Optional[ConcurrencyPlan] = None) -> List[str]:
+    """Things that will stop or slow a vLLM / vLLM-Ascend deployment. Strings, not exceptions: a plan is still useful."""
+    out: List[str] = []
+    if shape.is_mla:
+        heads = shape.num_attention_heads
+        if heads not in ASCEND_MLA_GRAPH_HEADS:
+            out.append(f"vLLM-Ascend MLA graph mode needs num_attention_heads per latent KV head (per card) in "
+                       f"{{32, 64, 128}}; this model has {heads}: serve it in eager mode, or shard it so each card "
+                       "holds a supported head count")
+        if shape.kv_lora_rank % 16:
+            out.append(f"kv_lora_rank={shape.kv_lora_rank} is not a multiple of 16; vLLM-Ascend's fused MLA cache "
+                       "kernels reshape the latent by 16: pick a multiple of 16")
+        width = shape.kv_lora_rank + shape.qk_rope_head_dim
+        if width != FLASHMLA_CACHE_WIDTH:
+            out.append(f"kv_lora_rank + qk_rope_head_dim = {width} != 576; vLLM's CUDA MLA kernels (FlashMLA) accept "
+                       "only 512 + 64, other widths fall back to a slower attention backend on GPUs")
+        if shape.qkv_bias or shape.o_bias:
+            out.append("attention_bias is set: stock vLLM DeepSeek-V2/V3 attention has no biases and its loader "
+                       "silently skips .bias tensors; export without biases (recover the loss by distillation)")
+    if plan is not None:
+        if plan.kv_budget_bytes <= 0:
+            out.append(f"does not fit: weights {plan.weight_bytes / GIB:.2f} GiB + activation reserve "
+                       f"{plan.activation_reserve_bytes / GIB:.2f} GiB exceed the "
+                       f"{plan.budget_bytes / GIB:.2f} GiB budget ({settings.device_memory_gib:g} GiB × "
+                       f"{settings.memory_utilization:g}); use a larger card, tensor parallelism or a smaller dtype")
+        elif plan.max_concurrency < 1:
+            out.append(f"does not fit one {plan.max_model_len}-token request: the KV cache holds only "
+                       f"{plan.kv_cache_tokens} tokens; vLLM refuses to start: lower --max-model-len or raise "
+                       "--memory-utilization")
+    if shape.max_position_embeddings and settings.max_model_len > shape.max_position_embeddings:
+        out.append(f"max_model_len {settings.max_model_len} exceeds the model's max_position_embeddings "
+                   f"{shape.max_position_embeddings}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rank search
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class RankChoice:
+    kv_lora_rank: int
+    qk_rope_head_dim: int
+    ratio: float
+    target_ratio: float
+    mode: str
+    source_plan: ConcurrencyPlan
+    mla_plan: ConcurrencyPlan
+    candidates: List[Dict[str, float]]  # every rank tried: {"kv_lora_rank", "ratio"}
+
+    def neighbours(self, n: int = 2) -> List[Dict[str, float]]:
+        idx = next(i for i, c in enumerate(self.candidates) if c["kv_lora_rank"] == self.kv_lora_rank)
+        return self.candidates[max(0, idx - n): idx + n + 1]
+
+
+def concurrency_ratio(source: ModelShape, target: ModelShape, settings: PlanSettings = PlanSettings()) -> float:
+    a, b = plan_concurrency(source, settings), plan_concurrency(target, settings)
+    if a.max_concurrency <= 0:
+        raise YouzhiError(f"{source.name or 'the source model'} does not fit under these settings, so no ratio "
+                          "exists; use a larger card or lower --max-model-len")
+    return b.max_concurrency / a.max_concurrency
+
+
+def rank_for_ratio(source: ModelShape, target_ratio: float, settings: PlanSettings = PlanSettings(),
+                   qk_rope_head_dim: Optional[int] = None, multiple: int = 16, mode: str = "closest") -> RankChoice:
+    """The `kv_lora_rank` (a multiple of `multiple`) whose max-concurrency gain over `source` meets `target_ratio`.
+
+    mode "closest": the rank whose ratio is nearest the target (ties go to the larger rank);
+    mode "reach":   the largest rank whose ratio is still >= the target (the least compression that reaches it).
+    Ratios fall as the rank grows; all ranks up to 2·n_kv·head_dim − rope are tried.
+    """
+    if mode not in ("closest", "reach"):
+        raise YouzhiError(f"rank search mode must be 'closest' or 'reach', got {mode!r}")
+    if not target_ratio > 0:
+        raise YouzhiError(f"target ratio must be positive, got {target_ratio}")
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple <= 0:
+        raise YouzhiError(f"rank multiple must be a positive integer, got {multiple!r}")
+    rope = _check_conversion_args(source, multiple, qk_rope_head_dim)
+    src_plan = plan_concurrency(source, settings)
+    if src_plan.max_concurrency <= 0:
+        raise YouzhiError(f"{source.name or 'the source model'} does not fit under these settings, so no ratio "
+                          "exists; use a larger card or lower --max-model-len")
+    max_rank = 2 * source.num_key_value_heads * source.head_dim - rope
+    plans: Dict[int, ConcurrencyPlan] = {}
+    candidates = []
+    for r in range(multiple, max_rank + 1, multiple):
+        p = plan_concurrency(mla_shape_from_source(source, r, rope), settings)
+        plans[r] = p
+        candidates.append({"kv_lora_rank": r, "ratio": p.max_concurrency / src_plan.max_concurrency})
+    if not candidates:
+        raise YouzhiError(f"no multiple of {multiple} fits below the maximum rank {max_rank}")
+    if mode == "reach":
+        ok = [c for c in candidates if c["ratio"] >= target_ratio]
+        if not ok:
+            raise YouzhiError(f"no kv_lora_rank reaches a {target_ratio}× gain (best: "
+                              f"{candidates[0]['ratio']:.2f}× at r={candidates[0]['kv_lora_rank']}); lower the target "
+                              "or the rope dim")
+        best = max(ok, key=lambda c: c["kv_lora_rank"])
+    else:
+        best = min(candidates, key=lambda c: (abs(c["ratio"] - target_ratio), -c["kv_lora_rank"]))
+    r = best["kv_lora_rank"]
+    return RankChoice(kv_lora_rank=r, qk_rope_head_dim=rope, ratio=best["ratio"], target_ratio=target_ratio,
+                      mode=mode, source_plan=src_plan, mla_plan=plans[r], candidates=candidates)
+
+
+def fmt_gib(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f}"
+
