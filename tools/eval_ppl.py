@@ -1,0 +1,38 @@
+#!/usr/bin/env python
+"""Perplexity of a source (GQA) or converted (MLA) model directory with the MindSpore model, by the fixed protocol
+in youzhi_ms/eval/ppl.py (documents joined by the end-of-text token, non-overlapping windows, first token of each window
+unscored).
+
+  python tools/eval_ppl.py --model DIR --text wiki-eval [--seq-len 512] [--max-tokens N] [--json OUT]
+"""
+import argparse
+import json
+
+import _bootstrap  # noqa: F401
+
+from youzhi_ms.errors import cli_main
+
+
+@cli_main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="Hugging Face (or MindSpore-layout) model directory")
+    ap.add_argument("--text", default="wiki-eval", help="wiki-eval | wiki-calib | a .txt or .jsonl file")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=None, help="truncate the token stream first")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--json", default=None, help="write the result as JSON here")
+    args = ap.parse_args(argv)
+    from youzhi_ms.runtime import init_context
+    init_context("graph")
+    from youzhi_ms.eval.ppl import evaluate_dir
+    res = evaluate_dir(args.model, args.text, args.seq_len, args.max_tokens, args.batch_size)
+    print(f"ppl {res['ppl']:.4f} on {res['tokens']} tokens ({res['windows']} windows of {res['seq_len']}) "
+          f"text={args.text} model={args.model} [{res['seconds']} s]")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The perplexity protocol, fixed so others can reproduce the figure.
+
+1. Documents: `wiki-calib` / `wiki-eval` (see youzhi_ms.data.text), a `.jsonl` file (one document per line's `text`), or
+   a plain-text file split into documents at blank lines.
+2. Each document is preceded by the tokenizer's end-of-text token; all are concatenated into one stream.
+3. `max_tokens` truncates the stream; it is cut into non-overlapping windows of `seq_len` tokens and a final partial
+   window is dropped.
+4. Every token of a window but its first is scored: ppl = exp(mean NLL), `tokens` = number of scored tokens.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import numpy as np
+from mindspore import Tensor, nn, ops
+import mindspore as ms
+from tqdm import tqdm
+
+from youzhi_ms.errors import YouzhiError
+
+
+class TokenNLL(nn.Cell):
+    """ids [B,S] -> NLL of tokens 1..S-1 given their prefixes, [B,S-1], computed inside the graph so the full logits
+    never leave it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def construct(self, input_ids):
+        logits = self.model(input_ids)[:, :-1].astype(ms.float32)
+        logp = ops.log_softmax(logits, -1)
+        tgt = input_ids[:, 1:].astype(ms.int32).expand_dims(-1)
+        return -ops.gather_elements(logp, -1, tgt).squeeze(-1)
+
+
+def token_stream(text_source: str, tokenizer, max_tokens: Optional[int] = None) -> np.ndarray:
+    from youzhi_ms.data.text import load_documents, pack_tokens
+    docs = load_documents(text_source)
+    stream = pack_tokens(docs, tokenizer, tokenizer.eot_id, source=text_source)
+    if max_tokens:
+        stream = stream[:max_tokens]
+    return stream
+
+
+def windows(stream: np.ndarray, seq_len: int) -> np.ndarray:
+    n = len(stream) // seq_len
+    if n == 0:
+        raise YouzhiError(f"the text has {len(stream)} tokens, fewer than one window of --seq-len {seq_len}; "
+                          "use a longer text or a smaller --seq-len")
+    return stream[: n * seq_len].reshape(n, seq_len)
+
+
+def perplexity(model, stream: np.ndarray, seq_len: int = 512, batch_size: int = 4, progress: bool = True) -> dict:
+    """Run the protocol on an already-built model; returns {'ppl', 'nll', 'tokens', 'seq_len', 'windows', 'seconds'}."""
+    win = windows(stream, seq_len)
+    scorer = TokenNLL(model)
+    total, count = 0.0, 0
+    t0 = time.time()
+    bar = tqdm(total=len(win), desc="ppl", unit="win", disable=not progress)
+    for i in range(0, len(win), batch_size):
+        batch = win[i:i + batch_size]
+        real = len(batch)
+        if real < batch_size:  # keep one compiled shape: pad with copies and discard their scores
+            batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, 0)])
+        nll = scorer(Tensor(batch.astype(np.int32))).asnumpy()[:real].astype(np.float64)
+        if not np.all(np.isfinite(nll)):
+            raise YouzhiError("the model produced non-finite log-probabilities; the weights are corrupt or overflow "
+                              "in this dtype (evaluate in fp32)")
+        total += float(nll.sum())
+        count += nll.size
+        bar.update(real)
+        bar.set_postfix(ppl=f"{math.exp(total / count):.3f}")
+    bar.close()
+    return {"ppl": math.exp(total / count), "nll": total / count, "tokens": int(count), "seq_len": int(seq_len),
+            "windows": int(len(win)), "seconds": round(time.time() - t0, 2)}
+
+
+def evaluate_dir(model_dir: str, text: str = "wiki-eval", seq_len: int = 512, max_tokens: Optional[int] = None,
+                 batch_size: int = 4, progress: bool = True) -> dict:
+    from youzhi_ms.checkpoint.mindspore_ckpt import load_model
+    from youzhi_ms.data.tokenizer import Tokenizer
+    model, cfg = load_model(model_dir, table_len=seq_len)
+    if seq_len > cfg.max_position_embeddings:
+        raise YouzhiError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+                          f"{cfg.max_position_embeddings}")
+    tok = Tokenizer.from_dir(model_dir)
+    stream = token_stream(text, tok, max_tokens)
+    res = perplexity(model, stream, seq_len, batch_size, progress)
+    res.update(model=model_dir, text=text, max_tokens=max_tokens, model_type=cfg.raw.get("model_type"))
+    return res
