@@ -132,8 +132,9 @@ class MLAConfig:
     rope_interleave: bool = True
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    kv_layernorm: bool = True
+    attention_bias: bool = False  # transformers' meaning: bias on q_a_proj, kv_a_proj_with_mqa, o_proj
+    q_bias: bool = False  # youzhi extension: bias on q_proj (q_lora_rank null), needed for exact Qwen2 conversions
+    kv_layernorm: bool = True  # youzhi extension when False: no kv_a_layernorm (exact conversions)
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[object] = None
     raw: dict = field(default_factory=dict, repr=False)
@@ -169,7 +170,7 @@ class MLAConfig:
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)),
-            kv_layernorm=not yz.get("no_kv_layernorm", False),
+            q_bias=bool(yz.get("q_proj_bias", False)), kv_layernorm=not yz.get("no_kv_layernorm", False),
             bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"), raw=dict(cfg))
 
 
