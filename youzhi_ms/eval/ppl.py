@@ -37,9 +37,8 @@ class TokenNLL(nn.Cell):
 
 
 def token_stream(text_source: str, tokenizer, max_tokens: Optional[int] = None) -> np.ndarray:
-    from youzhi_ms.data.text import load_documents, pack_tokens
-    docs = load_documents(text_source)
-    stream = pack_tokens(docs, tokenizer, tokenizer.eot_id, source=text_source)
+    from youzhi_ms.data.text import load_token_stream
+    stream = load_token_stream(text_source, tokenizer)
     if max_tokens:
         stream = stream[:max_tokens]
     return stream

@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Convert a Hugging Face GQA model (Llama / Qwen2 / Mistral / SmolLM2) into a DeepSeek-V3-style MLA model.
+
+  python tools/convert_gqa_to_mla.py --hf-dir IN --output-dir OUT --kv-lora-rank 112 --qk-rope-dim 32 \
+      [--freqfold adaptive|adaptive-layer|auto|N] [--calib-text wiki-calib|FILE] [--calib-tokens N] \
+      [--export exact|deepseek] [--seed S]
+
+Stages (one module each in youzhi_ms/convert): latent.py (GQA as a shared latent, exact) -> rorope.py (RoRoPE with
+FreqFold bands) -> adaptive.py (per-layer / per-band FreqFold choice) -> bkv_pca.py (balanced K/V PCA to the rank)
+-> export.py (exact or stock DeepSeek-V3). OUT gets config.json (with a `youzhi` block), model.safetensors, tokenizer
+files, conversion_report.{json,md} and freqfold.png; it appears only when the conversion completes.
+"""
+import argparse
+import json
+import logging
+
+import _bootstrap  # noqa: F401
+
+from youzhi_ms.errors import YouzhiError, cli_main
+
+
+@cli_main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hf-dir", required=True, help="source Hugging Face GQA model directory")
+    ap.add_argument("--output-dir", required=True, help="destination (Hugging Face DeepSeek-V3 directory)")
+    ap.add_argument("--kv-lora-rank", type=int, required=True, help="latent rank r; cache = r + qk_rope_dim per layer")
+    ap.add_argument("--qk-rope-dim", type=int, default=None, help="decoupled rope head dim (default head_dim/2)")
+    ap.add_argument("--freqfold", default="adaptive",
+                    help="adaptive (per layer and per band), adaptive-layer (one F per layer), auto (TransMLA's "
+                         "uniform doubling search), or an integer F for every layer (default adaptive)")
+    ap.add_argument("--freqfold-plan", default=None,
+                    help="reuse the per-layer bands of an earlier conversion (its config.json or report)")
+    ap.add_argument("--calib-text", default="wiki-calib", help="wiki-calib or a .txt / .jsonl file")
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--calib-seq-len", type=int, default=256)
+    ap.add_argument("--proxy-seqs", type=int, default=8, help="calibration windows used by the FreqFold proxies")
+    ap.add_argument("--export", choices=["exact", "deepseek"], default="exact")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from youzhi_ms.convert.pipeline import ConvertOptions, convert
+    plan = None
+    if args.freqfold_plan:
+        try:
+            src = json.load(open(args.freqfold_plan))
+        except (OSError, ValueError) as e:
+            raise YouzhiError(f"cannot read --freqfold-plan {args.freqfold_plan}: {e}")
+        plan = src["youzhi"]["freqfold"] if "youzhi" in src else [L["bands"] for L in src["layers"]]
+    opt = ConvertOptions(kv_lora_rank=args.kv_lora_rank, qk_rope_dim=args.qk_rope_dim, freqfold=args.freqfold,
+                         calib_text=args.calib_text, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
+                         proxy_seqs=args.proxy_seqs, export=args.export, seed=args.seed, plan=plan,
+                         progress=not args.quiet)
+    rep = convert(args.hf_dir, args.output_dir, opt)
+    print(f"converted to MLA r={rep['kv_lora_rank']}+{rep['qk_rope_head_dim']} ({rep['cache_ratio']:.2f}x smaller KV "
+          f"cache), export={rep['export']}, freqfold={rep['freqfold_mode']}, {rep['seconds']} s -> {args.output_dir}")
+    for w in rep["warnings"]:
+        print(f"warning: {w}")
+
+
+if __name__ == "__main__":
+    main()

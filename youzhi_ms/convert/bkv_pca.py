@@ -1,0 +1,110 @@
+"""Stage 2: balanced K/V joint PCA (BKV-PCA) to kv_lora_rank, and assembly of one MLA layer's weights.
+
+After RoRoPE the key latent splits into rope dims (kept exactly, they become k_pe) and NoPE dims. The NoPE keys are
+scaled by 1/alpha so keys and values carry equal per-dimension norms (alpha = mean per-dim L2 norm of K_nope / that of
+V, un-squared, as TransMLA's code does), then [K_nope/alpha, V] is compressed by an uncentered activation PCA in
+float64 with damping. The down projection is R_r^T [W_K_nope/alpha | b; W_V | b]; the up projection is the selectors
+times R_r, with alpha folded back into the key rows so the function is unchanged at full rank.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+
+from youzhi_ms.convert.latent import kv_group
+from youzhi_ms.convert.rorope import pca
+from youzhi_ms.errors import YouzhiError
+
+
+def balance_alpha(K_nope: np.ndarray, V: np.ndarray) -> float:
+    nk = np.linalg.norm(K_nope.astype(np.float64), axis=0).mean()
+    nv = np.linalg.norm(V.astype(np.float64), axis=0).mean()
+    if not (np.isfinite(nk) and np.isfinite(nv)) or nv == 0:
+        raise YouzhiError("non-finite or zero value norms in calibration statistics; check the checkpoint and the "
+                          "calibration text")
+    return float(nk / nv)
+
+
+def max_rank(n_kv: int, d: int, rope: int) -> int:
+    return 2 * n_kv * d - rope
+
+
+def check_rank(rank: int, n_kv: int, d: int, rope: int, tokens: Optional[int] = None) -> None:
+    top = max_rank(n_kv, d, rope)
+    if rank < 1 or rank > top:
+        raise YouzhiError(f"--kv-lora-rank {rank} is out of range: at most 2*n_kv*head_dim - qk_rope_dim = "
+                          f"2*{n_kv}*{d} - {rope} = {top} for this model (that is the lossless latent)")
+    if tokens is not None and tokens < top:
+        raise YouzhiError(f"{tokens} calibration tokens are too few for a {top}-dimensional PCA (need at least {top}); "
+                          "raise --calib-tokens")
+
+
+def build_layer(src: Dict[str, np.ndarray], Q: np.ndarray, X: np.ndarray, n_heads: int, n_kv: int, d: int,
+                rope: int, rank: int, damping: float = 0.01, R_override: Optional[np.ndarray] = None):
+    """One exact-export MLA layer (HF DeepSeek-V3 tensor names, biases kept when the source has them).
+
+    src: wq [H*d, D], wk/wv [L, D], wo, optional bq/bk/bv/bo. Q: RoRoPE rotation [L, L]. X [T, D]: calibration inputs
+    (input-layernormed) for the joint PCA. Returns (tensors, info)."""
+    L = n_kv * d
+    H, D = n_heads, src["wq"].shape[1]
+    s = np.sqrt((d + rope) / d)  # MLA scores use (d+rope)^-1/2; the source used d^-1/2
+    zeros_L = np.zeros(L)
+    bk, bv = src.get("bk", zeros_L), src.get("bv", zeros_L)
+    bq = src.get("bq", np.zeros(H * d))
+    has_bias = "bk" in src or "bv" in src
+    Wk = Q.T @ src["wk"].astype(np.float64)  # rotated keys [L, D]
+    bk_r = Q.T @ bk
+    Wk_rope, Wk_nope, bk_rope, bk_nope = Wk[:rope], Wk[rope:], bk_r[:rope], bk_r[rope:]
+
+    Xf = X.astype(np.float32)
+    K_nope = Xf @ Wk_nope.T.astype(np.float32) + bk_nope.astype(np.float32)
+    V = Xf @ src["wv"].T + bv.astype(np.float32)
+    alpha = balance_alpha(K_nope, V)
+    Xkv = np.concatenate([K_nope / alpha, V], 1).astype(np.float64)
+    if not np.all(np.isfinite(Xkv)):
+        raise YouzhiError("non-finite calibration statistics in the key/value activations; re-run in fp32 or check "
+                          "the checkpoint")
+    if R_override is not None:
+        R = R_override
+        eig = None
+    else:
+        eig, R = pca(Xkv.T @ Xkv, damping)
+    Rr = R[:, :rank]  # [(2L-rope), r]
+    A_w = np.concatenate([Wk_nope / alpha, src["wv"].astype(np.float64)], 0)
+    A_b = np.concatenate([bk_nope / alpha, bv], 0)
+    W_dkv, b_dkv = Rr.T @ A_w, Rr.T @ A_b
+
+    Rk, Rv = Rr[:L - rope], Rr[L - rope:]
+    kv_b = np.zeros((H, 2 * d, rank))
+    q_rows = np.zeros((H, d + rope, D))
+    q_bias = np.zeros((H, d + rope))
+    Wq = src["wq"].astype(np.float64).reshape(H, d, D)
+    bqh = bq.reshape(H, d)
+    for h in range(H):
+        g = kv_group(h, H, n_kv)
+        blk = Q[g * d:(g + 1) * d]  # W_UK[h] Q: d x L
+        uk_rope, uk_nope = blk[:, :rope], blk[:, rope:]
+        kv_b[h, :d] = (uk_nope * alpha) @ Rk
+        kv_b[h, d:] = Rv[g * d:(g + 1) * d]
+        q_rows[h, :d] = Wq[h] * s
+        q_rows[h, d:] = (uk_rope.T @ Wq[h]) * s
+        q_bias[h, :d] = bqh[h] * s
+        q_bias[h, d:] = (uk_rope.T @ bqh[h]) * s
+    out = {
+        "q_proj.weight": q_rows.reshape(H * (d + rope), D),
+        "kv_a_proj_with_mqa.weight": np.concatenate([W_dkv, Wk_rope], 0),
+        "kv_b_proj.weight": kv_b.reshape(H * 2 * d, rank),
+        "o_proj.weight": src["wo"].astype(np.float64),
+    }
+    if "bq" in src:
+        out["q_proj.bias"] = q_bias.reshape(-1)
+    if has_bias:
+        out["kv_a_proj_with_mqa.bias"] = np.concatenate([b_dkv, bk_rope], 0)
+    if "bo" in src:
+        out["o_proj.bias"] = src["bo"].astype(np.float64)
+    out = {k: v.astype(np.float32) for k, v in out.items()}
+    info = {"alpha": alpha}
+    if eig is not None:
+        info["pca_energy_kept"] = float(eig[:rank].sum() / eig.sum())
+    return out, info

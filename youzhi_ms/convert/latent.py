@@ -1,0 +1,29 @@
+"""Stage 0: GQA as MHA over a shared latent (exact).
+
+The latent is the stacked GQA keys/values, c_K = W_K x + b_K and c_V = W_V x + b_V, each L = n_kv*d wide. Query head h
+reads KV head g(h) = h // group (Hugging Face repeat_kv order) through the selectors W_UK[h] = W_UV[h] = E_g(h), the
+d x L identity on block g(h). Nothing changes numerically; later stages rotate and compress this latent.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def kv_group(h: int, n_heads: int, n_kv: int) -> int:
+    return h // (n_heads // n_kv)
+
+
+def latent_selectors(n_heads: int, n_kv: int, d: int) -> np.ndarray:
+    """W_UK (= W_UV) stacked per head: [n_heads, d, L]; head h has the identity on its KV block."""
+    sel = np.zeros((n_heads, d, n_kv * d))
+    for h in range(n_heads):
+        g = kv_group(h, n_heads, n_kv)
+        sel[h, :, g * d:(g + 1) * d] = np.eye(d)
+    return sel
+
+
+def half_split_index(n_kv: int, d: int):
+    """Latent indices of the x and y parts of (kv head i, frequency j): arrays [n_kv, d/2] each."""
+    i = np.arange(n_kv)[:, None] * d
+    j = np.arange(d // 2)[None, :]
+    return i + j, i + j + d // 2

@@ -1,0 +1,296 @@
+"""The GQA -> MLA conversion, layer by layer: calibrate, choose FreqFold bands, RoRoPE, BKV-PCA, export.
+
+Only the current layer's weights (plus embeddings and the calibration hidden states) are in memory. The hidden states
+are pushed through the *converted* layers, so each layer's statistics see the inputs the converted model will give it;
+targets for the proxies are the source layer's attention on those same inputs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from youzhi_ms.checkpoint.hf import HFCheckpoint, ShardedWriter, copy_side_files, write_json
+from youzhi_ms.config import SourceConfig, _rope_type, rope_inv_freq, rope_tables
+from youzhi_ms.convert import adaptive
+from youzhi_ms.convert.attention_np import gqa_attention, gqa_qkv, linear, mla_attention, rms_norm
+from youzhi_ms.convert.bkv_pca import build_layer, check_rank, max_rank
+from youzhi_ms.convert.export import deployment_warnings, mla_config, refit_kv_b
+from youzhi_ms.convert.rorope import band_moments, describe_bands, rotation, uniform_bands, validate_bands
+from youzhi_ms.errors import YouzhiError
+from youzhi_ms.fsutil import atomic_output_dir
+
+log = logging.getLogger("youzhi_ms.convert")
+
+
+@dataclass
+class ConvertOptions:
+    kv_lora_rank: int
+    qk_rope_dim: Optional[int] = None
+    freqfold: str = "adaptive"  # adaptive | adaptive-layer | auto | <int>
+    calib_text: str = "wiki-calib"
+    calib_tokens: int = 16384
+    calib_seq_len: int = 256
+    proxy_seqs: int = 8
+    export: str = "exact"  # exact | deepseek
+    seed: int = 0
+    damping: float = 0.01
+    plan: Optional[List[List[List[int]]]] = None  # per-layer bands, overrides the search
+    progress: bool = True
+
+
+@dataclass
+class LayerRecord:
+    layer: int
+    bands: List[List[int]]
+    choice: str
+    proxy_errors: Dict[str, float] = field(default_factory=dict)
+    attn_rel_err: float = 0.0
+    alpha: float = 0.0
+    pca_energy_kept: float = 0.0
+    refit: Optional[Dict[str, float]] = None
+
+
+def _layer_weights(ck: HFCheckpoint, i: int, cfg: SourceConfig) -> Dict[str, np.ndarray]:
+    p = f"model.layers.{i}."
+    D, H, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    w = {"wq": ck.get(p + "self_attn.q_proj.weight", (H * d, D)), "wk": ck.get(p + "self_attn.k_proj.weight", (kv * d, D)),
+         "wv": ck.get(p + "self_attn.v_proj.weight", (kv * d, D)), "wo": ck.get(p + "self_attn.o_proj.weight", (D, H * d)),
+         "ln1": ck.get(p + "input_layernorm.weight", (D,)), "ln2": ck.get(p + "post_attention_layernorm.weight", (D,)),
+         "gate": ck.get(p + "mlp.gate_proj.weight", (cfg.intermediate_size, D)),
+         "up": ck.get(p + "mlp.up_proj.weight", (cfg.intermediate_size, D)),
+         "down": ck.get(p + "mlp.down_proj.weight", (D, cfg.intermediate_size))}
+    for b, n, size in (("bq", "q_proj", H * d), ("bk", "k_proj", kv * d), ("bv", "v_proj", kv * d), ("bo", "o_proj", D)):
+        if p + f"self_attn.{n}.bias" in ck:
+            w[b] = ck.get(p + f"self_attn.{n}.bias", (size,))
+    return w
+
+
+def _mlp(x, w):
+    g = x @ w["gate"].T
+    return ((g / (1 + np.exp(-g))) * (x @ w["up"].T)) @ w["down"].T
+
+
+def calibration_windows(src_dir: str, text: str, tokens: int, seq_len: int, seed: int) -> np.ndarray:
+    from youzhi_ms.data.text import load_token_stream
+    from youzhi_ms.data.tokenizer import Tokenizer
+    stream = load_token_stream(text, Tokenizer.from_dir(src_dir))
+    n_avail = len(stream) // seq_len
+    n = max(1, tokens // seq_len)
+    if n > n_avail:
+        raise YouzhiError(f"--calib-tokens {tokens} asks for {n} windows of {seq_len} but {text} has only "
+                          f"{n_avail * seq_len} tokens; lower --calib-tokens or give a larger --calib-text")
+    win = stream[: n_avail * seq_len].reshape(n_avail, seq_len)
+    idx = np.sort(np.random.default_rng(seed).choice(n_avail, n, replace=False))
+    return win[idx]
+
+
+def _check_options(cfg: SourceConfig, opt: ConvertOptions):
+    d = cfg.head_dim
+    rope = opt.qk_rope_dim or d // 2
+    if d % rope or rope % 2 or rope > d:
+        raise YouzhiError(f"--qk-rope-dim {rope} must be even and divide head_dim {d} (e.g. {d // 2} or {d // 4})")
+    c = d // rope
+    if _rope_type(cfg.rope_scaling) == "yarn":
+        raise YouzhiError("yarn rope_scaling is not supported by the converter (DeepSeek-V3's yarn differs from the "
+                          "source's on the folded frequencies); convert the model without rope_scaling")
+    if opt.freqfold not in ("adaptive", "adaptive-layer", "auto"):
+        try:
+            F = int(opt.freqfold)
+        except ValueError:
+            raise YouzhiError(f"--freqfold {opt.freqfold!r}: use adaptive, adaptive-layer, auto or an integer F")
+        if F % c or F < c or F > d // 2 or F & (F - 1):
+            raise YouzhiError(f"--freqfold {F} must be a power-of-two multiple of c = head_dim/qk_rope_dim = {c} and at "
+                              f"most head_dim/2 = {d // 2} (valid: {adaptive.fold_sizes(d, c)})")
+    check_rank(opt.kv_lora_rank, cfg.num_kv_heads, d, rope)
+    if opt.export not in ("exact", "deepseek"):
+        raise YouzhiError(f"--export {opt.export!r}: use exact or deepseek")
+    return rope, c
+
+
+def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
+    """Convert; returns the report dict. `out_dir` appears only when complete."""
+    t0 = time.time()
+    ck = HFCheckpoint(src_dir)
+    cfg = SourceConfig.from_hf(ck.config)
+    rope, c = _check_options(cfg, opt)
+    if opt.freqfold == "auto":
+        return _auto(src_dir, out_dir, opt, cfg)
+    H, kv, d, D, r = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, opt.kv_lora_rank
+    ids = calibration_windows(src_dir, opt.calib_text, opt.calib_tokens, opt.calib_seq_len, opt.seed)
+    N, S = ids.shape
+    check_rank(r, kv, d, rope, tokens=N * S)
+    if opt.plan is not None and len(opt.plan) != cfg.num_layers:
+        raise YouzhiError(f"the FreqFold plan has {len(opt.plan)} layers, the model {cfg.num_layers}")
+
+    inv, att = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+    cos, sin = rope_tables(inv, S, att)
+    cos_r, sin_r = cos[:, ::c], sin[:, ::c]  # rope pair p rotates at omega_{c p}
+    embed = ck.get("model.embed_tokens.weight", (cfg.vocab_size, D))
+    h = embed[ids].astype(np.float32)  # [N,S,D]
+    has_q_bias = any(n.endswith("self_attn.q_proj.bias") for n in ck.names())
+    has_kv_bias = any(n.endswith(("self_attn.k_proj.bias", "self_attn.v_proj.bias")) for n in ck.names())
+
+    records: List[LayerRecord] = []
+    tensors: Dict[str, np.ndarray] = {}
+    npx = min(opt.proxy_seqs, N)
+    bar = tqdm(range(cfg.num_layers), desc=f"convert r={r}", unit="layer", disable=not opt.progress)
+    for i in bar:
+        w = _layer_weights(ck, i, cfg)
+        x = rms_norm(h, w["ln1"], cfg.rms_norm_eps)
+        X = x.reshape(N * S, D)
+        K = linear(X, w["wk"], w.get("bk"))
+        src = {k: w[k] for k in ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo") if k in w}
+        a_ref, probs = gqa_attention(x[:npx], src, H, kv, d, cos, sin, return_probs=True)
+        ref_energy = float((a_ref.astype(np.float64) ** 2).sum())
+
+        def attn_err(bands):
+            Q, _ = rotation(kv, d, c, bands, band_moments(K, kv, d, bands), opt.damping)
+            m, info = build_layer(src, Q, X, H, kv, d, rope, r, opt.damping)
+            a = mla_attention(x[:npx], m, H, d, rope, d, r, cos_r, sin_r)
+            return float(((a - a_ref).astype(np.float64) ** 2).sum() / ref_energy)
+
+        rec = LayerRecord(layer=i, bands=[], choice="")
+        if opt.plan is not None:
+            bands = [tuple(b) for b in opt.plan[i]]
+            validate_bands(bands, d, c)
+            rec.choice = "plan"
+        elif opt.freqfold not in ("adaptive", "adaptive-layer"):
+            bands = uniform_bands(d, int(opt.freqfold))
+            rec.choice = f"F={int(opt.freqfold)}"
+        else:
+            band_err = None
+            if opt.freqfold == "adaptive":
+                q, k, _ = gqa_qkv(x[:npx], src, H, kv, d)
+                proxy = adaptive.BandProxy(q, k, probs, inv, kv,
+                                           lambda b: band_moments(K, kv, d, [b])[0], c, d ** -0.5)
+                band_err = {b: proxy.error(b) for b in adaptive.candidate_bands(d, c)}
+            cands = adaptive.layer_candidates(opt.freqfold, d, c, band_err)
+            rec.proxy_errors = {name: attn_err(b) for name, b in cands.items()}
+            rec.choice = min(rec.proxy_errors, key=rec.proxy_errors.get)
+            bands = cands[rec.choice]
+        Q, _ = rotation(kv, d, c, bands, band_moments(K, kv, d, bands), opt.damping)
+        m, info = build_layer(src, Q, X, H, kv, d, rope, r, opt.damping)
+        rec.bands = [list(b) for b in bands]
+        rec.alpha, rec.pca_energy_kept = info["alpha"], info.get("pca_energy_kept", 1.0)
+        a_full = mla_attention(x, m, H, d, rope, d, r, cos_r, sin_r)
+        rec.attn_rel_err = float(((a_full[:npx] - a_ref).astype(np.float64) ** 2).sum() / ref_energy)
+        if opt.export == "deepseek":
+            lat = X @ m["kv_a_proj_with_mqa.weight"][:r].T
+            # weight each key token by the attention it receives (mean over heads/queries), plus a floor of 1
+            recv = probs.sum(2).mean(1)  # [npx, S]
+            wts = np.ones((N, S))
+            wts[:npx] += recv / recv.mean()
+            wts[npx:] += (recv / recv.mean()).mean(0)  # same per-position profile for the other windows
+            norm_w, kvb, e0, e1 = refit_kv_b(lat, m["kv_b_proj.weight"], wts.reshape(-1), cfg.rms_norm_eps)
+            m["kv_b_proj.weight"] = kvb
+            m["kv_a_layernorm.weight"] = norm_w
+            for b in ("q_proj.bias", "kv_a_proj_with_mqa.bias", "o_proj.bias"):
+                m.pop(b, None)
+            rec.refit = {"rel_err_norm_only": e0, "rel_err_refit": e1}
+        elif has_kv_bias and "o_proj.bias" not in m:
+            m["o_proj.bias"] = np.zeros(D, np.float32)  # attention_bias=true gives o_proj a bias in DeepSeek-V3
+        pre = f"model.layers.{i}."
+        for k_, v_ in m.items():
+            tensors[pre + "self_attn." + k_] = v_
+        for hf, key in (("input_layernorm.weight", "ln1"), ("post_attention_layernorm.weight", "ln2"),
+                        ("mlp.gate_proj.weight", "gate"), ("mlp.up_proj.weight", "up"),
+                        ("mlp.down_proj.weight", "down")):
+            tensors[pre + hf] = w[key]
+        # propagate through the converted (exact) layer
+        h = h + a_full
+        h = h + _mlp(rms_norm(h, w["ln2"], cfg.rms_norm_eps), w)
+        records.append(rec)
+        bar.set_postfix(choice=rec.choice, err=f"{rec.attn_rel_err:.3g}")
+        log.info("layer %d: FreqFold %s bands=%s attn_rel_err=%.4g proxies=%s", i, rec.choice,
+                 describe_bands(bands), rec.attn_rel_err, json.dumps(rec.proxy_errors))
+        del w, K, x, X
+    tensors["model.embed_tokens.weight"] = embed
+    tensors["model.norm.weight"] = ck.get("model.norm.weight", (D,))
+    if not cfg.tie_word_embeddings:
+        tensors["lm_head.weight"] = ck.get("lm_head.weight", (cfg.vocab_size, D))
+
+    L = kv * d
+    report = {
+        "source": os.path.abspath(src_dir), "source_model_type": cfg.arch, "export": opt.export,
+        "kv_lora_rank": r, "qk_rope_head_dim": rope, "collapse_c": c, "freqfold_mode": opt.freqfold,
+        "calibration": {"text": opt.calib_text, "tokens": int(N * S), "seq_len": S, "seed": opt.seed,
+                        "proxy_tokens": int(npx * S)},
+        "cache_values_per_token_per_layer": {"gqa": 2 * L, "mla": r + rope},
+        "cache_ratio": 2 * L / (r + rope),
+        "layers": [rec.__dict__ for rec in records],
+        "warnings": deployment_warnings(H, kv, r, rope),
+        "seconds": round(time.time() - t0, 1),
+    }
+    youzhi = {"freqfold_mode": opt.freqfold, "freqfold": [rec.bands for rec in records],
+              "freqfold_summary": [describe_bands([tuple(b) for b in rec.bands]) for rec in records],
+              "kv_lora_rank": r, "qk_rope_head_dim": rope, "source_model": os.path.abspath(src_dir),
+              "source_architecture": ck.config.get("architectures", ["?"])[0],
+              "calibration": report["calibration"]}
+    config = mla_config(ck.config, H, d, rope, r, opt.export, has_q_bias, has_kv_bias, youzhi)
+    for wmsg in report["warnings"]:
+        log.warning(wmsg)
+    with atomic_output_dir(out_dir) as tmp:
+        writer = ShardedWriter(tmp, dtype="fp32", max_shard_bytes=1 << 30)
+        for name in sorted(tensors):
+            writer.add(name, tensors[name])
+        writer.close()
+        write_json(os.path.join(tmp, "config.json"), config)
+        copy_side_files(src_dir, tmp)
+        write_json(os.path.join(tmp, "conversion_report.json"), report)
+        from youzhi_ms.convert.report import write_markdown, write_plot
+        write_markdown(report, os.path.join(tmp, "conversion_report.md"))
+        write_plot(report, os.path.join(tmp, "freqfold.png"))
+    return report
+
+
+def _auto(src_dir: str, out_dir: str, opt: ConvertOptions, cfg: SourceConfig) -> dict:
+    """TransMLA's uniform search: F = c, 2c, ... while calibration perplexity of the converted model improves."""
+    import dataclasses
+    import shutil
+    import tempfile
+    from youzhi_ms.eval.ppl import evaluate_dir  # noqa: F401
+    from youzhi_ms.checkpoint.mindspore_ckpt import load_model
+    from youzhi_ms.eval.ppl import perplexity
+    rope = opt.qk_rope_dim or cfg.head_dim // 2
+    c = cfg.head_dim // rope
+    ids = calibration_windows(src_dir, opt.calib_text, min(opt.calib_tokens, 8 * opt.calib_seq_len),
+                              opt.calib_seq_len, opt.seed + 1)
+    trace, best, best_dir = [], None, None
+    work = tempfile.mkdtemp(prefix=".auto-", dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
+    try:
+        for F in adaptive.fold_sizes(cfg.head_dim, c):
+            cand = os.path.join(work, f"F{F}")
+            convert(src_dir, cand, dataclasses.replace(opt, freqfold=str(F)))
+            model, _ = load_model(cand, table_len=opt.calib_seq_len)
+            ppl = perplexity(model, ids.reshape(-1), opt.calib_seq_len, progress=False)["ppl"]
+            trace.append({"F": F, "calib_ppl": ppl})
+            log.info("auto FreqFold: F=%d calibration ppl %.4f", F, ppl)
+            if best is not None and ppl >= best:
+                break
+            best, best_dir = ppl, cand
+        rep_path = os.path.join(best_dir, "conversion_report.json")
+        report = json.load(open(rep_path))
+        report["freqfold_mode"] = "auto"
+        report["auto_trace"] = trace
+        write_json(rep_path, report)
+        cfg_path = os.path.join(best_dir, "config.json")
+        conf = json.load(open(cfg_path))
+        conf["youzhi"]["freqfold_mode"] = "auto"
+        conf["youzhi"]["auto_trace"] = trace
+        write_json(cfg_path, conf)
+        from youzhi_ms.convert.report import write_markdown
+        write_markdown(report, os.path.join(best_dir, "conversion_report.md"))
+        with atomic_output_dir(out_dir) as tmp:
+            os.rmdir(tmp)
+            shutil.move(best_dir, tmp)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
