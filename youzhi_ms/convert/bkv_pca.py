@@ -18,6 +18,8 @@ from youzhi_ms.errors import YouzhiError
 
 
 def balance_alpha(K_nope: np.ndarray, V: np.ndarray) -> float:
+    if K_nope.shape[1] == 0:  # every key dim keeps RoPE: nothing to balance
+        return 1.0
     nk = np.linalg.norm(K_nope.astype(np.float64), axis=0).mean()
     nv = np.linalg.norm(V.astype(np.float64), axis=0).mean()
     if not (np.isfinite(nk) and np.isfinite(nv)) or nv == 0:

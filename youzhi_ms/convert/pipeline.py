@@ -44,6 +44,8 @@ class ConvertOptions:
     damping: float = 0.01
     plan: Optional[List[List[List[int]]]] = None  # per-layer bands, overrides the search
     progress: bool = True
+    calib_ids: Optional[np.ndarray] = None  # [N, S] token windows given directly (library use, tests)
+    skip_pca: bool = False  # partial-RoPE stage only: no PCA rotation of the latent (needs the maximal rank)
 
 
 @dataclass
@@ -124,8 +126,14 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
     if opt.freqfold == "auto":
         return _auto(src_dir, out_dir, opt, cfg)
     H, kv, d, D, r = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, opt.kv_lora_rank
-    ids = calibration_windows(src_dir, opt.calib_text, opt.calib_tokens, opt.calib_seq_len, opt.seed)
+    if opt.calib_ids is not None:
+        ids = np.asarray(opt.calib_ids)
+    else:
+        ids = calibration_windows(src_dir, opt.calib_text, opt.calib_tokens, opt.calib_seq_len, opt.seed)
     N, S = ids.shape
+    if opt.skip_pca and r != max_rank(kv, d, rope):
+        raise YouzhiError(f"skip_pca needs the maximal rank {max_rank(kv, d, rope)}")
+    R_id = np.eye(max_rank(kv, d, rope)) if opt.skip_pca else None
     check_rank(r, kv, d, rope, tokens=N * S)
     if opt.plan is not None and len(opt.plan) != cfg.num_layers:
         raise YouzhiError(f"the FreqFold plan has {len(opt.plan)} layers, the model {cfg.num_layers}")
@@ -177,7 +185,7 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
             rec.choice = min(rec.proxy_errors, key=rec.proxy_errors.get)
             bands = cands[rec.choice]
         Q, _ = rotation(kv, d, c, bands, band_moments(K, kv, d, bands), opt.damping)
-        m, info = build_layer(src, Q, X, H, kv, d, rope, r, opt.damping)
+        m, info = build_layer(src, Q, X, H, kv, d, rope, r, opt.damping, R_override=R_id)
         rec.bands = [list(b) for b in bands]
         rec.alpha, rec.pca_energy_kept = info["alpha"], info.get("pca_energy_kept", 1.0)
         a_full = mla_attention(x, m, H, d, rope, d, r, cos_r, sin_r)

@@ -100,7 +100,8 @@ def rotation(n_kv: int, d: int, c: int, bands: Sequence[Band], moments: Sequence
                 Q[:, 2 * p], Q[:, 2 * p + 1] = colx, coly
             else:
                 nope_cols += [colx, coly]
-    Q[:, r_R:] = np.stack(nope_cols, 1)
+    if nope_cols:
+        Q[:, r_R:] = np.stack(nope_cols, 1)
     return Q, eigs
 
 
