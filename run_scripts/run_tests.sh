@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up the environment (with the test extra) and run the test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash run_scripts/setup_env.sh --test
+. .venv/bin/activate
+export PATH="$PWD/.venv/bin:$PATH"   # msrun-launched workers start `python` from PATH
+python -m pytest -q -p no:cacheprovider "${@:-tests}"

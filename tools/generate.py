@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Generate text from a source (GQA) or converted (MLA, absorbed latent-cache decode) model directory.
+
+  python tools/generate.py --model DIR --prompt "The capital of France is" [--max-new-tokens 32]
+  python tools/generate.py --model DIR --chat --prompt "What is a KV cache?" --temperature 0.7 --top-p 0.9 --seed 1
+Greedy when --temperature is 0 (the default). --chat wraps the prompt with the tokenizer's chat template; without
+--prompt, --chat reads turns from standard input. Tokens are printed as they are produced.
+"""
+import argparse
+import json
+import sys
+
+import _bootstrap  # noqa: F401
+
+from youzhi_ms.errors import YouzhiError, cli_main
+
+
+class Streamer:
+    """Prints only the newly completed text (BPE pieces can split multi-byte characters)."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.shown = tok, [], ""
+
+    def __call__(self, i):
+        self.ids.append(i)
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+
+@cli_main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model directory (source or converted)")
+    ap.add_argument("--mindir", help="directory written by tools/export_mindir.py (instead of --model)")
+    ap.add_argument("--prompt", default=None)
+    ap.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help='write {"prompt_ids", "output_ids", "text"} here')
+    args = ap.parse_args(argv)
+    if not args.model and not args.mindir:
+        raise YouzhiError("give --model DIR or --mindir DIR")
+    from youzhi_ms.runtime import init_context
+    init_context("graph")
+    from youzhi_ms.data.tokenizer import Tokenizer
+    from youzhi_ms.infer.generate import generate
+    if args.mindir:
+        from youzhi_ms.infer.mindir import MindIRRunner
+        runner = MindIRRunner(args.mindir)
+        tok = Tokenizer.from_dir(runner.tokenizer_dir)
+    else:
+        from youzhi_ms.checkpoint.mindspore_ckpt import load_model
+        from youzhi_ms.infer.generate import EagerRunner
+        model, cfg = load_model(args.model)
+        runner = EagerRunner(model, cfg)
+        tok = Tokenizer.from_dir(args.model)
+    turns = [args.prompt] if args.prompt is not None else ([ln.rstrip("\n") for ln in sys.stdin] if args.chat else [])
+    if not turns:
+        raise YouzhiError("give --prompt TEXT (or --chat with the message on standard input)")
+    messages, results = [], []
+    for turn in turns:
+        if args.chat:
+            messages.append({"role": "user", "content": turn})
+            text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        else:
+            text = turn
+        ids = tok.encode(text)
+        stop = {i for i in (tok.eos_id, tok.eot_id) if i is not None}
+        sys.stdout.write(("" if args.chat else text))
+        out = generate(runner, ids, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop,
+                       on_token=Streamer(tok))
+        sys.stdout.write("\n")
+        reply = tok.decode(out)
+        messages.append({"role": "assistant", "content": reply})
+        results.append({"prompt_ids": ids, "output_ids": out, "text": reply})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results[0] if len(results) == 1 else results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
