@@ -42,12 +42,46 @@ def check_rank(rank: int, n_kv: int, d: int, rope: int, tokens: Optional[int] = 
                           "raise --calib-tokens")
 
 
+def _sqrt_psd(M: np.ndarray, damping: float):
+    w, U = np.linalg.eigh(M + damping * np.mean(np.diag(M)) * np.eye(len(M)))
+    w = np.maximum(w, 1e-12 * w.max())
+    return (U * np.sqrt(w)) @ U.T, (U / np.sqrt(w)) @ U.T
+
+
+def attention_metric(src, Q, X, n_heads, n_kv, d, rope, alpha_free=True):
+    """Block metrics for the latent [K_nope; V]: how a latent error reaches the attention.
+
+    Keys: a NoPE-key error dk changes head h's logit by q_h^T W_UK_nope[h] dk / sqrt(d), so
+        M_k = sum_h W_UK_nope[h]^T E[q_h q_h^T] W_UK_nope[h] / d          (queries from the calibration tokens)
+    Values: a value error dv moves the layer output by W_o,h W_UV[h] dv (before attention averaging), so
+        M_v = sum_h W_UV[h]^T W_o,h^T W_o,h W_UV[h].
+    Returns (M_k [(L-rope)^2], M_v [L^2])."""
+    L, H = n_kv * d, n_heads
+    Xf = X.astype(np.float32)
+    q = (Xf @ src["wq"].T + (src["bq"] if "bq" in src else 0)).reshape(len(X), H, d).astype(np.float64)
+    Mk = np.zeros((L - rope, L - rope))
+    Mv = np.zeros((L, L))
+    wo = src["wo"].astype(np.float64)
+    for h in range(H):
+        g = kv_group(h, H, n_kv)
+        uk = Q[g * d:(g + 1) * d, rope:]  # W_UK_nope[h], d x (L-rope)
+        Sq = q[:, h].T @ q[:, h] / len(X)
+        Mk += uk.T @ Sq @ uk / d
+        Wo_h = wo[:, h * d:(h + 1) * d]
+        Mv[g * d:(g + 1) * d, g * d:(g + 1) * d] += Wo_h.T @ Wo_h
+    return Mk, Mv
+
+
 def build_layer(src: Dict[str, np.ndarray], Q: np.ndarray, X: np.ndarray, n_heads: int, n_kv: int, d: int,
-                rope: int, rank: int, damping: float = 0.01, R_override: Optional[np.ndarray] = None):
+                rope: int, rank: int, damping: float = 0.01, R_override: Optional[np.ndarray] = None,
+                metric: str = "bkv", beta: float = 1.0, metrics=None):
     """One exact-export MLA layer (HF DeepSeek-V3 tensor names, biases kept when the source has them).
 
     src: wq [H*d, D], wk/wv [L, D], wo, optional bq/bk/bv/bo. Q: RoRoPE rotation [L, L]. X [T, D]: calibration inputs
-    (input-layernormed) for the joint PCA. Returns (tensors, info)."""
+    (input-layernormed) for the joint PCA. metric 'bkv' is TransMLA's balanced activation PCA; 'attn' is the
+    attention-aware variant: PCA of M^1/2 Sigma M^1/2 with M = diag(beta*M_k, M_v) from `attention_metric`, down
+    projection V_r^T M^1/2 and up projection M^-1/2 V_r (optimal for E||M^1/2 (x - x_hat)||^2; MLA allows
+    different down and up maps). Returns (tensors, info)."""
     L = n_kv * d
     H, D = n_heads, src["wq"].shape[1]
     s = np.sqrt((d + rope) / d)  # MLA scores use (d+rope)^-1/2; the source used d^-1/2
@@ -70,14 +104,28 @@ def build_layer(src: Dict[str, np.ndarray], Q: np.ndarray, X: np.ndarray, n_head
     if R_override is not None:
         R = R_override
         eig = None
+        down, up = R[:, :rank].T, R[:, :rank]
+    elif metric == "attn":
+        Mk, Mv = metrics if metrics is not None else attention_metric(src, Q, X, H, n_kv, d, rope)
+        Sxx = Xkv.T @ Xkv
+        Mk = Mk * alpha * alpha  # the latent holds K_nope / alpha
+        nk = L - rope
+        # beta = 1 balances the two terms' total error energy: tr(M_k S_kk) = tr(M_v S_vv)
+        bal = np.trace(Mv @ Sxx[nk:, nk:]) / max(np.trace(Mk @ Sxx[:nk, :nk]), 1e-30) if nk else 1.0
+        M = np.zeros((2 * L - rope, 2 * L - rope))
+        M[:nk, :nk] = beta * bal * Mk
+        M[nk:, nk:] = Mv
+        Mh, Mih = _sqrt_psd(M, 1e-6)
+        eig, Vr = pca(Mh @ Sxx @ Mh, damping)
+        down, up = Vr[:, :rank].T @ Mh, Mih @ Vr[:, :rank]
     else:
         eig, R = pca(Xkv.T @ Xkv, damping)
-    Rr = R[:, :rank]  # [(2L-rope), r]
+        down, up = R[:, :rank].T, R[:, :rank]  # [r, 2L-rope], [2L-rope, r]
     A_w = np.concatenate([Wk_nope / alpha, src["wv"].astype(np.float64)], 0)
     A_b = np.concatenate([bk_nope / alpha, bv], 0)
-    W_dkv, b_dkv = Rr.T @ A_w, Rr.T @ A_b
+    W_dkv, b_dkv = down @ A_w, down @ A_b
 
-    Rk, Rv = Rr[:L - rope], Rr[L - rope:]
+    Rk, Rv = up[:L - rope], up[L - rope:]
     kv_b = np.zeros((H, 2 * d, rank))
     q_rows = np.zeros((H, d + rope, D))
     q_bias = np.zeros((H, d + rope))

@@ -46,6 +46,8 @@ class ConvertOptions:
     progress: bool = True
     calib_ids: Optional[np.ndarray] = None  # [N, S] token windows given directly (library use, tests)
     skip_pca: bool = False  # partial-RoPE stage only: no PCA rotation of the latent (needs the maximal rank)
+    pca_metric: str = "attn"  # attn (attention-aware, youzhi_ms) | bkv (TransMLA's balanced K/V PCA)
+    betas: tuple = (0.25, 0.5, 1.0, 2.0, 4.0)  # key/value balance multipliers tried per layer with pca_metric=attn
 
 
 @dataclass
@@ -58,6 +60,8 @@ class LayerRecord:
     alpha: float = 0.0
     pca_energy_kept: float = 0.0
     refit: Optional[Dict[str, float]] = None
+    beta: float = 1.0
+    beta_errors: Dict[str, float] = field(default_factory=dict)
 
 
 def _layer_weights(ck: HFCheckpoint, i: int, cfg: SourceConfig) -> Dict[str, np.ndarray]:
@@ -159,9 +163,10 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
         a_ref, probs = gqa_attention(x[:npx], src, H, kv, d, cos, sin, return_probs=True)
         ref_energy = float((a_ref.astype(np.float64) ** 2).sum())
 
-        def attn_err(bands):
-            Q, _ = rotation(kv, d, c, bands, band_moments(K, kv, d, bands), opt.damping)
-            m, info = build_layer(src, Q, X, H, kv, d, rope, r, opt.damping)
+        def attn_err(bands, beta=1.0, Q=None):
+            if Q is None:
+                Q, _ = rotation(kv, d, c, bands, band_moments(K, kv, d, bands), opt.damping)
+            m, info = build_layer(src, Q, X, H, kv, d, rope, r, opt.damping, metric=opt.pca_metric, beta=beta)
             a = mla_attention(x[:npx], m, H, d, rope, d, r, cos_r, sin_r)
             return float(((a - a_ref).astype(np.float64) ** 2).sum() / ref_energy)
 
@@ -185,7 +190,13 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
             rec.choice = min(rec.proxy_errors, key=rec.proxy_errors.get)
             bands = cands[rec.choice]
         Q, _ = rotation(kv, d, c, bands, band_moments(K, kv, d, bands), opt.damping)
-        m, info = build_layer(src, Q, X, H, kv, d, rope, r, opt.damping, R_override=R_id)
+        beta = 1.0
+        if opt.pca_metric == "attn" and not opt.skip_pca and len(opt.betas) > 1:
+            rec.beta_errors = {str(b): attn_err(bands, b, Q) for b in opt.betas}
+            beta = float(min(rec.beta_errors, key=rec.beta_errors.get))
+        rec.beta = beta
+        m, info = build_layer(src, Q, X, H, kv, d, rope, r, opt.damping, R_override=R_id, metric=opt.pca_metric,
+                              beta=beta)
         rec.bands = [list(b) for b in bands]
         rec.alpha, rec.pca_energy_kept = info["alpha"], info.get("pca_energy_kept", 1.0)
         a_full = mla_attention(x, m, H, d, rope, d, r, cos_r, sin_r)
@@ -229,6 +240,7 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
     report = {
         "source": os.path.abspath(src_dir), "source_model_type": cfg.arch, "export": opt.export,
         "kv_lora_rank": r, "qk_rope_head_dim": rope, "collapse_c": c, "freqfold_mode": opt.freqfold,
+        "pca_metric": opt.pca_metric,
         "calibration": {"text": opt.calib_text, "tokens": int(N * S), "seq_len": S, "seed": opt.seed,
                         "proxy_tokens": int(npx * S)},
         "cache_values_per_token_per_layer": {"gqa": 2 * L, "mla": r + rope},

@@ -26,7 +26,7 @@ class TokenNLL(nn.Cell):
     never leave it."""
 
     def __init__(self, model):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # keep the wrapped model's parameter names (MindFormers names)
         self.model = model
 
     def construct(self, input_ids):

@@ -189,7 +189,7 @@ class PrefillCell(nn.Cell):
     """Graph-compilable prefill: ids [B,S] -> logits, cache_a, cache_b (k, v for GQA; c_kv, k_rope for MLA)."""
 
     def __init__(self, model):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # keep the wrapped model's parameter names (MindFormers names)
         self.model = model
 
     def construct(self, input_ids):
@@ -200,7 +200,7 @@ class DecodeCell(nn.Cell):
     """Graph-compilable single-token step over a preallocated cache pair; the state is exactly the cache tensors."""
 
     def __init__(self, model):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # keep the wrapped model's parameter names (MindFormers names)
         self.model = model
 
     def construct(self, input_ids, pos, cache_a, cache_b):
