@@ -282,3 +282,30 @@ def test_non_finite_calibration_statistics_refused(tmp_path):
     with pytest.raises(YouzhiError, match="non-finite calibration statistics"):
         _convert(tmp_path / "src", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_conversion_resumes_to_the_same_result(tmp_path, monkeypatch):
+    from youzhi_ms.convert import pipeline
+    make_source("llama", tmp_path / "src")
+    _convert(tmp_path / "src", tmp_path / "once", kv_lora_rank=40)
+    calls = {"n": 0}
+    real = pipeline._mlp
+
+    def flaky(x, w):
+        calls["n"] += 1
+        if calls["n"] == 2:  # interrupt during the second layer
+            raise KeyboardInterrupt
+        return real(x, w)
+
+    monkeypatch.setattr(pipeline, "_mlp", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _convert(tmp_path / "src", tmp_path / "resumed", kv_lora_rank=40)
+    assert not (tmp_path / "resumed").exists()
+    assert (tmp_path / ".resumed.partial" / "records.jsonl").exists()
+    monkeypatch.setattr(pipeline, "_mlp", real)
+    _convert(tmp_path / "src", tmp_path / "resumed", kv_lora_rank=40)
+    assert not (tmp_path / ".resumed.partial").exists()
+    a, b = HFCheckpoint(str(tmp_path / "once")), HFCheckpoint(str(tmp_path / "resumed"))
+    assert sorted(a.names()) == sorted(b.names())
+    for n in a.names():
+        np.testing.assert_array_equal(a.get(n), b.get(n))

@@ -99,6 +99,15 @@ class HFCheckpoint:
                 raise YouzhiError(f"{model_dir}: tensor {absent[0]} is listed in {INDEX_FILE} but not found in its "
                                   f"shard {weight_map[absent[0]]}; the shard is corrupt or from another checkpoint")
 
+    @classmethod
+    def from_file(cls, path: str) -> "HFCheckpoint":
+        """A lone safetensors file (no config.json), e.g. a converter's per-layer work file."""
+        self = cls.__new__(cls)
+        self.dir, self.config = os.path.dirname(path), {}
+        header, offset = _read_header(path)
+        self._entries = {n: (path, m, offset) for n, m in header.items()}
+        return self
+
     def names(self) -> list:
         return list(self._entries)
 

@@ -6,10 +6,11 @@ targets for the proxies are the source layer's attention on those same inputs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -17,7 +18,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from tqdm import tqdm
 
-from youzhi_ms.checkpoint.hf import HFCheckpoint, ShardedWriter, copy_side_files, write_json
+from youzhi_ms.checkpoint.hf import HFCheckpoint, ShardedWriter, copy_side_files, save_safetensors, write_json
 from youzhi_ms.config import SourceConfig, _rope_type, rope_inv_freq, rope_tables
 from youzhi_ms.convert import adaptive
 from youzhi_ms.convert.attention_np import gqa_attention, gqa_qkv, linear, mla_attention, rms_norm
@@ -44,6 +45,7 @@ class ConvertOptions:
     damping: float = 0.01
     plan: Optional[List[List[List[int]]]] = None  # per-layer bands, overrides the search
     progress: bool = True
+    out_dtype: str = "fp32"  # fp32 | bf16 | fp16 for the written checkpoint
     calib_ids: Optional[np.ndarray] = None  # [N, S] token windows given directly (library use, tests)
     skip_pca: bool = False  # partial-RoPE stage only: no PCA rotation of the latent (needs the maximal rank)
     pca_metric: str = "attn"  # attn (attention-aware, youzhi_ms) | bkv (TransMLA's balanced K/V PCA)
@@ -145,15 +147,26 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
     inv, att = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
     cos, sin = rope_tables(inv, S, att)
     cos_r, sin_r = cos[:, ::c], sin[:, ::c]  # rope pair p rotates at omega_{c p}
-    embed = ck.get("model.embed_tokens.weight", (cfg.vocab_size, D))
-    h = embed[ids].astype(np.float32)  # [N,S,D]
     has_q_bias = any(n.endswith("self_attn.q_proj.bias") for n in ck.names())
     has_kv_bias = any(n.endswith(("self_attn.k_proj.bias", "self_attn.v_proj.bias")) for n in ck.names())
-
-    records: List[LayerRecord] = []
-    tensors: Dict[str, np.ndarray] = {}
     npx = min(opt.proxy_seqs, N)
-    bar = tqdm(range(cfg.num_layers), desc=f"convert r={r}", unit="layer", disable=not opt.progress)
+
+    # Per-layer results go to a work directory next to the output, so an interrupted conversion resumes at the first
+    # unfinished layer (same options and source); the output directory itself appears only when complete.
+    work = os.path.join(os.path.dirname(os.path.abspath(out_dir)), "." + os.path.basename(os.path.abspath(out_dir))
+                        + ".partial")
+    fingerprint = {"source": os.path.abspath(src_dir), "options": {k: v for k, v in opt.__dict__.items()
+                                                                   if k not in ("progress", "calib_ids")},
+                   "calib_sha": hashlib.sha256(np.ascontiguousarray(ids, np.int64).tobytes()).hexdigest()}
+    records, h = _resume(work, fingerprint)
+    if h is None:
+        embed = ck.get("model.embed_tokens.weight", (cfg.vocab_size, D))
+        h = embed[ids].astype(np.float32)  # [N,S,D]
+        del embed
+    elif records:
+        log.info("resuming the conversion at layer %d (%s)", len(records), work)
+    bar = tqdm(range(len(records), cfg.num_layers), desc=f"convert r={r}", unit="layer", disable=not opt.progress,
+               initial=len(records), total=cfg.num_layers)
     for i in bar:
         w = _layer_weights(ck, i, cfg)
         x = rms_norm(h, w["ln1"], cfg.rms_norm_eps)
@@ -216,26 +229,17 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
             rec.refit = {"rel_err_norm_only": e0, "rel_err_refit": e1}
         elif has_kv_bias and "o_proj.bias" not in m:
             m["o_proj.bias"] = np.zeros(D, np.float32)  # attention_bias=true gives o_proj a bias in DeepSeek-V3
-        pre = f"model.layers.{i}."
-        for k_, v_ in m.items():
-            tensors[pre + "self_attn." + k_] = v_
-        for hf, key in (("input_layernorm.weight", "ln1"), ("post_attention_layernorm.weight", "ln2"),
-                        ("mlp.gate_proj.weight", "gate"), ("mlp.up_proj.weight", "up"),
-                        ("mlp.down_proj.weight", "down")):
-            tensors[pre + hf] = w[key]
+        pre = f"model.layers.{i}.self_attn."
+        save_safetensors(os.path.join(work, f"layer_{i:05d}.safetensors"), [(pre + k_, v_) for k_, v_ in m.items()])
         # propagate through the converted (exact) layer
         h = h + a_full
         h = h + _mlp(rms_norm(h, w["ln2"], cfg.rms_norm_eps), w)
         records.append(rec)
+        _commit_layer(work, i, h, rec)
         bar.set_postfix(choice=rec.choice, err=f"{rec.attn_rel_err:.3g}")
         log.info("layer %d: FreqFold %s bands=%s attn_rel_err=%.4g proxies=%s", i, rec.choice,
                  describe_bands(bands), rec.attn_rel_err, json.dumps(rec.proxy_errors))
         del w, K, x, X
-    tensors["model.embed_tokens.weight"] = embed
-    tensors["model.norm.weight"] = ck.get("model.norm.weight", (D,))
-    if not cfg.tie_word_embeddings:
-        tensors["lm_head.weight"] = ck.get("lm_head.weight", (cfg.vocab_size, D))
-
     L = kv * d
     report = {
         "source": os.path.abspath(src_dir), "source_model_type": cfg.arch, "export": opt.export,
@@ -258,9 +262,8 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
     for wmsg in report["warnings"]:
         log.warning(wmsg)
     with atomic_output_dir(out_dir) as tmp:
-        writer = ShardedWriter(tmp, dtype="fp32", max_shard_bytes=1 << 30)
-        for name in sorted(tensors):
-            writer.add(name, tensors[name])
+        writer = ShardedWriter(tmp, dtype=opt.out_dtype, max_shard_bytes=1 << 30)
+        _write_tensors(writer, ck, cfg, work, opt.progress)
         writer.close()
         write_json(os.path.join(tmp, "config.json"), config)
         copy_side_files(src_dir, tmp)
@@ -268,7 +271,60 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
         from youzhi_ms.convert.report import write_markdown, write_plot
         write_markdown(report, os.path.join(tmp, "conversion_report.md"))
         write_plot(report, os.path.join(tmp, "freqfold.png"))
+    shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _resume(work: str, fingerprint: dict):
+    """(records, hidden states) of a matching unfinished conversion, else a fresh work dir and ([], None)."""
+    meta = os.path.join(work, "meta.json")
+    if os.path.isfile(meta):
+        try:
+            same = json.load(open(meta)) == json.loads(json.dumps(fingerprint))
+        except ValueError:
+            same = False
+        if same:
+            recs = []
+            if os.path.isfile(os.path.join(work, "records.jsonl")):
+                recs = [LayerRecord(**json.loads(ln)) for ln in open(os.path.join(work, "records.jsonl")) if ln.strip()]
+            hid = os.path.join(work, f"hidden_{len(recs):05d}.npy")
+            if recs and os.path.isfile(hid):
+                return recs, np.load(hid, allow_pickle=False)
+        log.info("discarding an unfinished conversion with other options in %s", work)
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    write_json(meta, fingerprint)
+    return [], None
+
+
+def _commit_layer(work: str, i: int, h: np.ndarray, rec: "LayerRecord") -> None:
+    """Hidden states after layer i, then the record line (the commit point), then drop the previous states."""
+    tmp = os.path.join(work, "hidden.tmp.npy")
+    np.save(tmp, h, allow_pickle=False)
+    os.replace(tmp, os.path.join(work, f"hidden_{i + 1:05d}.npy"))
+    with open(os.path.join(work, "records.jsonl"), "a") as f:
+        f.write(json.dumps(rec.__dict__) + "\n")
+    prev = os.path.join(work, f"hidden_{i:05d}.npy")
+    if os.path.exists(prev):
+        os.remove(prev)
+
+
+def _write_tensors(writer, ck: HFCheckpoint, cfg: SourceConfig, work: str, progress: bool) -> None:
+    """Converted attention from the work dir, everything else straight from the source, one tensor at a time."""
+    names = ["model.embed_tokens.weight"]
+    for i in tqdm(range(cfg.num_layers), desc="write", unit="layer", disable=not progress):
+        layer = HFCheckpoint.from_file(os.path.join(work, f"layer_{i:05d}.safetensors"))
+        for n in sorted(layer.names()):
+            writer.add(n, layer.get(n))
+        p = f"model.layers.{i}."
+        for n in ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
+                  "mlp.up_proj.weight", "mlp.down_proj.weight"):
+            writer.add(p + n, ck.get(p + n))
+    names.append("model.norm.weight")
+    if not cfg.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for n in names:
+        writer.add(n, ck.get(n))
 
 
 def _auto(src_dir: str, out_dir: str, opt: ConvertOptions, cfg: SourceConfig) -> dict:
