@@ -34,7 +34,7 @@ def main(argv=None):
     ap.add_argument("--calib-text", default="wiki-calib", help="wiki-calib or a .txt / .jsonl file")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--calib-seq-len", type=int, default=256)
-    ap.add_argument("--proxy-seqs", type=int, default=8, help="calibration windows used by the FreqFold proxies")
+    ap.add_argument("--proxy-seqs", type=int, default=4, help="calibration windows used by the FreqFold proxies")
     ap.add_argument("--export", choices=["exact", "deepseek"], default="exact")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")

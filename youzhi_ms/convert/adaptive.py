@@ -37,58 +37,55 @@ def _complex_heads(x: np.ndarray) -> np.ndarray:
 class BandProxy:
     """Logit-error proxy for every candidate band of one layer.
 
-    q [N,S,H,d], k [N,S,kv,d] pre-RoPE; probs [N,H,S,S] the source attention; inv_freq [d/2]."""
+    q [N,S,H,d], k [N,S,kv,d] pre-RoPE; probs [N,H,S,S] the source attention; inv_freq [d/2]. Queries are subsampled
+    every `q_stride` positions (keys are all kept) to bound time and memory; float32 real matmuls throughout."""
 
-    def __init__(self, q, k, probs, inv_freq, n_kv, K_moments_fn, c: int, scale: float):
+    def __init__(self, q, k, probs, inv_freq, n_kv, K_moments_fn, c: int, scale: float, q_stride: int = 4):
         self.N, self.S, self.H, d = q.shape
         self.d, self.c, self.n_kv = d, c, n_kv
         self.inv_freq = inv_freq.astype(np.float64)
-        self.qc = _complex_heads(q)  # [N,S,H,d/2]
+        self.tq = np.arange(q_stride - 1, self.S, q_stride)
+        self.qc = _complex_heads(q[:, self.tq])  # [N,Tq,H,d/2]
         self.kc = _complex_heads(k)  # [N,S,kv,d/2]
-        self.p = probs.astype(np.float64)
+        self.p = probs[:, :, self.tq].astype(np.float32)  # [N,H,Tq,S]
         self.moments = K_moments_fn
-        self.scale2 = scale * scale
-        pos = np.arange(self.S)
-        self.rel = pos[:, None] - pos[None, :]  # t - s
-        g = np.array([kv_group(h, self.H, n_kv) for h in range(self.H)])
-        # true per-frequency logit contributions, accumulated at multiples of c: prefix[u] = sum_{j < u*c}
+        self.scale = scale
+        self.group = np.array([kv_group(h, self.H, n_kv) for h in range(self.H)])
+        rel = self.tq[:, None] - np.arange(self.S)[None, :]  # t - s
         n_units = d // 2 // c
-        self.prefix = np.zeros((n_units + 1, self.N, self.H, self.S, self.S))
-        acc = np.zeros((self.N, self.H, self.S, self.S))
+        Tq = len(self.tq)
+        # true per-frequency logit contributions, accumulated at multiples of c: prefix[u] = sum_{j < u*c}
+        self.prefix = np.zeros((n_units + 1, self.N, self.H, Tq, self.S), np.float32)
+        acc = np.zeros((self.N, self.H, Tq, self.S))
         for j in range(d // 2):
-            qj = self.qc[:, :, :, j].transpose(0, 2, 1)  # [N,H,S]
-            kj = self.kc[:, :, g, j].transpose(0, 2, 1)  # [N,H,S] (each head's kv group)
-            phase = np.exp(1j * self.inv_freq[j] * self.rel)
-            acc += np.real(qj[..., :, None] * np.conj(kj[..., None, :]) * phase)
+            qj = self.qc[:, :, :, j].transpose(0, 2, 1)  # [N,H,Tq]
+            kj = self.kc[:, :, self.group, j].transpose(0, 2, 1)  # [N,H,S] (each head's kv group)
+            acc += np.real(qj[..., :, None] * np.conj(kj[..., None, :]) * np.exp(1j * self.inv_freq[j] * rel))
             if (j + 1) % c == 0:
                 self.prefix[(j + 1) // c] = acc
-        self.group = g
 
     def error(self, band: Band) -> float:
         f, F = band
-        n_kv, c, H = self.n_kv, self.c, self.H
+        n_kv, c = self.n_kv, self.c
         _, U = pca(self.moments(band))
         keep = F // c
         true = self.prefix[(f + F) // c] - self.prefix[f // c]
         # components: k'_m(s) = sum_{i,j} U[(i,j), m] k_{i,j}(s); q'_{h,m}(t) = sum_j U[(g(h), j), m] q_{h,j}(t)
-        kb = self.kc[:, :, :, f:f + F].reshape(self.N, self.S, n_kv * F)  # feature order (i, j) as band_moments
-        kp = kb @ U  # [N,S,M] complex (U real)
-        qb = self.qc[:, :, :, f:f + F]  # [N,S,H,F]
+        kp = self.kc[:, :, :, f:f + F].reshape(self.N, self.S, n_kv * F) @ U  # [N,S,M], feature order (i, j)
         Ug = U.reshape(n_kv, F, -1)[self.group]  # [H,F,M]
-        qp = np.einsum("nshf,hfm->nhsm", qb, Ug)  # [N,H,S,M]
-        approx = np.zeros_like(true)
-        pos = np.arange(self.S)
-        for m in range(keep):
-            w = self.inv_freq[f + m * c]
-            qr = qp[..., m] * np.exp(1j * w * pos)[None, None]
-            kr = kp[..., m] * np.exp(1j * w * pos)[None]
-            approx += np.real(qr[..., :, None] * np.conj(kr[:, None, None, :]))
-        qn, kn = qp[..., keep:], kp[..., keep:]
-        approx += np.real(np.einsum("nhtm,nsm->nhts", qn, np.conj(kn)))
-        delta = (true - approx) * np.sqrt(self.scale2)
-        mean = (self.p * delta).sum(-1)
-        var = (self.p * delta * delta).sum(-1) - mean * mean
-        return float(var.sum() / (self.N * self.S))
+        qp = np.matmul(self.qc[:, :, :, f:f + F].transpose(0, 2, 1, 3), Ug)  # [N,H,Tq,M]
+        # rope components rotate at omega_{f + m c}; the rest carry no rotation
+        w = np.zeros(qp.shape[-1])
+        w[:keep] = self.inv_freq[f + np.arange(keep) * c]
+        qr = qp * np.exp(1j * self.tq[:, None] * w[None, :])
+        kr = kp * np.exp(1j * np.arange(self.S)[:, None] * w[None, :])
+        Qf = np.concatenate([qr.real, qr.imag], -1).astype(np.float32)
+        Kf = np.concatenate([kr.real, kr.imag], -1).astype(np.float32)
+        approx = np.matmul(Qf, Kf[:, None].swapaxes(-1, -2))  # Re(q conj k) summed over components
+        delta = (true - approx) * self.scale
+        mean = (self.p * delta).sum(-1, dtype=np.float64)
+        var = (self.p * delta * delta).sum(-1, dtype=np.float64) - mean * mean
+        return float(var.sum() / (self.N * len(self.tq)))
 
 
 def dp_tiling(errors: Dict[Band, float], d: int, c: int, max_F: int) -> Tuple[List[Band], float]:

@@ -42,13 +42,35 @@ def check_rank(rank: int, n_kv: int, d: int, rope: int, tokens: Optional[int] = 
                           "raise --calib-tokens")
 
 
+def input_moments(X: np.ndarray) -> np.ndarray:
+    """[X 1]^T [X 1] in float64 ((D+1)^2): every second moment of a linear map of the layer input (keys, values,
+    queries, with biases) follows from it, so candidates are scored without touching the tokens again."""
+    Xa = np.concatenate([X.astype(np.float64), np.ones((len(X), 1))], 1)
+    SX = Xa.T @ Xa
+    if not np.all(np.isfinite(SX)):
+        raise YouzhiError("non-finite calibration statistics (inf/nan in the layer inputs); the source weights "
+                          "overflow in this dtype or are corrupt: re-run in fp32 and check the checkpoint")
+    return SX
+
+
+def _aug(w, b):
+    return np.concatenate([w.astype(np.float64), b.astype(np.float64)[:, None]], 1)
+
+
 def _sqrt_psd(M: np.ndarray, damping: float):
     w, U = np.linalg.eigh(M + damping * np.mean(np.diag(M)) * np.eye(len(M)))
     w = np.maximum(w, 1e-12 * w.max())
     return (U * np.sqrt(w)) @ U.T, (U / np.sqrt(w)) @ U.T
 
 
-def attention_metric(src, Q, X, n_heads, n_kv, d, rope, alpha_free=True):
+def query_moments(src, SX, n_heads, d):
+    """E[q_h q_h^T] per head [H, d, d] (pre-RoPE queries, bias included)."""
+    T = SX[-1, -1]
+    Wq = _aug(src["wq"], src.get("bq", np.zeros(src["wq"].shape[0]))).reshape(n_heads, d, -1)
+    return np.matmul(Wq @ SX, Wq.transpose(0, 2, 1)) / T
+
+
+def attention_metric(src, Q, Sq, n_heads, n_kv, d, rope):
     """Block metrics for the latent [K_nope; V]: how a latent error reaches the attention.
 
     Keys: a NoPE-key error dk changes head h's logit by q_h^T W_UK_nope[h] dk / sqrt(d), so
@@ -57,31 +79,28 @@ def attention_metric(src, Q, X, n_heads, n_kv, d, rope, alpha_free=True):
         M_v = sum_h W_UV[h]^T W_o,h^T W_o,h W_UV[h].
     Returns (M_k [(L-rope)^2], M_v [L^2])."""
     L, H = n_kv * d, n_heads
-    Xf = X.astype(np.float32)
-    q = (Xf @ src["wq"].T + (src["bq"] if "bq" in src else 0)).reshape(len(X), H, d).astype(np.float64)
     Mk = np.zeros((L - rope, L - rope))
     Mv = np.zeros((L, L))
     wo = src["wo"].astype(np.float64)
     for h in range(H):
         g = kv_group(h, H, n_kv)
         uk = Q[g * d:(g + 1) * d, rope:]  # W_UK_nope[h], d x (L-rope)
-        Sq = q[:, h].T @ q[:, h] / len(X)
-        Mk += uk.T @ Sq @ uk / d
+        Mk += uk.T @ Sq[h] @ uk / d
         Wo_h = wo[:, h * d:(h + 1) * d]
         Mv[g * d:(g + 1) * d, g * d:(g + 1) * d] += Wo_h.T @ Wo_h
     return Mk, Mv
 
 
-def build_layer(src: Dict[str, np.ndarray], Q: np.ndarray, X: np.ndarray, n_heads: int, n_kv: int, d: int,
+def build_layer(src: Dict[str, np.ndarray], Q: np.ndarray, SX: np.ndarray, n_heads: int, n_kv: int, d: int,
                 rope: int, rank: int, damping: float = 0.01, R_override: Optional[np.ndarray] = None,
-                metric: str = "bkv", beta: float = 1.0, metrics=None):
+                metric: str = "bkv", beta: float = 1.0, Sq: Optional[np.ndarray] = None):
     """One exact-export MLA layer (HF DeepSeek-V3 tensor names, biases kept when the source has them).
 
-    src: wq [H*d, D], wk/wv [L, D], wo, optional bq/bk/bv/bo. Q: RoRoPE rotation [L, L]. X [T, D]: calibration inputs
-    (input-layernormed) for the joint PCA. metric 'bkv' is TransMLA's balanced activation PCA; 'attn' is the
-    attention-aware variant: PCA of M^1/2 Sigma M^1/2 with M = diag(beta*M_k, M_v) from `attention_metric`, down
-    projection V_r^T M^1/2 and up projection M^-1/2 V_r (optimal for E||M^1/2 (x - x_hat)||^2; MLA allows
-    different down and up maps). Returns (tensors, info)."""
+    src: wq [H*d, D], wk/wv [L, D], wo, optional bq/bk/bv/bo. Q: RoRoPE rotation [L, L]. SX: `input_moments` of the
+    calibration inputs (input-layernormed) for the joint PCA. metric 'bkv' is TransMLA's balanced activation PCA;
+    'attn' is the attention-aware variant: PCA of M^1/2 Sigma M^1/2 with M = diag(beta*M_k, M_v) from
+    `attention_metric`, down projection V_r^T M^1/2 and up projection M^-1/2 V_r (optimal for E||M^1/2 (x - x_hat)||^2;
+    MLA allows different down and up maps). Returns (tensors, info)."""
     L = n_kv * d
     H, D = n_heads, src["wq"].shape[1]
     s = np.sqrt((d + rope) / d)  # MLA scores use (d+rope)^-1/2; the source used d^-1/2
@@ -93,21 +112,21 @@ def build_layer(src: Dict[str, np.ndarray], Q: np.ndarray, X: np.ndarray, n_head
     bk_r = Q.T @ bk
     Wk_rope, Wk_nope, bk_rope, bk_nope = Wk[:rope], Wk[rope:], bk_r[:rope], bk_r[rope:]
 
-    Xf = X.astype(np.float32)
-    K_nope = Xf @ Wk_nope.T.astype(np.float32) + bk_nope.astype(np.float32)
-    V = Xf @ src["wv"].T + bv.astype(np.float32)
-    alpha = balance_alpha(K_nope, V)
-    Xkv = np.concatenate([K_nope / alpha, V], 1).astype(np.float64)
-    if not np.all(np.isfinite(Xkv)):
-        raise YouzhiError("non-finite calibration statistics in the key/value activations; re-run in fp32 or check "
-                          "the checkpoint")
+    Akn, Av = _aug(Wk_nope, bk_nope), _aug(src["wv"], bv)
+    Skk = ((Akn @ SX) * Akn).sum(1)  # per-dim sum of squares over tokens
+    Svv = ((Av @ SX) * Av).sum(1)
+    alpha = float(np.sqrt(np.maximum(Skk, 0)).mean() / np.sqrt(np.maximum(Svv, 0)).mean()) if len(Skk) else 1.0
+    if not np.isfinite(alpha) or alpha <= 0:
+        raise YouzhiError("non-finite or zero key/value norms in calibration statistics; check the checkpoint and "
+                          "the calibration text")
+    A_aug = np.concatenate([Akn / alpha, Av], 0)  # latent = A_aug [x; 1]
+    Sxx = A_aug @ SX @ A_aug.T
     if R_override is not None:
         R = R_override
         eig = None
         down, up = R[:, :rank].T, R[:, :rank]
     elif metric == "attn":
-        Mk, Mv = metrics if metrics is not None else attention_metric(src, Q, X, H, n_kv, d, rope)
-        Sxx = Xkv.T @ Xkv
+        Mk, Mv = attention_metric(src, Q, Sq if Sq is not None else query_moments(src, SX, H, d), H, n_kv, d, rope)
         Mk = Mk * alpha * alpha  # the latent holds K_nope / alpha
         nk = L - rope
         # beta = 1 balances the two terms' total error energy: tr(M_k S_kk) = tr(M_v S_vv)
@@ -119,11 +138,9 @@ def build_layer(src: Dict[str, np.ndarray], Q: np.ndarray, X: np.ndarray, n_head
         eig, Vr = pca(Mh @ Sxx @ Mh, damping)
         down, up = Vr[:, :rank].T @ Mh, Mih @ Vr[:, :rank]
     else:
-        eig, R = pca(Xkv.T @ Xkv, damping)
+        eig, R = pca(Sxx, damping)
         down, up = R[:, :rank].T, R[:, :rank]  # [r, 2L-rope], [2L-rope, r]
-    A_w = np.concatenate([Wk_nope / alpha, src["wv"].astype(np.float64)], 0)
-    A_b = np.concatenate([bk_nope / alpha, bv], 0)
-    W_dkv, b_dkv = down @ A_w, down @ A_b
+    W_dkv, b_dkv = (down @ A_aug)[:, :D], (down @ A_aug)[:, D]
 
     Rk, Rv = up[:L - rope], up[L - rope:]
     kv_b = np.zeros((H, 2 * d, rank))

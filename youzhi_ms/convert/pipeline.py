@@ -22,7 +22,7 @@ from youzhi_ms.checkpoint.hf import HFCheckpoint, ShardedWriter, copy_side_files
 from youzhi_ms.config import SourceConfig, _rope_type, rope_inv_freq, rope_tables
 from youzhi_ms.convert import adaptive
 from youzhi_ms.convert.attention_np import gqa_attention, gqa_qkv, linear, mla_attention, rms_norm
-from youzhi_ms.convert.bkv_pca import build_layer, check_rank, max_rank
+from youzhi_ms.convert.bkv_pca import build_layer, check_rank, input_moments, max_rank, query_moments
 from youzhi_ms.convert.export import deployment_warnings, mla_config, refit_kv_b
 from youzhi_ms.convert.rorope import band_moments, describe_bands, rotation, uniform_bands, validate_bands
 from youzhi_ms.errors import YouzhiError
@@ -39,7 +39,7 @@ class ConvertOptions:
     calib_text: str = "wiki-calib"
     calib_tokens: int = 16384
     calib_seq_len: int = 256
-    proxy_seqs: int = 8
+    proxy_seqs: int = 4
     export: str = "exact"  # exact | deepseek
     seed: int = 0
     damping: float = 0.01
@@ -174,12 +174,14 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
         K = linear(X, w["wk"], w.get("bk"))
         src = {k: w[k] for k in ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo") if k in w}
         a_ref, probs = gqa_attention(x[:npx], src, H, kv, d, cos, sin, return_probs=True)
+        SX = input_moments(X)
+        Sq = query_moments(src, SX, H, d)
         ref_energy = float((a_ref.astype(np.float64) ** 2).sum())
 
         def attn_err(bands, beta=1.0, Q=None):
             if Q is None:
                 Q, _ = rotation(kv, d, c, bands, band_moments(K, kv, d, bands), opt.damping)
-            m, info = build_layer(src, Q, X, H, kv, d, rope, r, opt.damping, metric=opt.pca_metric, beta=beta)
+            m, info = build_layer(src, Q, SX, H, kv, d, rope, r, opt.damping, metric=opt.pca_metric, beta=beta, Sq=Sq)
             a = mla_attention(x[:npx], m, H, d, rope, d, r, cos_r, sin_r)
             return float(((a - a_ref).astype(np.float64) ** 2).sum() / ref_energy)
 
@@ -208,8 +210,8 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
             rec.beta_errors = {str(b): attn_err(bands, b, Q) for b in opt.betas}
             beta = float(min(rec.beta_errors, key=rec.beta_errors.get))
         rec.beta = beta
-        m, info = build_layer(src, Q, X, H, kv, d, rope, r, opt.damping, R_override=R_id, metric=opt.pca_metric,
-                              beta=beta)
+        m, info = build_layer(src, Q, SX, H, kv, d, rope, r, opt.damping, R_override=R_id, metric=opt.pca_metric,
+                              beta=beta, Sq=Sq)
         rec.bands = [list(b) for b in bands]
         rec.alpha, rec.pca_energy_kept = info["alpha"], info.get("pca_energy_kept", 1.0)
         a_full = mla_attention(x, m, H, d, rope, d, r, cos_r, sin_r)
