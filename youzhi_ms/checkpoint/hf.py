@@ -135,6 +135,15 @@ class HFCheckpoint:
             raise YouzhiError(f"{path}: tensor {name} is truncated; the file is incomplete")
         return arr.reshape(meta["shape"])
 
+    def take_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """float32 rows of a 2-D tensor through a memory map (an embedding lookup without reading the table)."""
+        path, meta, offset = self._entries[name]
+        dt = _ST_DTYPES[meta["dtype"]]
+        mm = np.memmap(path, dtype=dt, mode="r", offset=offset + meta["data_offsets"][0], shape=tuple(meta["shape"]))
+        out = np.asarray(mm[np.asarray(rows)])
+        del mm
+        return bf16_to_f32(out) if meta["dtype"] == "BF16" else out.astype(np.float32)
+
     def get(self, name: str, expect_shape: Optional[tuple] = None) -> np.ndarray:
         """The tensor as float32 (fp16/bf16/fp32 sources), shape-checked when `expect_shape` is given."""
         arr = self.raw(name)
@@ -201,7 +210,8 @@ def copy_side_files(src_dir: str, dst_dir: str) -> None:
 
 
 class ShardedWriter:
-    """Write tensors into shards of at most `max_shard_bytes`, one tensor in memory at a time, plus the index file."""
+    """Write tensors into shards of at most `max_shard_bytes`, plus the index file. Tensors are encoded to the target
+    dtype as they arrive, so at most one shard's worth of encoded data is held in memory."""
 
     def __init__(self, out_dir: str, dtype: str = "fp32", max_shard_bytes: int = 2 << 30):
         self.out_dir, self.dtype, self.max = out_dir, dtype, max_shard_bytes
@@ -210,14 +220,19 @@ class ShardedWriter:
         self._shards: list = []  # list of list of names
         self._raw: Dict[str, str] = {}
 
+    @property
+    def st_dtype(self) -> str:
+        return {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[self.dtype]
+
     def add(self, name: str, arr: np.ndarray, raw_dtype: Optional[str] = None) -> None:
-        if raw_dtype:
-            self._raw[name] = raw_dtype
-        nbytes = arr.nbytes if raw_dtype else arr.size * {"bf16": 2, "fp16": 2}.get(self.dtype, 4)
-        if self._pending and self._pending_bytes + nbytes > self.max:
+        """`raw_dtype` marks `arr` as already encoded in that safetensors dtype (e.g. bf16 bits as uint16)."""
+        if raw_dtype is None:
+            raw_dtype, arr = _encode(np.ascontiguousarray(arr), self.dtype)
+        self._raw[name] = raw_dtype
+        if self._pending and self._pending_bytes + arr.nbytes > self.max:
             self._flush()
         self._pending.append((name, arr))
-        self._pending_bytes += nbytes
+        self._pending_bytes += arr.nbytes
 
     def _flush(self) -> None:
         idx = len(self._shards)

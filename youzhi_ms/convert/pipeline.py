@@ -160,9 +160,9 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
                    "calib_sha": hashlib.sha256(np.ascontiguousarray(ids, np.int64).tobytes()).hexdigest()}
     records, h = _resume(work, fingerprint)
     if h is None:
-        embed = ck.get("model.embed_tokens.weight", (cfg.vocab_size, D))
-        h = embed[ids].astype(np.float32)  # [N,S,D]
-        del embed
+        if ck.shape("model.embed_tokens.weight") != (cfg.vocab_size, D):
+            ck.get("model.embed_tokens.weight", (cfg.vocab_size, D))  # raises the shape error
+        h = ck.take_rows("model.embed_tokens.weight", ids)  # [N,S,D]
     elif records:
         log.info("resuming the conversion at layer %d (%s)", len(records), work)
     bar = tqdm(range(len(records), cfg.num_layers), desc=f"convert r={r}", unit="layer", disable=not opt.progress,
@@ -321,12 +321,20 @@ def _write_tensors(writer, ck: HFCheckpoint, cfg: SourceConfig, work: str, progr
         p = f"model.layers.{i}."
         for n in ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
                   "mlp.up_proj.weight", "mlp.down_proj.weight"):
-            writer.add(p + n, ck.get(p + n))
+            _copy(writer, ck, p + n)
     names.append("model.norm.weight")
     if not cfg.tie_word_embeddings:
         names.append("lm_head.weight")
     for n in names:
-        writer.add(n, ck.get(n))
+        _copy(writer, ck, n)
+
+
+def _copy(writer, ck: HFCheckpoint, name: str) -> None:
+    """An unchanged tensor: its stored bits when the dtype already matches, else re-encoded."""
+    if ck.dtype(name) == writer.st_dtype:
+        writer.add(name, ck.raw(name), raw_dtype=ck.dtype(name))
+    else:
+        writer.add(name, ck.get(name))
 
 
 def _auto(src_dir: str, out_dir: str, opt: ConvertOptions, cfg: SourceConfig) -> dict:
