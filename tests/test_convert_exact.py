@@ -309,3 +309,16 @@ def test_interrupted_conversion_resumes_to_the_same_result(tmp_path, monkeypatch
     assert sorted(a.names()) == sorted(b.names())
     for n in a.names():
         np.testing.assert_array_equal(a.get(n), b.get(n))
+
+
+def test_auto_uniform_search_records_its_trace(tmp_path):
+    make_source("llama", tmp_path / "src")
+    rep = _convert(tmp_path / "src", tmp_path / "auto", kv_lora_rank=24, freqfold="auto")
+    trace = rep["auto_trace"]
+    assert [t["F"] for t in trace][:1] == [2] and all(np.isfinite(t["calib_ppl"]) for t in trace)
+    chosen = json.load(open(tmp_path / "auto" / "config.json"))["youzhi"]
+    assert chosen["freqfold_mode"] == "auto" and chosen["auto_trace"] == trace
+    # the search stops at the first non-improvement, so the kept F is the trace's minimum
+    best = min(trace, key=lambda t: t["calib_ppl"])["F"]
+    assert all(b[1] == best for b in chosen["freqfold"][0])
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".auto")]

@@ -342,21 +342,23 @@ def _auto(src_dir: str, out_dir: str, opt: ConvertOptions, cfg: SourceConfig) ->
     import dataclasses
     import shutil
     import tempfile
-    from youzhi_ms.eval.ppl import evaluate_dir  # noqa: F401
     from youzhi_ms.checkpoint.mindspore_ckpt import load_model
     from youzhi_ms.eval.ppl import perplexity
     rope = opt.qk_rope_dim or cfg.head_dim // 2
     c = cfg.head_dim // rope
-    ids = calibration_windows(src_dir, opt.calib_text, min(opt.calib_tokens, 8 * opt.calib_seq_len),
-                              opt.calib_seq_len, opt.seed + 1)
+    if opt.calib_ids is not None:
+        ids = np.asarray(opt.calib_ids)[:8]
+    else:
+        ids = calibration_windows(src_dir, opt.calib_text, min(opt.calib_tokens, 8 * opt.calib_seq_len),
+                                  opt.calib_seq_len, opt.seed + 1)
     trace, best, best_dir = [], None, None
     work = tempfile.mkdtemp(prefix=".auto-", dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
     try:
         for F in adaptive.fold_sizes(cfg.head_dim, c):
             cand = os.path.join(work, f"F{F}")
             convert(src_dir, cand, dataclasses.replace(opt, freqfold=str(F)))
-            model, _ = load_model(cand, table_len=opt.calib_seq_len)
-            ppl = perplexity(model, ids.reshape(-1), opt.calib_seq_len, progress=False)["ppl"]
+            model, _ = load_model(cand, table_len=ids.shape[1])
+            ppl = perplexity(model, ids.reshape(-1), ids.shape[1], progress=False)["ppl"]
             trace.append({"F": F, "calib_ppl": ppl})
             log.info("auto FreqFold: F=%d calibration ppl %.4f", F, ppl)
             if best is not None and ppl >= best:
