@@ -42,6 +42,8 @@ def main():
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--keep-models", action="store_true")
+    ap.add_argument("--pca-metric", default="attn", choices=["attn", "bkv"])
+    ap.add_argument("--rorope-metric", default="k", choices=["k", "qk"])
     args = ap.parse_args()
     init_context("graph")
     import shutil
@@ -98,10 +100,12 @@ def main():
             if stage == "partial":
                 plan_src = results["runs"].get(f"r{r}/{v.split(':')[0]}", {}).get("plan")
                 opt = ConvertOptions(kv_lora_rank=full, qk_rope_dim=args.qk_rope_dim, freqfold=mode,
-                                     calib_tokens=args.calib_tokens, skip_pca=True, plan=plan_src, progress=False)
+                                     calib_tokens=args.calib_tokens, skip_pca=True, plan=plan_src, progress=False,
+                                     rorope_metric=args.rorope_metric)
             else:
                 opt = ConvertOptions(kv_lora_rank=r, qk_rope_dim=args.qk_rope_dim, freqfold=mode, export=export,
-                                     calib_tokens=args.calib_tokens, progress=False)
+                                     calib_tokens=args.calib_tokens, progress=False, pca_metric=args.pca_metric,
+                                     rorope_metric=args.rorope_metric)
             rep = convert(src, out, opt)
             conv_s = time.time() - t0
             res = ppl_of(out)

@@ -24,7 +24,8 @@ from youzhi_ms.convert import adaptive
 from youzhi_ms.convert.attention_np import gqa_attention, gqa_qkv, linear, mla_attention, rms_norm
 from youzhi_ms.convert.bkv_pca import build_layer, check_rank, input_moments, max_rank, query_moments
 from youzhi_ms.convert.export import deployment_warnings, mla_config, refit_kv_b
-from youzhi_ms.convert.rorope import band_moments, describe_bands, rotation, uniform_bands, validate_bands
+from youzhi_ms.convert.rorope import (band_moments, describe_bands, qk_moments, query_band_moments, rotation,
+                                     uniform_bands, validate_bands)
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import atomic_output_dir
 
@@ -49,6 +50,7 @@ class ConvertOptions:
     calib_ids: Optional[np.ndarray] = None  # [N, S] token windows given directly (library use, tests)
     skip_pca: bool = False  # partial-RoPE stage only: no PCA rotation of the latent (needs the maximal rank)
     pca_metric: str = "attn"  # attn (attention-aware, youzhi_ms) | bkv (TransMLA's balanced K/V PCA)
+    rorope_metric: str = "k"  # k (TransMLA: key energy) | qk (query-key product energy) for the per-band PCA
     betas: tuple = (0.25, 0.5, 1.0, 2.0, 4.0)  # key/value balance multipliers tried per layer with pca_metric=attn
 
 
@@ -176,11 +178,17 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
         a_ref, probs = gqa_attention(x[:npx], src, H, kv, d, cos, sin, return_probs=True)
         SX = input_moments(X)
         Sq = query_moments(src, SX, H, d)
+
+        def moments(bands):
+            km = band_moments(K, kv, d, bands)
+            if opt.rorope_metric == "qk":
+                return qk_moments(km, query_band_moments(Sq, H, kv, d, bands))
+            return km
         ref_energy = float((a_ref.astype(np.float64) ** 2).sum())
 
         def attn_err(bands, beta=1.0, Q=None):
             if Q is None:
-                Q, _ = rotation(kv, d, c, bands, band_moments(K, kv, d, bands), opt.damping)
+                Q, _ = rotation(kv, d, c, bands, moments(bands), opt.damping)
             m, info = build_layer(src, Q, SX, H, kv, d, rope, r, opt.damping, metric=opt.pca_metric, beta=beta, Sq=Sq)
             a = mla_attention(x[:npx], m, H, d, rope, d, r, cos_r, sin_r)
             return float(((a - a_ref).astype(np.float64) ** 2).sum() / ref_energy)
@@ -198,13 +206,13 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
             if opt.freqfold == "adaptive":
                 q, k, _ = gqa_qkv(x[:npx], src, H, kv, d)
                 proxy = adaptive.BandProxy(q, k, probs, inv, kv,
-                                           lambda b: band_moments(K, kv, d, [b])[0], c, d ** -0.5)
+                                           lambda b: moments([b])[0], c, d ** -0.5)
                 band_err = {b: proxy.error(b) for b in adaptive.candidate_bands(d, c)}
             cands = adaptive.layer_candidates(opt.freqfold, d, c, band_err)
             rec.proxy_errors = {name: attn_err(b) for name, b in cands.items()}
             rec.choice = min(rec.proxy_errors, key=rec.proxy_errors.get)
             bands = cands[rec.choice]
-        Q, _ = rotation(kv, d, c, bands, band_moments(K, kv, d, bands), opt.damping)
+        Q, _ = rotation(kv, d, c, bands, moments(bands), opt.damping)
         beta = 1.0
         if opt.pca_metric == "attn" and not opt.skip_pca and len(opt.betas) > 1:
             rec.beta_errors = {str(b): attn_err(bands, b, Q) for b in opt.betas}

@@ -61,6 +61,35 @@ def band_moments(K: np.ndarray, n_kv: int, d: int, bands: Sequence[Band]) -> Lis
     return out
 
 
+def query_band_moments(Sq: np.ndarray, n_heads: int, n_kv: int, d: int, bands: Sequence[Band]) -> List[np.ndarray]:
+    """Second moments of the queries seen by each latent feature of a band, [n_kv*F]^2 (block-diagonal by KV group):
+    group g's block sums E[q_h q_h^T] over its heads, x and y halves together (as `band_moments` does for keys)."""
+    g = n_heads // n_kv
+    Sg = Sq.reshape(n_kv, g, d, d).sum(1)  # [n_kv, d, d]
+    h2 = d // 2
+    out = []
+    for f, F in bands:
+        M = np.zeros((n_kv * F, n_kv * F))
+        for i in range(n_kv):
+            blk = Sg[i, f:f + F, f:f + F] + Sg[i, h2 + f:h2 + f + F, h2 + f:h2 + f + F]
+            M[i * F:(i + 1) * F, i * F:(i + 1) * F] = blk
+        out.append(M)
+    return out
+
+
+def qk_moments(Kmom: Sequence[np.ndarray], Qmom: Sequence[np.ndarray]) -> List[np.ndarray]:
+    """Symmetrised products sym(S_k S_q) per band: a direction u scores u^T S_k S_q u, which is the expected squared
+    logit carried by u (E[(q.u)^2] E[(k.u)^2]) when the two moments share eigenvectors. Ranking components by it keeps
+    RoPE where query and key energy meet, instead of where key energy alone is large."""
+    out = []
+    for K, Qm in zip(Kmom, Qmom):
+        Kn = K / max(np.trace(K), 1e-30)
+        Qn = Qm / max(np.trace(Qm), 1e-30)
+        P = Kn @ Qn
+        out.append((P + P.T) / 2)
+    return out
+
+
 def pca(H: np.ndarray, damping: float = 0.01) -> Tuple[np.ndarray, np.ndarray]:
     """Eigenvectors of H + damping*mean(diag)*I, sorted by descending eigenvalue (float64)."""
     if not np.all(np.isfinite(H)):
