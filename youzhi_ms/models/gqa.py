@@ -73,6 +73,13 @@ class GQAAttention(nn.Cell):
         q, k, v = self.project(x, cos, sin)
         return self.attend(q, k, v, mask), k, v
 
+    def decode_step(self, x, cos, sin, mask, k_cache, v_cache, pos):
+        """One new token per sequence against the cache [B,kv,T,d]: returns output and the updated caches."""
+        q, k, v = self.project(x, cos, sin)
+        t = k_cache.shape[2]
+        k_cache, v_cache = write_cache(k_cache, k, pos, t), write_cache(v_cache, v, pos, t)
+        return self.attend(q, k_cache, v_cache, mask), k_cache, v_cache
+
 
 class DecoderLayer(nn.Cell):
     """Pre-norm block; `attention` is GQA here and MLA in mla.py (same interface)."""
@@ -111,6 +118,7 @@ class CausalLMBase(nn.Cell):
 
     rope_dim: int
     rope_interleaved = False
+    cache_seq_axis: int  # sequence axis of the stacked cache tensors [L, B, ...]
 
     def __init__(self, cfg, attention_factory, dtype=ms.float32, use_fused=None, table_len=None):
         super().__init__()
@@ -158,31 +166,32 @@ class CausalLMBase(nn.Cell):
         h, ks, vs = self.hidden_states(input_ids, attention_mask)
         return self.head(h), ops.stack(ks), ops.stack(vs)
 
-
-class GQACausalLM(CausalLMBase):
-    def __init__(self, cfg: SourceConfig, dtype=ms.float32, use_fused=None, table_len=None):
-        self.rope_dim = cfg.head_dim
-        super().__init__(cfg, GQAAttention, dtype, use_fused, table_len)
-
-    def decode(self, input_ids, pos, k_cache, v_cache):
-        """input_ids [B,1], pos [B] (absolute position of the new token), caches [L,B,kv,T,d] -> logits [B,1,V]."""
-        t = k_cache.shape[3]
+    def decode(self, input_ids, pos, cache_a, cache_b):
+        """input_ids [B,1], pos [B] (absolute position of the new token), the stacked per-layer caches (GQA: k, v
+        [L,B,kv,T,d]; MLA: c_kv [L,B,T,r], k_pe [L,B,T,rope]) -> logits [B,1,V] and the updated caches."""
+        t = cache_a.shape[self.cache_seq_axis]
         cos, sin = self.rotary(pos.reshape(-1, 1))
         mask = position_mask(pos.reshape(-1, 1), t)
         h = self.embedding(input_ids)
-        new_k, new_v = (), ()
+        new_a, new_b = (), ()
         i = 0
         for layer in self.decoder.layers:
-            attn = layer.self_attention
-            q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
-            kc = write_cache(k_cache[i], k, pos, t)
-            vc = write_cache(v_cache[i], v, pos, t)
-            h = h + attn.attend(q, kc, vc, mask)
+            out, ca, cb = layer.self_attention.decode_step(layer.input_layernorm(h), cos, sin, mask, cache_a[i],
+                                                           cache_b[i], pos)
+            h = h + out
             h = h + layer.mlp(layer.pre_mlp_layernorm(h))
-            new_k += (kc,)
-            new_v += (vc,)
+            new_a += (ca,)
+            new_b += (cb,)
             i += 1
-        return self.head(h), ops.stack(new_k), ops.stack(new_v)
+        return self.head(h), ops.stack(new_a), ops.stack(new_b)
+
+
+class GQACausalLM(CausalLMBase):
+    cache_seq_axis = 3
+
+    def __init__(self, cfg: SourceConfig, dtype=ms.float32, use_fused=None, table_len=None):
+        self.rope_dim = cfg.head_dim
+        super().__init__(cfg, GQAAttention, dtype, use_fused, table_len)
 
 
 class PrefillCell(nn.Cell):

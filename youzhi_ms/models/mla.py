@@ -18,7 +18,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from youzhi_ms.config import MLAConfig
-from youzhi_ms.models.gqa import CausalLMBase, position_mask, write_cache
+from youzhi_ms.models.gqa import CausalLMBase, write_cache
 from youzhi_ms.models.layers import Linear, RMSNorm, apply_rope_half, apply_rope_interleaved
 
 
@@ -106,30 +106,18 @@ class MLAAttention(nn.Cell):
         q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
         return self.attend_naive(q_nope, q_pe, c_kv, k_pe, mask), c_kv, k_pe
 
+    def decode_step(self, x, cos, sin, mask, c_cache, pe_cache, pos):
+        """Absorbed decode of one token per sequence over the latent cache c_kv [B,T,r], k_pe [B,T,rope]."""
+        q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
+        t = c_cache.shape[1]
+        c_cache, pe_cache = write_cache(c_cache, c_kv, pos, t), write_cache(pe_cache, k_pe, pos, t)
+        return self.attend_absorbed(q_nope, q_pe, c_cache, pe_cache, mask), c_cache, pe_cache
+
 
 class MLACausalLM(CausalLMBase):
+    cache_seq_axis = 2
+
     def __init__(self, cfg: MLAConfig, dtype=ms.float32, use_fused=None, table_len=None):
         self.rope_dim = cfg.qk_rope_head_dim
         self.rope_interleaved = cfg.rope_interleave
         super().__init__(cfg, MLAAttention, dtype, use_fused, table_len)
-
-    def decode(self, input_ids, pos, c_cache, pe_cache):
-        """Absorbed decode of one token per sequence: input_ids [B,1], pos [B], c_cache [L,B,T,r],
-        pe_cache [L,B,T,rope] -> logits [B,1,V] and the updated caches."""
-        t = c_cache.shape[2]
-        cos, sin = self.rotary(pos.reshape(-1, 1))
-        mask = position_mask(pos.reshape(-1, 1), t)
-        h = self.embedding(input_ids)
-        new_c, new_pe = (), ()
-        i = 0
-        for layer in self.decoder.layers:
-            attn = layer.self_attention
-            q_nope, q_pe, c_kv, k_pe = attn.project(layer.input_layernorm(h), cos, sin)
-            cc = write_cache(c_cache[i], c_kv, pos, t)
-            pc = write_cache(pe_cache[i], k_pe, pos, t)
-            h = h + attn.attend_absorbed(q_nope, q_pe, cc, pc, mask)
-            h = h + layer.mlp(layer.pre_mlp_layernorm(h))
-            new_c += (cc,)
-            new_pe += (pc,)
-            i += 1
-        return self.head(h), ops.stack(new_c), ops.stack(new_pe)
