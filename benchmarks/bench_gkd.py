@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""GKD recovery on a real model pair: wiki-eval perplexity of the teacher and of the MLA student before and after N
+GKD steps, time per step, peak memory, loss curve. Writes a JSON and a PNG.
+
+  python benchmarks/bench_gkd.py --source output/quickstart/smollm2-hf --student output/quickstart/smollm2-mla \
+      --steps 200 [--config yaml_configs/distill_smollm2_mla.yaml] [--set runner_config.batch_size=4 ...] \
+      [--eval-tokens 16384] [--out benchmarks/results/gkd_smollm2.json]
+
+Training is tools/train.py's trainer with the yaml (default distill_smollm2_mla.yaml) plus --set overrides; the run
+directory is --work (default output/bench_gkd/run, replaced on every invocation) and holds the loss log, checkpoints and
+the trained student (hf_model/). Perplexity follows youzhi_ms/eval/ppl.py (documents joined by end-of-text,
+non-overlapping --eval-seq-len windows of the first --eval-tokens tokens). `recovered` = (ppl_before - ppl_after) /
+(ppl_before - ppl_teacher): the fraction of the conversion's perplexity gap closed by GKD. Peak memory is the process's
+maximum resident set size (resource.getrusage), recorded after each phase.
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from youzhi_ms.runtime import init_context  # noqa: E402
+
+
+def peak_rss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # ru_maxrss is KiB on Linux
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", required=True, help="teacher: the source (GQA) Hugging Face directory")
+    ap.add_argument("--student", required=True, help="the converted MLA directory")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--config", default="yaml_configs/distill_smollm2_mla.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--work", default="output/bench_gkd/run")
+    ap.add_argument("--out", default="benchmarks/results/gkd_smollm2.json")
+    ap.add_argument("--eval-text", default="wiki-eval")
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--skip-teacher", action="store_true", help="do not measure the teacher's perplexity")
+    args = ap.parse_args()
+
+    init_context("graph")
+    from youzhi_ms.checkpoint.mindspore_ckpt import load_model
+    from youzhi_ms.data.tokenizer import Tokenizer
+    from youzhi_ms.eval.ppl import perplexity, token_stream
+    from youzhi_ms.train.run_config import load_run_config
+    from youzhi_ms.train.trainer import Trainer, read_loss_log
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config_path = args.config if os.path.isfile(args.config) else os.path.join(root, args.config)
+    cfg = load_run_config(config_path, [f"model.student={args.student}", f"distill.teacher={args.source}",
+                                        f"runner_config.max_steps={args.steps}", f"output_dir={args.work}"]
+                          + args.overrides)
+    stream = token_stream(args.eval_text, Tokenizer.from_dir(args.student), args.eval_tokens)
+    res = {"meta": {"source": args.source, "student": args.student, "steps": args.steps, "config": config_path,
+                    "overrides": args.overrides, "eval_text": args.eval_text, "eval_tokens": int(len(stream)),
+                    "eval_seq_len": args.eval_seq_len, "machine": f"{os.cpu_count()} cores",
+                    "date": time.strftime("%Y-%m-%d %H:%M")},
+           "train_config": {k: cfg[k] for k in ("runner_config", "optimizer", "lr_schedule", "distill", "model")}}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def ppl_of(model_dir):
+        model, _ = load_model(model_dir, table_len=args.eval_seq_len)
+        r = perplexity(model, stream, args.eval_seq_len, progress=False)
+        del model
+        return r
+
+    if not args.skip_teacher:
+        res["ppl_teacher"] = ppl_of(args.source)
+        print(f"teacher ppl {res['ppl_teacher']['ppl']:.4f}", flush=True)
+    res["ppl_before"] = ppl_of(args.student)
+    print(f"student ppl before GKD {res['ppl_before']['ppl']:.4f}", flush=True)
+    res["peak_rss_mib_after_eval"] = peak_rss_mib()
+
+    if os.path.isdir(args.work):
+        shutil.rmtree(args.work)
+    t0 = time.time()
+    out = Trainer(cfg).run()
+    res["train_seconds"] = round(time.time() - t0, 2)
+    res["peak_rss_mib_after_train"] = peak_rss_mib()
+    rows = read_loss_log(out["loss_log"])
+    secs = [r["seconds"] for r in rows]
+    tokens = [r["tokens"] for r in rows]
+    steady = secs[1:] or secs
+    res["time_per_step"] = {"first_step_s (includes graph compile)": secs[0],
+                            "mean_s": round(statistics.mean(steady), 4),
+                            "median_s": round(statistics.median(steady), 4), "max_s": round(max(steady), 4),
+                            "on_policy_steps": sum(1 for r in rows if any(r["on_policy"]))}
+    res["scored_tokens_per_s"] = round(sum(tokens[1:] or tokens) / max(sum(steady), 1e-9), 1)
+    res["loss"] = {"first": rows[0]["loss"], "last": rows[-1]["loss"],
+                   "mean_first_10pct": statistics.mean(r["loss"] for r in rows[:max(1, len(rows) // 10)]),
+                   "mean_last_10pct": statistics.mean(r["loss"] for r in rows[-max(1, len(rows) // 10):])}
+    res["ppl_after"] = ppl_of(out["hf_model"])
+    res["peak_rss_mib"] = peak_rss_mib()
+    b, a = res["ppl_before"]["ppl"], res["ppl_after"]["ppl"]
+    res["ppl_change"] = {"before": b, "after": a, "relative": round((a - b) / b, 5)}
+    if "ppl_teacher" in res and b != res["ppl_teacher"]["ppl"]:
+        res["ppl_change"]["recovered"] = round((b - a) / (b - res["ppl_teacher"]["ppl"]), 4)
+    png = os.path.splitext(args.out)[0] + "_loss.png"
+    shutil.copy2(os.path.join(args.work, "loss_curve.png"), png)
+    res["loss_curve_png"] = png
+    res["trained_model"] = out["hf_model"]
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, args.out)
+    print(f"ppl {b:.4f} -> {a:.4f} (teacher {res.get('ppl_teacher', {}).get('ppl', float('nan')):.4f}); "
+          f"{res['time_per_step']['mean_s']} s/step, peak RSS {res['peak_rss_mib']} MiB; wrote {args.out} and {png}")
+
+
+if __name__ == "__main__":
+    main()

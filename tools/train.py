@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Train a converted MLA student: GKD recovery from its GQA teacher (run_mode distill) or SFT on chat data (run_mode
+sft), configured by a MindFormers-style yaml.
+
+  python tools/train.py --config yaml_configs/distill_smollm2_mla.yaml \\
+      --set model.student=output/smollm2_mla --set distill.teacher=output/smollm2_hf \\
+      --set runner_config.max_steps=200 --set output_dir=output/gkd_smollm2 [--resume]
+
+  data parallel on CPU (2 workers; msrun starts `python` from PATH, the launcher puts .venv/bin first):
+  bash run_scripts/msrun_launcher.sh "tools/train.py --config yaml_configs/distill_smollm2_mla.yaml" 2
+
+--set section.key=value overrides one yaml key (repeatable; values parsed as yaml scalars; callbacks as
+callbacks.CheckpointMonitor.save_checkpoint_steps=50). Unknown keys are refused. --resume continues from the newest
+checkpoint in output_dir exactly (weights, AdamW moments, data position, RNG). Outputs in output_dir: loss_log.jsonl,
+loss_curve.png, checkpoint/step_N/, hf_model/ (Hugging Face DeepSeek-V3 directory, read by tools/eval_ppl.py).
+"""
+import argparse
+import json
+
+import _bootstrap  # noqa: F401
+
+from youzhi_ms.errors import cli_main
+
+
+@cli_main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="yaml file (yaml_configs/*.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one config key (repeatable)")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (LossMonitor lines only)")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config as json and exit")
+    args = ap.parse_args(argv)
+    from youzhi_ms.train.run_config import load_run_config
+    cfg = load_run_config(args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(cfg, indent=1))
+        return
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from youzhi_ms.train.trainer import train
+    res = train(cfg, resume=args.resume, progress=False if args.no_progress else None)
+    if res["rank"] == 0:
+        losses = res["losses"]
+        tail = f", loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
+        print(f"trained steps {res['start_step']}..{res['end_step']} on {res['world']} worker(s){tail} "
+              f"[{res['seconds']} s]; log {res['loss_log']}" + (f"; model {res['hf_model']}" if res.get("hf_model")
+                                                                  else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""Training run configuration: MindFormers-style yaml sections plus a `distill` section, `--set` overrides, validation.
+
+Every key a run can use is listed in DEFAULTS below (the schema): a yaml file or an override naming any other key is
+refused with one message that names the key, the file, and the closest valid spelling. Values of `--set key=value` are
+parsed as yaml scalars (`3` -> int, `1e-4` -> float, `true` -> bool, `null` -> None, `[0.9, 0.95]` -> list).
+
+Sections (MindFormers names where MindFormers has the concept):
+  seed, output_dir, run_mode (distill | sft), resume_training
+  context          mode (GRAPH_MODE | PYNATIVE_MODE), device_target (CPU | Ascend | GPU), max_device_memory
+  parallel         parallel_mode (data_parallel | semi_auto_parallel)
+  parallel_config  data_parallel (null = all workers), model_parallel, pipeline_stage, micro_batch_num,
+                   use_seq_parallel, vocab_emb_dp
+  model            student (converted MLA Hugging Face dir), trainable (all | attention), save_dtype
+  runner_config    max_steps, batch_size (per worker, per micro-batch), gradient_accumulation_steps, seq_length,
+                   stop_at_step (end this invocation early, with a checkpoint), progress
+  optimizer        type (AdamW), betas, eps, weight_decay, max_grad_norm (<= 0: no clipping)
+  lr_schedule      type (CosineWithWarmUpLR), learning_rate, kv_layernorm_learning_rate (null = learning_rate),
+                   warmup_ratio / warmup_steps, min_lr_ratio, total_steps (null = max_steps)
+  callbacks        list of {type: CheckpointMonitor, save_checkpoint_steps, keep_checkpoint_max} and
+                   {type: LossMonitor, per_print_times}
+  train_dataset    data_path (wiki-calib | wiki-eval | .txt | .jsonl), format (auto | packed | chat), shuffle,
+                   max_tokens (truncate a packed token stream)
+  distill          teacher (source GQA Hugging Face dir), beta, lmbda, temperature, max_new_tokens, top_p
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from youzhi_ms.errors import YouzhiError
+
+CALLBACK_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "CheckpointMonitor": {"save_checkpoint_steps": 100, "keep_checkpoint_max": 2},
+    "LossMonitor": {"per_print_times": 10},
+}
+
+DEFAULTS: Dict[str, Any] = {
+    "seed": 0,
+    "output_dir": "output/train",
+    "run_mode": "distill",
+    "resume_training": False,
+    "context": {"mode": "GRAPH_MODE", "device_target": "CPU", "max_device_memory": None},
+    "parallel": {"parallel_mode": "data_parallel"},
+    "parallel_config": {"data_parallel": None, "model_parallel": 1, "pipeline_stage": 1, "micro_batch_num": 1,
+                        "use_seq_parallel": False, "vocab_emb_dp": True},
+    "model": {"student": None, "trainable": "all", "save_dtype": "fp32"},
+    "runner_config": {"max_steps": 100, "batch_size": 2, "gradient_accumulation_steps": 1, "seq_length": 256,
+                      "stop_at_step": None, "progress": True},
+    "optimizer": {"type": "AdamW", "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.01, "max_grad_norm": 1.0},
+    "lr_schedule": {"type": "CosineWithWarmUpLR", "learning_rate": 1e-4, "kv_layernorm_learning_rate": None,
+                    "warmup_ratio": 0.05, "warmup_steps": None, "min_lr_ratio": 0.1, "total_steps": None},
+    "callbacks": [dict(type=k, **v) for k, v in CALLBACK_DEFAULTS.items()],
+    "train_dataset": {"data_path": "wiki-calib", "format": "auto", "shuffle": True, "max_tokens": None},
+    "distill": {"teacher": None, "beta": 0.5, "lmbda": 0.5, "temperature": 0.9, "max_new_tokens": 128, "top_p": 1.0},
+}
+
+RUN_MODES = ("distill", "sft")
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads exponent floats without a dot (1e-4, 5E3) as numbers, as YAML 1.2 does;
+    plain PyYAML (YAML 1.1) would return the string '1e-4'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _unknown(key: str, valid: Sequence[str], where: str) -> YouzhiError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(valid), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return YouzhiError(f"unknown config key {key!r} in {where}{hint}; valid keys here: {', '.join(sorted(valid))}")
+
+
+def _merge_callbacks(base: List[dict], items, where: str) -> List[dict]:
+    if not isinstance(items, list):
+        raise YouzhiError(f"'callbacks' in {where} must be a list of {{type: ..., ...}} entries")
+    out = {c["type"]: dict(c) for c in base}
+    for item in items:
+        if not isinstance(item, dict) or "type" not in item:
+            raise YouzhiError(f"every entry of 'callbacks' in {where} needs a 'type' ({', '.join(CALLBACK_DEFAULTS)})")
+        t = item["type"]
+        if t not in CALLBACK_DEFAULTS:
+            raise _unknown(f"callbacks.{t}", CALLBACK_DEFAULTS, where)
+        for k, v in item.items():
+            if k != "type" and k not in CALLBACK_DEFAULTS[t]:
+                raise _unknown(f"callbacks.{t}.{k}", CALLBACK_DEFAULTS[t], where)
+            out[t][k] = v
+    return list(out.values())
+
+
+def _merge(base: Dict[str, Any], new: Dict[str, Any], where: str, prefix: str = "") -> None:
+    for k, v in new.items():
+        key = f"{prefix}{k}"
+        if k not in base:
+            raise _unknown(key, base, where)
+        if k == "callbacks" and not prefix:
+            base[k] = _merge_callbacks(base[k], v, where)
+        elif isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise YouzhiError(f"config key {key!r} in {where} is a section; give it as a mapping of keys, "
+                                  f"got {v!r}")
+            _merge(base[k], v, where, key + ".")
+        else:
+            base[k] = v
+
+
+def parse_override(text: str) -> tuple:
+    """'section.key=value' -> (['section', 'key'], value parsed as a yaml scalar)."""
+    if "=" not in text:
+        raise YouzhiError(f"--set {text!r}: expected section.key=value, e.g. --set runner_config.max_steps=20")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise YouzhiError(f"--set {text!r}: the key must be dotted names, e.g. runner_config.max_steps")
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise YouzhiError(f"--set {text!r}: the value is not a yaml scalar ({exc.problem})") from None
+    return key.split("."), value
+
+
+def apply_override(cfg: Dict[str, Any], parts: List[str], value) -> None:
+    where = "--set"
+    if parts[0] == "callbacks":
+        if len(parts) != 3:
+            raise YouzhiError("callback overrides look like --set callbacks.CheckpointMonitor.save_checkpoint_steps=5")
+        cfg["callbacks"] = _merge_callbacks(cfg["callbacks"], [{"type": parts[1], parts[2]: value}], where)
+        return
+    node = cfg
+    for i, p in enumerate(parts):
+        dotted = ".".join(parts[:i + 1])
+        if not isinstance(node, dict) or p not in node:
+            raise _unknown(dotted, node if isinstance(node, dict) else [], where)
+        if i == len(parts) - 1:
+            if isinstance(node[p], dict):
+                raise YouzhiError(f"--set {dotted}=...: {dotted!r} is a section; set one of its keys "
+                                  f"({', '.join(node[p])})")
+            node[p] = value
+        else:
+            node = node[p]
+
+
+def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """DEFAULTS <- yaml file <- overrides, validated. Returns a plain nested dict."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        if not os.path.isfile(path):
+            raise YouzhiError(f"config file {path} does not exist")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.load(f, Loader=_Loader) or {}
+        except yaml.YAMLError as exc:
+            raise YouzhiError(f"{path} is not valid yaml: {exc}") from None
+        if not isinstance(data, dict):
+            raise YouzhiError(f"{path} must be a yaml mapping of sections (seed, output_dir, model, "
+                              "runner_config, ...)")
+        _merge(cfg, data, path)
+    for text in overrides:
+        apply_override(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def callback(cfg: Dict[str, Any], name: str) -> Optional[Dict[str, Any]]:
+    return next((c for c in cfg["callbacks"] if c["type"] == name), None)
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise YouzhiError(msg)
+
+
+def _int(cfg, section, key, lo=1, allow_none=False):
+    v = cfg[section][key] if section else cfg[key]
+    name = f"{section}.{key}" if section else key
+    if v is None and allow_none:
+        return
+    _need(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+def _num(cfg, section, key, lo=None, hi=None, allow_none=False):
+    v = cfg[section][key]
+    name = f"{section}.{key}"
+    if v is None and allow_none:
+        return
+    _need(isinstance(v, (int, float)) and not isinstance(v, bool), f"{name} must be a number, got {v!r}")
+    _need(lo is None or v >= lo, f"{name} must be >= {lo}, got {v}")
+    _need(hi is None or v <= hi, f"{name} must be <= {hi}, got {v}")
+
+
+def validate(cfg: Dict[str, Any]) -> None:
+    """Types and ranges of everything that is not a path (paths are checked when they are opened)."""
+    _int(cfg, None, "seed", 0)
+    _need(cfg["run_mode"] in RUN_MODES, f"run_mode must be one of {RUN_MODES}, got {cfg['run_mode']!r}")
+    _need(isinstance(cfg["output_dir"], str) and cfg["output_dir"], "output_dir must be a directory path")
+    _need(cfg["context"]["mode"] in ("GRAPH_MODE", "PYNATIVE_MODE", 0, 1),
+          f"context.mode must be GRAPH_MODE or PYNATIVE_MODE, got {cfg['context']['mode']!r}")
+    _need(cfg["context"]["device_target"] in ("CPU", "Ascend", "GPU"),
+          f"context.device_target must be CPU, Ascend or GPU, got {cfg['context']['device_target']!r}")
+    _need(cfg["parallel"]["parallel_mode"] in ("data_parallel", "semi_auto_parallel"),
+          f"parallel.parallel_mode must be data_parallel or semi_auto_parallel, got "
+          f"{cfg['parallel']['parallel_mode']!r}")
+    _int(cfg, "parallel_config", "data_parallel", 1, allow_none=True)
+    for k in ("model_parallel", "pipeline_stage", "micro_batch_num"):
+        _int(cfg, "parallel_config", k, 1)
+    _need(cfg["model"]["trainable"] in ("all", "attention"),
+          f"model.trainable must be 'all' or 'attention', got {cfg['model']['trainable']!r}")
+    _need(cfg["model"]["save_dtype"] in ("fp32", "bf16", "fp16"),
+          f"model.save_dtype must be fp32, bf16 or fp16, got {cfg['model']['save_dtype']!r}")
+    for k in ("max_steps", "batch_size", "gradient_accumulation_steps", "seq_length"):
+        _int(cfg, "runner_config", k, 1)
+    _int(cfg, "runner_config", "stop_at_step", 1, allow_none=True)
+    _need(cfg["optimizer"]["type"] == "AdamW", f"optimizer.type must be AdamW, got {cfg['optimizer']['type']!r}")
+    betas = cfg["optimizer"]["betas"]
+    _need(isinstance(betas, (list, tuple)) and len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
+                                                                       for b in betas),
+          f"optimizer.betas must be two numbers in [0, 1), got {betas!r}")
+    _num(cfg, "optimizer", "eps", 0.0)
+    _num(cfg, "optimizer", "weight_decay", 0.0)
+    _num(cfg, "optimizer", "max_grad_norm")
+    _need(cfg["lr_schedule"]["type"] == "CosineWithWarmUpLR",
+          f"lr_schedule.type must be CosineWithWarmUpLR, got {cfg['lr_schedule']['type']!r}")
+    _num(cfg, "lr_schedule", "learning_rate", 0.0)
+    _num(cfg, "lr_schedule", "kv_layernorm_learning_rate", 0.0, allow_none=True)
+    _num(cfg, "lr_schedule", "warmup_ratio", 0.0, 1.0)
+    _int(cfg, "lr_schedule", "warmup_steps", 0, allow_none=True)
+    _num(cfg, "lr_schedule", "min_lr_ratio", 0.0, 1.0)
+    _int(cfg, "lr_schedule", "total_steps", 1, allow_none=True)
+    ck = callback(cfg, "CheckpointMonitor")
+    if ck:
+        _need(isinstance(ck["save_checkpoint_steps"], int) and ck["save_checkpoint_steps"] >= 1,
+              "callbacks.CheckpointMonitor.save_checkpoint_steps must be an integer >= 1")
+        _need(isinstance(ck["keep_checkpoint_max"], int) and ck["keep_checkpoint_max"] >= 1,
+              "callbacks.CheckpointMonitor.keep_checkpoint_max must be an integer >= 1")
+    lm = callback(cfg, "LossMonitor")
+    if lm:
+        _need(isinstance(lm["per_print_times"], int) and lm["per_print_times"] >= 1,
+              "callbacks.LossMonitor.per_print_times must be an integer >= 1")
+    _need(cfg["train_dataset"]["format"] in ("auto", "packed", "chat"),
+          f"train_dataset.format must be auto, packed or chat, got {cfg['train_dataset']['format']!r}")
+    _need(isinstance(cfg["train_dataset"]["data_path"], str) and cfg["train_dataset"]["data_path"],
+          "train_dataset.data_path must be wiki-calib, wiki-eval or a file path")
+    _int(cfg, "train_dataset", "max_tokens", 1, allow_none=True)
+    _num(cfg, "distill", "beta", 0.0, 1.0)
+    _num(cfg, "distill", "lmbda", 0.0, 1.0)
+    _num(cfg, "distill", "temperature", 0.0)
+    _num(cfg, "distill", "top_p", 0.0, 1.0)
+    _int(cfg, "distill", "max_new_tokens", 1)
+    if cfg["run_mode"] == "distill" and cfg["distill"]["lmbda"] > 0:
+        _need(cfg["distill"]["max_new_tokens"] < cfg["runner_config"]["seq_length"],
+              f"distill.max_new_tokens ({cfg['distill']['max_new_tokens']}) must be smaller than "
+              f"runner_config.seq_length ({cfg['runner_config']['seq_length']}): on-policy sequences are a prompt "
+              "plus the student's continuation inside one window")
+    if cfg["distill"]["temperature"] == 0 and cfg["run_mode"] == "distill":
+        raise YouzhiError("distill.temperature 0 is only meaningful for sampling; the GKD loss divides logits by it. "
+                          "Use a small positive value (e.g. 0.1), or 1.0 for the plain distributions")

@@ -1,0 +1,572 @@
+"""The training loop: GKD recovery of a converted MLA student from its GQA teacher, or SFT of the student.
+
+One process (or one msrun worker) holds the frozen teacher and the trainable student. Per optimizer step:
+
+1. `gradient_accumulation_steps` global micro-batches are drawn (`data.EpochSampler`, `batch_size * world` rows
+   each; this rank keeps rows rank, rank + world, ...). In distill mode each micro-batch is replaced, with probability
+   `distill.lmbda` (one coin shared by all ranks), by prompts continued with the student's own samples
+   (`data.StudentContinuation`, scored on the continuation only).
+2. The number of scored tokens of the whole global batch is summed over ranks, and every micro-batch's loss is
+   `sum of per-token losses / that number` (GKD generalized JSD, or SFT cross entropy). Gradients are summed over
+   micro-batches (accumulators) and ranks (`nn.DistributedGradReducer`, SUM) inside the compiled update, then clipped
+   by global norm and applied by AdamW (`optim.py`). The result is the gradient of the global token-mean however the
+   batch is split, so 2 workers reproduce one process.
+3. Rank 0 appends a line to `loss_log.jsonl`, updates the progress bar, and every `save_checkpoint_steps` writes
+   `checkpoint/step_XXXXXXXX/` atomically: `student.safetensors` (all student weights, MindSpore names),
+   `optimizer.safetensors` (AdamW moments), `trainer_state.json` (step, data position, the lambda coin's numpy RNG
+   state as uint64 words; no pickle). `resume_training` restores all of it and truncates the loss log to the
+   checkpoint, so an interrupted-and-resumed run reproduces the uninterrupted one.
+
+At `max_steps` the student is written as a Hugging Face directory `hf_model/` (the student's config.json and tokenizer
+files, weights in `model.save_dtype`) that `load_model` and `tools/eval_ppl.py` read, plus `loss_curve.png`.
+
+Model / pipeline parallel (Ascend only; refused on CPU): the strategy table of `parallel.plan_parallel` is attached with
+`Cell.shard` under auto-parallel sharding propagation, pipeline stages via `nn.PipelineCell`, and every rank
+checkpoints its own parameter slices (`step_N/rank_R/`). This path has not been run (no Ascend hardware here); the
+final Hugging Face export needs the slices merged first.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from youzhi_ms.errors import YouzhiError
+
+log = logging.getLogger("youzhi_ms.train")
+
+CKPT_DIR = "checkpoint"
+LOSS_LOG = "loss_log.jsonl"
+HF_DIR = "hf_model"
+STATE_FILE = "trainer_state.json"
+STUDENT_FILE = "student.safetensors"
+OPTIM_FILE = "optimizer.safetensors"
+STATE_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------------- distributed
+def launched_by_msrun() -> bool:
+    return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED")
+
+
+def init_distributed():
+    """(rank, world). Under msrun, `communication.init()` joins the cluster (in msrun's scheduler process it serves the
+    cluster and never returns); otherwise a single process."""
+    if not launched_by_msrun():
+        return 0, 1
+    from mindspore import communication
+    communication.init()
+    return communication.get_rank(), communication.get_group_size()
+
+
+# ---------------------------------------------------------------------------------------------------------- cells
+def _loss_nets():
+    """The loss Cells (defined lazily so importing this module does not import MindSpore)."""
+    from mindspore import nn
+    from youzhi_ms.train.losses import GKDLoss, SFTLoss
+
+    class GKDNet(nn.Cell):
+        """student/teacher logits of the same ids -> sum of per-token generalized JSD over scored tokens * scale."""
+
+        def __init__(self, student, teacher, beta, temperature):
+            super().__init__(auto_prefix=False)
+            self.student = student
+            self.teacher = teacher
+            self.loss = GKDLoss(beta, temperature, "sum")
+
+        def construct(self, input_ids, labels, loss_mask, scale):
+            return self.loss(self.student(input_ids), self.teacher(input_ids), loss_mask) * scale
+
+    class SFTNet(nn.Cell):
+        """student logits -> sum of masked next-token cross entropy * scale."""
+
+        def __init__(self, student):
+            super().__init__(auto_prefix=False)
+            self.student = student
+            self.loss = SFTLoss("sum")
+
+        def construct(self, input_ids, labels, loss_mask, scale):
+            return self.loss(self.student(input_ids), labels, loss_mask) * scale
+
+    return GKDNet, SFTNet
+
+
+# ------------------------------------------------------------------------------------------------------ rng <-> json
+def _u128_words(x: int) -> List[int]:
+    return [int(x >> 64), int(x & ((1 << 64) - 1))]
+
+
+def rng_state_to_json(rng: np.random.Generator) -> dict:
+    """A PCG64 generator's state as plain json (128-bit integers as [high, low] uint64 words)."""
+    st = rng.bit_generator.state
+    if st["bit_generator"] != "PCG64":
+        raise ValueError("only PCG64 generators are checkpointed")
+    return {"bit_generator": "PCG64", "state": _u128_words(st["state"]["state"]),
+            "inc": _u128_words(st["state"]["inc"]), "has_uint32": int(st["has_uint32"]),
+            "uinteger": int(st["uinteger"])}
+
+
+def rng_from_json(d: dict) -> np.random.Generator:
+    rng = np.random.Generator(np.random.PCG64())
+    rng.bit_generator.state = {"bit_generator": "PCG64",
+                               "state": {"state": (d["state"][0] << 64) | d["state"][1],
+                                         "inc": (d["inc"][0] << 64) | d["inc"][1]},
+                               "has_uint32": d["has_uint32"], "uinteger": d["uinteger"]}
+    return rng
+
+
+# ----------------------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, cfg: Dict[str, Any], rank: Optional[int] = None, world: Optional[int] = None):
+        self.cfg = cfg
+        self.run_mode = cfg["run_mode"]
+        rc = cfg["runner_config"]
+        self.max_steps = rc["max_steps"]
+        self.micro_bs = rc["batch_size"]
+        self.accum = rc["gradient_accumulation_steps"]
+        self.seq_len = rc["seq_length"]
+        self.seed = cfg["seed"]
+        self.out = os.path.abspath(cfg["output_dir"])
+        self.device = cfg["context"]["device_target"]
+        from youzhi_ms.train.parallel import check_device
+        check_device(cfg["parallel_config"], self.device)  # before anything heavy
+        if cfg["model"]["student"] is None:
+            raise YouzhiError("model.student is not set; pass the converted MLA directory, e.g. "
+                              "--set model.student=output/smollm2_mla")
+        if self.run_mode == "distill" and cfg["distill"]["teacher"] is None:
+            raise YouzhiError("distill.teacher is not set; pass the source (GQA) model directory, e.g. "
+                              "--set distill.teacher=output/smollm2_hf")
+        self._read_model_configs()
+
+        from youzhi_ms.runtime import init_context
+        mode = cfg["context"]["mode"]
+        init_context("graph" if mode in ("GRAPH_MODE", 0) else "pynative", device=self.device, seed=self.seed)
+        if rank is None:
+            rank, world = init_distributed()
+        self.rank, self.world = rank, world
+        self.is_main = rank == 0
+        self._setup_parallel()
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _read_model_configs(self):
+        from youzhi_ms.checkpoint.hf import read_config
+        from youzhi_ms.config import load_any_config
+        self.student_dir = self.cfg["model"]["student"]
+        self.student_cfg = load_any_config(read_config(self.student_dir))
+        self.teacher_cfg = None
+        if self.run_mode == "distill":
+            self.teacher_dir = self.cfg["distill"]["teacher"]
+            self.teacher_cfg = load_any_config(read_config(self.teacher_dir))
+            if self.teacher_cfg.vocab_size != self.student_cfg.vocab_size:
+                raise YouzhiError(f"teacher vocab_size {self.teacher_cfg.vocab_size} != student vocab_size "
+                                  f"{self.student_cfg.vocab_size}; GKD compares next-token distributions, so both "
+                                  "must share the tokenizer (use the conversion's source model as the teacher)")
+        for who, c in (("student", self.student_cfg), ("teacher", self.teacher_cfg)):
+            if c is not None and self.seq_len > c.max_position_embeddings:
+                raise YouzhiError(f"runner_config.seq_length {self.seq_len} exceeds the {who}'s "
+                                  f"max_position_embeddings {c.max_position_embeddings}")
+
+    def _setup_parallel(self):
+        from youzhi_ms.train.parallel import check_world, plan_parallel
+        self.plan = plan_parallel(self.cfg["parallel_config"], self.student_cfg, self.teacher_cfg, self.world)
+        check_world(self.plan, self.world, self.device)
+        if self.plan.semi_auto:  # Ascend only (check_device refused it elsewhere); not exercised on CPU
+            import mindspore as ms
+            # Cell.shard strategies + sharding propagation for the ops between the sharded linears
+            ms.set_auto_parallel_context(parallel_mode="auto_parallel", search_mode="sharding_propagation",
+                                         device_num=self.world, pipeline_stages=self.plan.pipeline_stage,
+                                         gradients_mean=False)
+            mem = self.cfg["context"].get("max_device_memory")
+            if mem:
+                ms.set_context(max_device_memory=mem)
+            # data-parallel index of this rank: model parallel is the innermost dimension, stages the outermost
+            per_stage = self.world // self.plan.pipeline_stage
+            self.dp_rank, self.dp_world = (self.rank % per_stage) // self.plan.model_parallel, self.plan.data_parallel
+        else:
+            self.dp_rank, self.dp_world = self.rank, self.world
+
+    def _setup_models(self):
+        from youzhi_ms.checkpoint.mindspore_ckpt import load_model
+        self.student, _ = load_model(self.student_dir)
+        self.student.set_train(True)
+        self.teacher = None
+        if self.run_mode == "distill":
+            self.teacher, _ = load_model(self.teacher_dir)
+            for p in self.teacher.get_parameters():  # distinct names: both models live in one graph
+                p.name = "teacher." + p.name
+                p.requires_grad = False
+        mode = self.cfg["model"]["trainable"]
+        params = list(self.student.get_parameters())
+        if mode == "attention":
+            train = [p for p in params if ".self_attention." in p.name]
+        else:
+            train = params
+        chosen = {id(p) for p in train}
+        for p in params:
+            p.requires_grad = id(p) in chosen
+        if not train:
+            raise YouzhiError("model.trainable selects no parameters")
+        self.trainable = train
+        lr_cfg = self.cfg["lr_schedule"]
+        self.group_lrs = [float(lr_cfg["learning_rate"])]
+        group_ids = []
+        kv_lr = lr_cfg.get("kv_layernorm_learning_rate")
+        if kv_lr is not None:
+            self.group_lrs.append(float(kv_lr))
+        for p in train:
+            group_ids.append(1 if kv_lr is not None and ".kv_layernorm." in p.name else 0)
+        wd = float(self.cfg["optimizer"]["weight_decay"])
+        decays = [wd if len(p.shape) >= 2 else 0.0 for p in train]  # no decay on norms and biases
+        from youzhi_ms.train.optim import ApplyStep, FusedStep, MicroStep, UpdateCore
+        opt = self.cfg["optimizer"]
+        reduce_world = self.world if not self.plan.semi_auto else 1  # semi-auto inserts its own reduction
+        self.core = UpdateCore(train, group_ids, decays, tuple(opt["betas"]), opt["eps"], opt["max_grad_norm"],
+                               reduce_world)
+        GKDNet, SFTNet = _loss_nets()
+        if self.run_mode == "distill":
+            d = self.cfg["distill"]
+            self.loss_net = GKDNet(self.student, self.teacher, d["beta"], d["temperature"])
+        else:
+            self.loss_net = SFTNet(self.student)
+        if self.plan.semi_auto:  # Ascend only; not exercised here (no semi-auto parallel on CPU)
+            from mindspore import nn
+            from youzhi_ms.train.parallel import apply_plan
+            # the plan names student cells as in the student model ("decoder...."), teacher cells "teacher...."
+            cells = {(n[len("student."):] if n.startswith("student.") else n): c
+                     for n, c in self.loss_net.cells_and_names()}
+            apply_plan(self.plan, cells)
+            if self.plan.pipeline_stage > 1:
+                self.loss_net = nn.PipelineCell(self.loss_net, self.plan.micro_batch_num)
+        if self.accum == 1:
+            self.fused = FusedStep(self.loss_net, self.core)
+        else:
+            self.accumulators = self.core.params.clone(prefix="accum", init="zeros")
+            self.micro = MicroStep(self.loss_net, self.core, self.accumulators)
+            self.apply = ApplyStep(self.core, self.accumulators)
+        self.allreduce = None
+        if self.world > 1:
+            from youzhi_ms.train.optim import AllReduceSum
+            self.allreduce = AllReduceSum()
+
+    def _setup_data(self):
+        from youzhi_ms.data.tokenizer import Tokenizer
+        from youzhi_ms.train.data import EpochSampler, StudentContinuation, build_dataset
+        self.tokenizer = Tokenizer.from_dir(self.student_dir)
+        tok = self.tokenizer
+        self.pad_id = tok.pad_id if tok.pad_id is not None else tok.eot_id
+        self.dataset = build_dataset(self.cfg["train_dataset"], tok, self.seq_len, self.pad_id)
+        if self.run_mode == "sft" and self.dataset.kind != "chat":
+            raise YouzhiError("run_mode sft needs a chat jsonl (train_dataset.data_path with {\"messages\": [...]} or "
+                              "{\"prompt\", \"response\"} lines); plain text has no responses to train on")
+        self.sampler = EpochSampler(len(self.dataset), self.seed, self.cfg["train_dataset"]["shuffle"])
+        self.coin = np.random.default_rng([self.seed, 7])  # on-policy decisions, identical on every rank
+        self.continuation = None
+        d = self.cfg["distill"]
+        if self.run_mode == "distill" and d["lmbda"] > 0:
+            self.continuation = StudentContinuation(self.student, self.student_cfg, self.seq_len, d["max_new_tokens"],
+                                                    d["temperature"], d["top_p"], (tok.eos_id, tok.eot_id),
+                                                    self.pad_id)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _sum_over_ranks(self, values: List[float]) -> np.ndarray:
+        """Sum over data-parallel groups (model / pipeline replicas of one group hold the same values)."""
+        arr = np.asarray(values, np.float32)
+        if self.allreduce is None:
+            return arr.astype(np.float64)
+        import mindspore as ms
+        total = self.allreduce(ms.Tensor(arr)).asnumpy().astype(np.float64)
+        return total / (self.world // self.dp_world)
+
+    def lrs(self, step: int) -> List[float]:
+        from youzhi_ms.train.optim import lr_factor
+        s = self.cfg["lr_schedule"]
+        total = s["total_steps"] or self.max_steps
+        warm = s["warmup_steps"] if s["warmup_steps"] is not None else int(round(s["warmup_ratio"] * total))
+        f = lr_factor(step, total, warm, s["min_lr_ratio"])
+        return [lr * f for lr in self.group_lrs]
+
+    def next_micro_batch(self, step: int, micro: int) -> Dict[str, Any]:
+        """This rank's part of global micro-batch `micro` of optimizer step `step` (0-based)."""
+        from youzhi_ms.train.data import collate, row_rngs, shard_rows
+        global_rows = self.sampler.take(self.micro_bs * self.dp_world)
+        local = shard_rows(np.arange(len(global_rows)), self.dp_rank, self.dp_world)
+        batch = collate([self.dataset[int(global_rows[i])] for i in local])
+        on_policy = False
+        if self.run_mode == "distill":
+            on_policy = bool(self.coin.random() < self.cfg["distill"]["lmbda"])
+        if on_policy:
+            prompts = self.continuation.prompts(batch, self.dataset.prompt_keeps_end)
+            batch = self.continuation(prompts, row_rngs(self.seed, step, micro, local))
+        batch["on_policy"] = on_policy
+        return batch
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _ckpt_root(self) -> str:
+        return os.path.join(self.out, CKPT_DIR)
+
+    @property
+    def sharded(self) -> bool:
+        """Model / pipeline parallel (Ascend): every rank holds parameter slices and checkpoints its own."""
+        return self.plan.semi_auto
+
+    def _files_dir(self, step_dir: str) -> str:
+        return os.path.join(step_dir, f"rank_{self.rank}") if self.sharded else step_dir
+
+    def checkpoints(self) -> List[str]:
+        """Complete checkpoint step directories (for this rank's files), oldest first."""
+        found = []
+        for d in glob.glob(os.path.join(self._ckpt_root(), "step_*")):
+            if os.path.isfile(os.path.join(self._files_dir(d), STATE_FILE)):
+                found.append(d)
+        return sorted(found, key=lambda d: int(os.path.basename(d).split("_")[1]))
+
+    def _run_signature(self) -> dict:
+        rc = self.cfg["runner_config"]
+        return {"run_mode": self.run_mode, "global_batch": self.micro_bs * self.dp_world * self.accum,
+                "micro_batch_global": self.micro_bs * self.dp_world, "seq_length": self.seq_len,
+                "trainable": [p.name for p in self.trainable], "seed": self.seed,
+                "gradient_accumulation_steps": rc["gradient_accumulation_steps"]}
+
+    def save_checkpoint(self, step: int) -> Optional[str]:
+        """Data parallel: rank 0 writes the (replicated) state. Sharded: every rank writes its slices to rank_R/."""
+        if not (self.is_main or self.sharded):
+            return None
+        from youzhi_ms.checkpoint.hf import save_safetensors, write_json
+        from youzhi_ms.fsutil import atomic_output_dir
+        path = os.path.join(self._ckpt_root(), f"step_{step:08d}")
+        with atomic_output_dir(self._files_dir(path)) as tmp:
+            save_safetensors(os.path.join(tmp, STUDENT_FILE),
+                             [(p.name, p.asnumpy()) for p in self.student.get_parameters()], dtype="fp32")
+            save_safetensors(os.path.join(tmp, OPTIM_FILE),
+                             [(p.name, p.asnumpy()) for p in list(self.core.m) + list(self.core.v)], dtype="fp32")
+            write_json(os.path.join(tmp, STATE_FILE), {
+                "version": STATE_VERSION, "step": step, "data": self.sampler.state_dict(),
+                "rng": rng_state_to_json(self.coin), "signature": self._run_signature(),
+                "world_size": self.world, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+        keep = (self._callback("CheckpointMonitor") or {}).get("keep_checkpoint_max", 2)
+        for old in self.checkpoints()[:-keep]:
+            shutil.rmtree(self._files_dir(old), ignore_errors=True)
+            if self.sharded and os.path.isdir(old) and not os.listdir(old):
+                os.rmdir(old)
+        return path
+
+    def load_checkpoint(self, path: str) -> int:
+        import mindspore as ms
+        from youzhi_ms.checkpoint.hf import HFCheckpoint
+        path = self._files_dir(path)
+        with open(os.path.join(path, STATE_FILE)) as f:
+            state = json.load(f)
+        sig, now = state["signature"], self._run_signature()
+        for k in ("run_mode", "global_batch", "seq_length", "trainable", "seed"):
+            if sig.get(k) != now.get(k):
+                shown = "the trainable parameter set" if k == "trainable" else f"{k}={sig.get(k)!r}"
+                raise YouzhiError(f"{path} was made with {shown}, this run has "
+                                  f"{'another' if k == 'trainable' else repr(now.get(k))}; resume with the same "
+                                  "configuration (global batch = batch_size x workers x accumulation)")
+        weights = HFCheckpoint.from_file(os.path.join(path, STUDENT_FILE))
+        for p in self.student.get_parameters():
+            p.set_data(ms.Tensor(weights.get(p.name, expect_shape=tuple(p.shape)), p.dtype))
+        moments = HFCheckpoint.from_file(os.path.join(path, OPTIM_FILE))
+        for p in list(self.core.m) + list(self.core.v):
+            p.set_data(ms.Tensor(moments.get(p.name, expect_shape=tuple(p.shape)), p.dtype))
+        self.sampler.load_state_dict(state["data"])
+        self.coin = rng_from_json(state["rng"])
+        return int(state["step"])
+
+    def _callback(self, name):
+        from youzhi_ms.train.run_config import callback
+        return callback(self.cfg, name)
+
+    # ------------------------------------------------------------------------------------------------ outputs
+    def _check_output(self, resume: bool) -> None:
+        """Before anything is loaded: resume needs a checkpoint; a fresh run must not mix into an old output_dir."""
+        if resume and not self.checkpoints():
+            raise YouzhiError(f"resume requested but {self._ckpt_root()} has no complete checkpoint; run without "
+                              "--resume to start from the student directory")
+        if not resume and (self.checkpoints() or os.path.isfile(os.path.join(self.out, LOSS_LOG))):
+            raise YouzhiError(f"output_dir {self.out} already holds a run (checkpoints / {LOSS_LOG}); pass --resume "
+                              "to continue it, or choose another output_dir")
+
+    def _prepare_output(self, resume: bool) -> int:
+        """Returns the step to start from (restoring the newest checkpoint when resuming)."""
+        start = 0
+        log_path = os.path.join(self.out, LOSS_LOG)
+        if resume:
+            start = self.load_checkpoint(self.checkpoints()[-1])
+            if self.is_main and os.path.isfile(log_path):
+                with open(log_path) as f:
+                    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+                with open(log_path + ".tmp", "w") as f:
+                    f.writelines(rows)
+                os.replace(log_path + ".tmp", log_path)
+        if self.is_main:
+            os.makedirs(self.out, exist_ok=True)
+            import yaml
+            with open(os.path.join(self.out, "run_config.yaml"), "w") as f:
+                yaml.safe_dump(self.cfg, f, sort_keys=False)
+        return start
+
+    def export_hf(self) -> str:
+        """The trained student as a Hugging Face directory next to the checkpoints (rank 0)."""
+        from youzhi_ms.checkpoint.hf import ShardedWriter, copy_side_files
+        from youzhi_ms.checkpoint.mindspore_ckpt import hf_state_dict_from_model, model_kind
+        from youzhi_ms.fsutil import atomic_output_dir
+        path = os.path.join(self.out, HF_DIR)
+        with atomic_output_dir(path) as tmp:
+            writer = ShardedWriter(tmp, dtype=self.cfg["model"]["save_dtype"])
+            for name, arr in hf_state_dict_from_model(self.student, model_kind(self.student_cfg)).items():
+                writer.add(name, arr)
+            writer.close()
+            shutil.copy2(os.path.join(self.student_dir, "config.json"), os.path.join(tmp, "config.json"))
+            copy_side_files(self.student_dir, tmp)
+        return path
+
+    def weights_digest(self) -> str:
+        h = hashlib.sha256()
+        for p in self.student.get_parameters():
+            h.update(p.name.encode())
+            h.update(np.ascontiguousarray(p.asnumpy()).tobytes())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def train_step(self, step: int) -> Dict[str, Any]:
+        import mindspore as ms
+        t0 = time.time()
+        batches = [self.next_micro_batch(step, m) for m in range(self.accum)]
+        local = float(sum(b["loss_mask"].sum() for b in batches))
+        count = float(self._sum_over_ranks([local])[0])
+        scale = ms.Tensor(1.0 / max(count, 1.0), ms.float32)
+        lrs = self.lrs(step)
+        b1, b2 = self.cfg["optimizer"]["betas"]
+        lrs_t = ms.Tensor(np.asarray(lrs, np.float32))
+        bc1 = ms.Tensor(1.0 - float(b1) ** (step + 1), ms.float32)
+        bc2 = ms.Tensor(1.0 - float(b2) ** (step + 1), ms.float32)
+
+        def inputs(b):
+            return (ms.Tensor(b["input_ids"], ms.int32), ms.Tensor(b["labels"], ms.int32),
+                    ms.Tensor(b["loss_mask"], ms.float32), scale)
+
+        if self.accum == 1:
+            loss, norm = self.fused(*inputs(batches[0]), lrs_t, bc1, bc2)
+            loss_local = float(loss.asnumpy())
+        else:
+            loss_local = 0.0
+            for b in batches:
+                loss_local += float(self.micro(*inputs(b)).asnumpy())
+            norm = self.apply(lrs_t, bc1, bc2)
+        loss = float(self._sum_over_ranks([loss_local])[0]) if self.world > 1 else loss_local
+        return {"step": step + 1, "loss": loss, "lr": lrs[0], "grad_norm": float(norm.asnumpy()),
+                "tokens": int(count), "on_policy": [b["on_policy"] for b in batches],
+                "seconds": round(time.time() - t0, 4)}
+
+    def run(self, resume: bool = False, progress: Optional[bool] = None) -> Dict[str, Any]:
+        from tqdm import tqdm
+        resume = resume or self.cfg["resume_training"]
+        self._check_output(resume)
+        self._setup_models()
+        self._setup_data()
+        start = self._prepare_output(resume)
+        rc = self.cfg["runner_config"]
+        stop_at = rc.get("stop_at_step")
+        save_every = (self._callback("CheckpointMonitor") or {}).get("save_checkpoint_steps")
+        print_every = (self._callback("LossMonitor") or {}).get("per_print_times")
+        import sys
+        show = self.is_main and (rc["progress"] if progress is None else progress) and sys.stderr.isatty()
+        bar = tqdm(total=self.max_steps, initial=start, desc=self.run_mode, unit="step", disable=not show)
+        log_path = os.path.join(self.out, LOSS_LOG)
+        rows = []
+        step = start
+        t_run = time.time()
+        last_saved = None
+        while step < self.max_steps:
+            if stop_at is not None and step >= stop_at:
+                break
+            row = self.train_step(step)
+            step += 1
+            if not math.isfinite(row["loss"]):
+                raise YouzhiError(f"the loss became {row['loss']} at step {step}; lower lr_schedule.learning_rate or "
+                                  "check the data (resume from the last checkpoint with --resume)")
+            rows.append(row)
+            if self.is_main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                if print_every and (step % print_every == 0 or step == self.max_steps):
+                    msg = (f"step {step}/{self.max_steps} loss {row['loss']:.6f} lr {row['lr']:.3e} "
+                           f"grad_norm {row['grad_norm']:.4f} {row['seconds']:.2f}s/step"
+                           f"{' on-policy' if any(row['on_policy']) else ''}")
+                    if not show:  # the bar shows the same numbers
+                        log.info(msg)
+            if (save_every and step % save_every == 0) or step == self.max_steps or \
+                    (stop_at is not None and step == stop_at):
+                self.save_checkpoint(step)
+                last_saved = step
+        bar.close()
+        result = {"start_step": start, "end_step": step, "steps_run": step - start, "rank": self.rank,
+                  "world": self.world, "seconds": round(time.time() - t_run, 3), "last_checkpoint": last_saved,
+                  "losses": [r["loss"] for r in rows], "weights_sha256": self.weights_digest(),
+                  "loss_log": log_path}
+        os.makedirs(os.path.join(self.out, "ranks"), exist_ok=True)
+        with open(os.path.join(self.out, "ranks", f"rank_{self.rank}.json"), "w") as f:
+            json.dump({k: v for k, v in result.items() if k != "losses"}, f, indent=1)
+        if self.is_main:
+            plot_loss_curve(log_path, os.path.join(self.out, "loss_curve.png"))
+            if step == self.max_steps and not self.sharded:
+                result["hf_model"] = self.export_hf()
+            elif step == self.max_steps:
+                log.warning("model/pipeline parallel: the final weights are the per-rank slices in %s; merge them "
+                            "(mindspore.parallel.unified_safetensors) before exporting a Hugging Face directory",
+                            self.checkpoints()[-1])
+        return result
+
+
+def read_loss_log(path: str) -> List[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(log_path: str, png_path: str, title: Optional[str] = None) -> Optional[str]:
+    if not os.path.isfile(log_path):
+        return None
+    rows = read_loss_log(log_path)
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in rows], lw=1.2, label="loss")
+    onp = [(r["step"], r["loss"]) for r in rows if any(r.get("on_policy", []))]
+    if onp:
+        ax.scatter(*zip(*onp), s=10, c="tab:orange", label="on-policy batch", zorder=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (token mean)")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["lr"] for r in rows], c="gray", lw=0.8, ls="--", label="learning rate")
+    ax2.set_ylabel("learning rate")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper right")
+    ax.set_title(title or os.path.basename(os.path.dirname(os.path.abspath(log_path))))
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
+
+
+def train(cfg: Dict[str, Any], resume: bool = False, progress: Optional[bool] = None) -> Dict[str, Any]:
+    """Run a training job from a validated config (see run_config.load_run_config)."""
+    return Trainer(cfg).run(resume=resume, progress=progress)
