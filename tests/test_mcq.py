@@ -14,7 +14,7 @@ from youzhi_ms.runtime import init_context
 
 init_context("graph")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from youzhi_ms.checkpoint.mindspore_ckpt import load_model  # noqa: E402
 from youzhi_ms.data.tokenizer import Tokenizer  # noqa: E402
@@ -104,7 +104,26 @@ def env(tmp_path_factory):
     tk = char_tokenizer(str(model_dir), texts)
     model, _ = load_model(str(model_dir))
     return {"data": data, "model_dir": str(model_dir), "ref": ref, "tk": tk, "model": model,
-            "tok": Tokenizer.from_dir(str(model_dir))}
+            "tok": Tokenizer.from_dir(str(model_dir)), "texts": texts, "base": base}
+
+
+@pytest.fixture(scope="module")
+def mla_env(env):
+    """The same data and tokenizer with a tiny DeepSeek-V3 (MLA) model: scoring works for converted models too."""
+    model_dir = env["base"] / "dsv3"
+    cfg = DeepseekV3Config(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=24, q_lora_rank=None,
+                           qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=None,
+                           first_k_dense_replace=2, max_position_embeddings=1024, rope_interleave=True)
+    torch.manual_seed(1)
+    ref = DeepseekV3ForCausalLM(cfg)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            p.copy_(torch.rand_like(p) + 0.5 if "norm" in n else torch.randn_like(p) * 0.15)
+    ref.eval().save_pretrained(model_dir)
+    tk = char_tokenizer(str(model_dir), env["texts"])
+    model, _ = load_model(str(model_dir))
+    return dict(env, model_dir=str(model_dir), ref=ref, tk=tk, model=model, tok=Tokenizer.from_dir(str(model_dir)))
 
 
 def torch_ll(env, context, continuation):
@@ -164,6 +183,14 @@ def test_jsonl_matches_transformers(env, shots, score):
     check_against_torch(env, res, scored, lambda it: groups[it.subject][:shots], "en", score)
     assert set(res["subjects"]) == {"astronomy", "elementary_mathematics"}
     assert sum(v["n"] for v in res["subjects"].values()) == res["n"] == 6 - 2 * shots
+
+
+def test_mla_model_matches_transformers(mla_env):
+    res = run(mla_env, mla_env["data"] / "six.jsonl", shots=1)
+    items = mcq.load_items(str(mla_env["data"] / "six.jsonl"))[0]
+    groups = mcq.by_subject(items)
+    check_against_torch(mla_env, res, [it for g in groups.values() for it in g[1:]],
+                        lambda it: groups[it.subject][:1], "en", "letters")
 
 
 @pytest.mark.parametrize("shots", [0, 1])

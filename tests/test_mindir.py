@@ -138,9 +138,12 @@ def test_cli_export_and_generate(model_dirs, tmp_path):
     out = str(tmp_path / "export")
     env = dict(os.environ, GLOG_v="3")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "export_mindir.py"), "--model", model_dirs["gqa"],
-                        "--output-dir", out, "--max-seq-len", "64"], capture_output=True, text=True, env=env)
+                        "--output-dir", out, "--max-seq-len", "64", "--verify"], capture_output=True, text=True,
+                       env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout[r.stdout.index("{"):])["decode_state"]["k_cache"] == [2, 1, 2, 64, 16]
+    summary = json.loads(r.stdout[r.stdout.index("{\n"):])
+    assert summary["decode_state"]["k_cache"] == [2, 1, 2, 64, 16]
+    assert max(summary["verify"].values()) < 1e-5
     for f in ("prefill.mindir", "decode.mindir", "manifest.json", "config.json", "tokenizer.json"):
         assert os.path.isfile(os.path.join(out, f)), f
     js = str(tmp_path / "gen.json")

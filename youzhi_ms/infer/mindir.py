@@ -1,7 +1,7 @@
 """MindIR export of the prefill and decode graphs, and a runner that serves generation from the exported files.
 
 Export directory layout (written atomically):
-  prefill.mindir   ids [B, None] int32 -> logits [B, S, V], cache_a [.., S, ..], cache_b        (dynamic sequence length)
+  prefill.mindir   ids [B, None] int32 -> logits [B, S, V], cache_a [.., S, ..], cache_b   (dynamic prompt length S)
   decode.mindir    ids [B, 1] int32, pos [B] int32, cache_a, cache_b -> logits [B, 1, V], cache_a', cache_b'
                    with the caches preallocated at max_seq_len T:
                      GQA: k_cache, v_cache [L, B, kv_heads, T, head_dim]
@@ -83,7 +83,8 @@ def build_manifest(cfg, model_dir: str, batch: int, max_seq_len: int) -> dict:
         },
         "notes": "None in a shape is a dynamic dimension (the prompt length). Caches are float32 in the graphs; the "
                  "bf16 figure is the deployment size of the same cache. pos[b] is the absolute position of the new "
-                 "token; cache rows >= pos[b] are ignored (masked).",
+                 "token; cache rows > pos[b] are ignored (masked). Each graph file embeds its own copy of the "
+                 "weights.",
     }
 
 
@@ -214,7 +215,6 @@ class MindIRRunner:
             except (RuntimeError, ValueError) as exc:
                 raise YouzhiError(f"{f} could not be loaded by MindSpore {ms.__version__} ({exc}); re-export it "
                                   "with this MindSpore version") from None
-        self._n = 1  # real rows of the current batch
 
     def _pad_rows(self, arr: np.ndarray, what: str) -> np.ndarray:
         n = arr.shape[0]
@@ -233,7 +233,6 @@ class MindIRRunner:
                               f"{self.max_seq_len}; shorten it or re-export with a larger --max-seq-len")
         n = ids.shape[0]
         logits, a, b = self.graphs["prefill"](ms.Tensor(self._pad_rows(ids, "the prompt").astype(np.int32)))
-        self._n = n
         return logits.asnumpy()[:n], a.asnumpy()[:, :n], b.asnumpy()[:, :n]
 
     def to_state(self, arr: np.ndarray):
