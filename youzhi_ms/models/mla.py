@@ -91,15 +91,21 @@ class MLAAttention(nn.Cell):
         return w[:, :self.nope, :], w[:, self.nope:, :].swapaxes(1, 2)
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
-        """Attention over the latent cache: c_kv [B,T,r], k_pe [B,T,rope]; q_* [B,H,S,*] -> [B,S,D]."""
-        b, _, s, _ = q_nope.shape
+        """Attention over the latent cache: c_kv [B,T,r], k_pe [B,T,rope]; q_* [B,H,S,*] -> [B,S,D].
+
+        W_UK / W_UV are applied heads-first ([H, B*S, .] @ [H, ., .]) and the heads are folded into the rows of one
+        matmul against the shared latent [B,1,T,r], so neither the weights nor the cache are broadcast."""
+        b, h, s, _ = q_nope.shape
         w_uk, w_uv_t = self.absorbed_weights()
-        q_lat = ops.matmul(q_nope, w_uk)  # [B,H,S,r]
+        q_lat = ops.matmul(q_nope.transpose(1, 0, 2, 3).reshape(h, b * s, self.nope), w_uk)  # [H, B*S, r]
+        q_lat = q_lat.reshape(h, b, s, self.rank).transpose(1, 0, 2, 3).reshape(b, 1, h * s, self.rank)
         c = c_kv.expand_dims(1)  # [B,1,T,r], shared by all heads (MQA over the latent)
-        scores = ops.matmul(q_lat, c.swapaxes(-1, -2)) + ops.matmul(q_pe, k_pe.expand_dims(1).swapaxes(-1, -2))
-        probs = ops.softmax(scores.astype(ms.float32) * self.scale + mask, -1).astype(c.dtype)
-        o_lat = ops.matmul(probs, c)  # [B,H,S,r]
-        out = ops.matmul(o_lat, w_uv_t).swapaxes(1, 2).reshape(b, s, self.num_heads * self.vdim)
+        scores = ops.matmul(q_lat, c.swapaxes(-1, -2)) + \
+            ops.matmul(q_pe.reshape(b, 1, h * s, self.rope), k_pe.expand_dims(1).swapaxes(-1, -2))
+        probs = ops.softmax(scores.reshape(b, h, s, -1).astype(ms.float32) * self.scale + mask, -1).astype(c.dtype)
+        o_lat = ops.matmul(probs.reshape(b, 1, h * s, -1), c).reshape(b, h, s, self.rank)
+        out = ops.matmul(o_lat.transpose(1, 0, 2, 3).reshape(h, b * s, self.rank), w_uv_t)  # [H, B*S, v]
+        out = out.reshape(h, b, s, self.vdim).transpose(1, 2, 0, 3).reshape(b, s, h * self.vdim)
         return self.linear_proj(out)
 
     def construct(self, x, cos, sin, mask):
