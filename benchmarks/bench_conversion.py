@@ -86,7 +86,6 @@ def main():
         save()
     base = results["runs"]["source"]["ppl"]
     print(f"source ppl {base:.3f}", flush=True)
-    plans = {}
     for r in [int(x) for x in args.ranks.split(",")]:
         for v in args.variants.split(","):
             mode, export, stage = parse_variant(v)

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import struct
-from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 

@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from youzhi_ms.checkpoint.hf import HFCheckpoint, ShardedWriter, copy_side_files, write_json
-from youzhi_ms.config import MLAConfig, SourceConfig, load_any_config
+from youzhi_ms.config import MLAConfig, load_any_config
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import atomic_output_dir
 from youzhi_ms.models.names import hf_to_ms, ms_to_hf

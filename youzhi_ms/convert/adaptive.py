@@ -12,7 +12,7 @@ Two local proxies, both computed on calibration tokens of the layer being conver
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 

@@ -13,7 +13,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from youzhi_ms.convert.attention_np import rms_norm
 
 
 def refit_kv_b(c: np.ndarray, target_w: np.ndarray, weights: Optional[np.ndarray], eps: float,

@@ -5,7 +5,7 @@ import numpy as np
 
 
 def write_markdown(rep: dict, path: str) -> None:
-    lines = [f"# GQA -> MLA conversion report", "",
+    lines = ["# GQA -> MLA conversion report", "",
              f"- source: `{rep['source']}` ({rep['source_model_type']})",
              f"- export: {rep['export']}; kv_lora_rank {rep['kv_lora_rank']}, qk_rope_head_dim "
              f"{rep['qk_rope_head_dim']} (c = {rep['collapse_c']})",

@@ -313,22 +313,27 @@ def wiki_splits() -> Dict[str, List[str]]:
 # documents
 
 
-def _read_jsonl(path: str) -> List[str]:
-    docs = []
+def iter_jsonl(path: str, kind: str = "a .jsonl file"):
+    """(line number, parsed object) for every non-blank line; a malformed line is one clear error."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise YouzhiError(f"{path}:{lineno}: not valid JSON ({exc.msg}); a .jsonl file needs one JSON object "
+                raise YouzhiError(f"{path}:{lineno}: not valid JSON ({exc.msg}); {kind} needs one JSON object "
                                   "per line") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise YouzhiError(f"{path}:{lineno}: expected an object with a string \"text\" field, e.g. "
-                                  "{\"text\": \"...\"}")
-            if obj["text"].strip():
-                docs.append(obj["text"])
+
+
+def _read_jsonl(path: str) -> List[str]:
+    docs = []
+    for lineno, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise YouzhiError(f"{path}:{lineno}: expected an object with a string \"text\" field, e.g. "
+                              "{\"text\": \"...\"}")
+        if obj["text"].strip():
+            docs.append(obj["text"])
     return docs
 
 

@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from youzhi_ms.data.text import iter_jsonl
 from youzhi_ms.errors import YouzhiError
 
 __all__ = ["Example", "PackedText", "ChatExamples", "build_dataset", "detect_format", "layout", "EpochSampler",
@@ -99,35 +100,27 @@ class PackedText:
 
 def _read_chat_jsonl(path: str) -> List[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise YouzhiError(f"{path}:{lineno}: not valid JSON ({exc.msg}); a chat .jsonl file needs one JSON "
-                                  "object per line") from None
-            if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-                msgs = obj["messages"]
-                for m in msgs:
-                    if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"),
-                                                                                                  str)):
-                        raise YouzhiError(f"{path}:{lineno}: every message needs string 'role' and 'content' fields")
-                if not any(m["role"] == "assistant" for m in msgs):
-                    raise YouzhiError(f"{path}:{lineno}: the conversation has no assistant message, so nothing would "
-                                      "be trained on")
-                if msgs[0]["role"] == "assistant":
-                    raise YouzhiError(f"{path}:{lineno}: the conversation starts with an assistant message; it needs "
-                                      "a user (or system) message before the first response")
-                rows.append({"messages": msgs, "line": lineno})
-            elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
-                if not obj["response"]:
-                    raise YouzhiError(f"{path}:{lineno}: empty response; there is nothing to train on")
-                rows.append({"prompt": obj["prompt"], "response": obj["response"], "line": lineno})
-            else:
-                raise YouzhiError(f"{path}:{lineno}: expected {{\"messages\": [...]}} or {{\"prompt\": ..., "
-                                  "\"response\": ...}")
+    for lineno, obj in iter_jsonl(path, "a chat .jsonl file"):
+        if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+            msgs = obj["messages"]
+            for m in msgs:
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"),
+                                                                                              str)):
+                    raise YouzhiError(f"{path}:{lineno}: every message needs string 'role' and 'content' fields")
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise YouzhiError(f"{path}:{lineno}: the conversation has no assistant message, so nothing would "
+                                  "be trained on")
+            if msgs[0]["role"] == "assistant":
+                raise YouzhiError(f"{path}:{lineno}: the conversation starts with an assistant message; it needs "
+                                  "a user (or system) message before the first response")
+            rows.append({"messages": msgs, "line": lineno})
+        elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
+            if not obj["response"]:
+                raise YouzhiError(f"{path}:{lineno}: empty response; there is nothing to train on")
+            rows.append({"prompt": obj["prompt"], "response": obj["response"], "line": lineno})
+        else:
+            raise YouzhiError(f"{path}:{lineno}: expected {{\"messages\": [...]}} or {{\"prompt\": ..., "
+                              "\"response\": ...}")
     if not rows:
         raise YouzhiError(f"{path} contains no examples")
     return rows
