@@ -51,12 +51,15 @@ def write_plot(rep: dict, path: str) -> None:
         for f, F in L["bands"]:
             grid[L["layer"], f:f + F] = np.log2(F)
     fig, axes = plt.subplots(1, 2, figsize=(12, max(3.5, 0.18 * n + 1.5)), gridspec_kw={"width_ratios": [3, 2]})
-    im = axes[0].imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    lo, hi = np.log2(rep["collapse_c"]), np.log2(max(nfreq, rep["collapse_c"]))
+    im = axes[0].imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest", vmin=lo, vmax=max(hi, lo + 1))
     axes[0].set_xlabel("RoPE frequency index j (0 = highest frequency)")
     axes[0].set_ylabel("layer")
     axes[0].set_title(f"FreqFold band size per frequency ({rep['freqfold_mode']})")
-    cb = fig.colorbar(im, ax=axes[0])
-    cb.set_label("log2(F)")
+    ticks = np.arange(lo, max(hi, lo + 1) + 1)
+    cb = fig.colorbar(im, ax=axes[0], ticks=ticks)
+    cb.ax.set_yticklabels([f"F={int(2 ** t)}" for t in ticks])
+    cb.set_label("fold size F of the band")
     errs = [L["attn_rel_err"] for L in layers]
     axes[1].semilogx(errs, range(n), "o-", label="chosen")
     if any(L["proxy_errors"] for L in layers):
@@ -66,6 +69,7 @@ def write_plot(rep: dict, path: str) -> None:
             axes[1].semilogx([L["proxy_errors"].get(name, np.nan) for L in layers], range(n), ".", alpha=0.5,
                              label=name)
     axes[1].invert_yaxis()
+    axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[1].set_xlabel("attention-output relative error (calibration)")
     axes[1].set_title(f"r={rep['kv_lora_rank']}+{rep['qk_rope_head_dim']} ({rep['cache_ratio']:.2f}x smaller cache)")
     axes[1].legend(fontsize=7)
