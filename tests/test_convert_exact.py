@@ -222,9 +222,7 @@ def test_absorbed_decode_on_converted_model(llama_exact):
 
 def test_deepseek_export_loads_in_transformers(llama_exact, tmp_path):
     d, _ = llama_exact
-    rep = _convert(d / "src", tmp_path / "ds", kv_lora_rank=40, export="deepseek",
-                   freqfold_plan=None) if False else _convert(d / "src", tmp_path / "ds", kv_lora_rank=40,
-                                                              export="deepseek")
+    rep = _convert(d / "src", tmp_path / "ds", kv_lora_rank=40, export="deepseek")
     assert all(L["refit"]["rel_err_refit"] <= L["refit"]["rel_err_norm_only"] for L in rep["layers"])
     ref_model = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ds").eval()  # stock class, stock norm
     names = set(HFCheckpoint(str(tmp_path / "ds")).names())
@@ -254,9 +252,8 @@ def test_bad_options_one_clear_error_no_output(args, expect, tmp_path):
     tok = Tokenizer(models.BPE(vocab={chr(i + 33): i for i in range(V - 1)} | {"<|endoftext|>": V - 1}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.save(str(tmp_path / "src" / "tokenizer.json"))
-    r = _cli("--hf-dir", str(tmp_path / "src"), "--output-dir", str(tmp_path / "out"), "--qk-rope-dim", "8", *args) \
-        if "--qk-rope-dim" not in args else _cli("--hf-dir", str(tmp_path / "src"), "--output-dir",
-                                                 str(tmp_path / "out"), *args)
+    rope = [] if "--qk-rope-dim" in args else ["--qk-rope-dim", "8"]
+    r = _cli("--hf-dir", str(tmp_path / "src"), "--output-dir", str(tmp_path / "out"), *rope, *args)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and expect in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
