@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--skip-teacher", action="store_true", help="do not measure the teacher's perplexity")
+    ap.add_argument("--reuse-ppl", metavar="JSON", help="take the teacher's and the untrained student's perplexity from "
+                    "an earlier result of this script with the same --source/--student/eval settings (sweeps)")
     args = ap.parse_args()
 
     init_context("graph")
@@ -72,10 +74,19 @@ def main():
         del model
         return r
 
-    if not args.skip_teacher:
-        res["ppl_teacher"] = ppl_of(args.source)
-        print(f"teacher ppl {res['ppl_teacher']['ppl']:.4f}", flush=True)
-    res["ppl_before"] = ppl_of(args.student)
+    if args.reuse_ppl:
+        prev = json.load(open(args.reuse_ppl))
+        pm = prev["meta"]
+        if (pm["student"], pm["source"], pm["eval_tokens"], pm["eval_seq_len"], pm["eval_text"]) != (
+                args.student, args.source, res["meta"]["eval_tokens"], args.eval_seq_len, args.eval_text):
+            sys.exit(f"error: {args.reuse_ppl} was measured on other models or eval settings; drop --reuse-ppl")
+        res["ppl_teacher"], res["ppl_before"] = prev["ppl_teacher"], prev["ppl_before"]
+        res["meta"]["ppl_reused_from"] = args.reuse_ppl
+    else:
+        if not args.skip_teacher:
+            res["ppl_teacher"] = ppl_of(args.source)
+            print(f"teacher ppl {res['ppl_teacher']['ppl']:.4f}", flush=True)
+        res["ppl_before"] = ppl_of(args.student)
     print(f"student ppl before GKD {res['ppl_before']['ppl']:.4f}", flush=True)
     res["peak_rss_mib_after_eval"] = peak_rss_mib()
 

@@ -4,7 +4,12 @@
 Writes a random bf16 checkpoint with Qwen2.5-7B's shapes (28 layers, hidden 3584, 28 q / 4 kv heads, head 128,
 q/k/v bias, SwiGLU 18944, vocab 152064, untied) as ~2 GB shards plus a byte-level tokenizer, then runs
 tools/convert_gqa_to_mla.py on it in a child process with a short calibration and reports the child's wall time and
-peak RSS (getrusage of the child). The conversion keeps one layer's weights in memory at a time.
+peak RSS. The conversion keeps one layer's weights in memory at a time and writes the output one tensor at a time.
+
+Peak RSS is the conversion process's own: the random source is written by a separate child, and the conversion's
+getrusage comes from wait4 on its pid (Linux carries the forking parent's high-water mark into a vfork+exec child's
+ru_maxrss, so a parent that had just generated 15 GB of weights would inflate it). VmHWM polled from /proc is recorded
+as a cross-check.
 
   python benchmarks/bench_stream_7b.py --work /path/with/60GB --freqfold 4 --out benchmarks/results/stream_7b.json
 """
@@ -35,7 +40,15 @@ def write_random_checkpoint(path, seed=0):
     D, I, H, kv, d, V = 3584, 18944, 28, 4, 128, 152064
 
     def rnd(*shape, std=0.02):
-        return f32_to_bf16(rng.standard_normal(shape, dtype=np.float32) * std)
+        # random signs and log-uniform magnitudes in [2^-15, 4*std], drawn directly as bf16 bit patterns: a 7B
+        # checkpoint in minutes instead of a quarter of an hour through float32 normals
+        hi = int(f32_to_bf16(np.array([4 * std], np.float32))[0])
+        lo = 0x3800  # 2^-15
+        x = rng.integers(0, 2 * (hi - lo), size=shape, dtype=np.uint16)
+        sign = (x >= hi - lo).astype(np.uint16) << 15
+        x %= hi - lo
+        x += lo
+        return x | sign
 
     os.makedirs(path, exist_ok=True)
     w = ShardedWriter(path, dtype="bf16", max_shard_bytes=2 << 30)
@@ -69,6 +82,31 @@ def write_random_checkpoint(path, seed=0):
     write_json(os.path.join(path, "tokenizer_config.json"), {"eos_token": "<|endoftext|>"})
 
 
+def run_measured(cmd):
+    """(returncode, stderr, wall seconds, peak RSS GB from wait4, peak VmHWM GB polled from /proc) of a child."""
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    hwm, err = 0, []
+    import threading
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()))
+    reader.start()
+    while True:
+        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                for ln in f:
+                    if ln.startswith("VmHWM:"):
+                        hwm = max(hwm, int(ln.split()[1]))
+        except OSError:
+            pass
+        time.sleep(0.2)
+    reader.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, "".join(err), time.time() - t0, ru.ru_maxrss / 1024 ** 2, hwm / 1024 ** 2
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="output/bench_stream_7b")
@@ -77,27 +115,30 @@ def main():
     ap.add_argument("--calib-tokens", type=int, default=1024)
     ap.add_argument("--out", default="benchmarks/results/stream_7b.json")
     ap.add_argument("--keep", action="store_true", help="keep the random source and the converted output")
+    ap.add_argument("--write-source-only", metavar="DIR", help=argparse.SUPPRESS)  # the source-writing child
     args = ap.parse_args()
+    if args.write_source_only:
+        write_random_checkpoint(args.write_source_only)
+        return
     src, dst = os.path.join(args.work, "qwen2_5_7b_random"), os.path.join(args.work, "qwen2_5_7b_mla")
     t0 = time.time()
     if not os.path.isfile(os.path.join(src, "config.json")):
-        write_random_checkpoint(src)
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--write-source-only", src], check=True)
     t_write = time.time() - t0
     cmd = [sys.executable, os.path.join(ROOT, "tools/convert_gqa_to_mla.py"), "--hf-dir", src, "--output-dir", dst,
            "--kv-lora-rank", str(args.kv_lora_rank), "--qk-rope-dim", "64", "--freqfold", args.freqfold,
            "--calib-text", "wiki-calib", "--calib-tokens", str(args.calib_tokens), "--proxy-seqs", "1",
            "--out-dtype", "bf16", "--quiet"]
-    t1 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.time() - t1
-    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2
-    if r.returncode != 0:
-        print(r.stderr[-3000:])
+    rc, stderr, wall, peak_gb, hwm_gb = run_measured(cmd)
+    if rc != 0:
+        print(stderr[-3000:])
         sys.exit(1)
     rep = json.load(open(os.path.join(dst, "conversion_report.json")))
     res = {"shape": "Qwen2.5-7B (random bf16)", "kv_lora_rank": args.kv_lora_rank, "qk_rope_dim": 64,
            "freqfold": args.freqfold, "calib_tokens": args.calib_tokens, "write_source_seconds": round(t_write, 1),
            "convert_wall_seconds": round(wall, 1), "peak_rss_gb": round(peak_gb, 2),
+           "peak_vmhwm_polled_gb": round(hwm_gb, 2), "parent_rss_gb": round(
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 3),
            "cache_ratio": rep["cache_ratio"], "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores",
            "command": " ".join(cmd[1:])}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

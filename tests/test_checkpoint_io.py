@@ -79,6 +79,44 @@ def test_round_trip_hf_ms_hf_bit_exact(sharded_bf16, tmp_path):
         assert a.raw(n).tobytes() == b.raw(n).tobytes(), n
 
 
+def test_streaming_writer_shards_read_by_safetensors(sharded_bf16, tmp_path):
+    """ShardedWriter streams tensors to disk (stored bytes copied in chunks, or re-encoded block by block); the
+    shards it writes are read back by the `safetensors` library (the independent reader) bit for bit."""
+    from safetensors.numpy import load_file
+    from youzhi_ms.checkpoint.hf import ShardedWriter
+    d, ref, _ = sharded_bf16
+    ck = HFCheckpoint(d)
+    for dtype in ("bf16", "fp32"):
+        out = tmp_path / dtype
+        out.mkdir()
+        w = ShardedWriter(str(out), dtype=dtype, max_shard_bytes=6000)
+        w.CHUNK = 100  # many chunks per tensor
+        names = sorted(ck.names())
+        for n in names:
+            if dtype == "bf16":
+                w.add_file_range(n, ck.dtype(n), ck.shape(n), *ck.file_range(n))
+            else:
+                w.add_blocks(n, ck.shape(n), ck.row_blocks(n, block_bytes=64))
+        w.add("extra.weight", np.arange(6, dtype=np.float32).reshape(2, 3))
+        w.close()
+        index = json.load(open(out / "model.safetensors.index.json"))["weight_map"]
+        header_dtypes = set()
+        for f in set(index.values()):
+            shard = HFCheckpoint.from_file(str(out / f))
+            header_dtypes |= {shard.dtype(n) for n in shard.names() if n != "extra.weight"}
+        assert header_dtypes == {"BF16" if dtype == "bf16" else "F32"}
+        assert len(set(index.values())) > 2 and sorted(index) == sorted(names + ["extra.weight"])
+        got = {}
+        for f in set(index.values()):
+            got.update(load_file(str(out / f)))
+        assert not [p for p in os.listdir(out) if p.endswith((".part", ".body"))]
+        for n in names:
+            # the source values are bf16-exact, so both output dtypes must hold them exactly
+            np.testing.assert_array_equal(np.asarray(got[n], np.float32), ref[n])
+            assert got[n].shape == tuple(ck.shape(n))
+        np.testing.assert_array_equal(got["extra.weight"].astype(np.float32), np.arange(6).reshape(2, 3))
+
+
 def test_mindspore_loader_reads_our_ms_checkpoint(sharded_bf16, tmp_path):
     """The MindSpore-layout output is a checkpoint MindSpore itself loads into our model by parameter name."""
     d, _, _ = sharded_bf16

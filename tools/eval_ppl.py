@@ -20,7 +20,7 @@ def main(argv=None):
     ap.add_argument("--text", default="wiki-eval", help="wiki-eval | wiki-calib | a .txt or .jsonl file")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=None, help="truncate the token stream first")
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
     from youzhi_ms.runtime import init_context

@@ -135,6 +135,30 @@ class HFCheckpoint:
             raise YouzhiError(f"{path}: tensor {name} is truncated; the file is incomplete")
         return arr.reshape(meta["shape"])
 
+    def file_range(self, name: str) -> Tuple[str, int, int]:
+        """(path, byte offset, byte length) of a tensor's stored bytes, for chunked copies."""
+        if name not in self._entries:
+            raise YouzhiError(f"{self.dir}: tensor {name} is missing from the checkpoint")
+        path, meta, offset = self._entries[name]
+        start, end = meta["data_offsets"]
+        return path, offset + start, end - start
+
+    def row_blocks(self, name: str, block_bytes: int = 64 << 20):
+        """The tensor as float32 blocks of leading-axis rows, read block by block (never the whole tensor)."""
+        path, start, nbytes = self.file_range(name)
+        meta = self._entries[name][1]
+        dt = np.dtype(_ST_DTYPES[meta["dtype"]])
+        shape = tuple(meta["shape"]) or (1,)
+        row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        step = max(1, block_bytes // max(1, row * dt.itemsize))
+        for r0 in range(0, shape[0], step):
+            n = min(step, shape[0] - r0)
+            arr = np.fromfile(path, dtype=dt, count=n * row, offset=start + r0 * row * dt.itemsize)
+            if arr.size != n * row:
+                raise YouzhiError(f"{path}: tensor {name} is truncated; the file is incomplete")
+            arr = bf16_to_f32(arr) if meta["dtype"] == "BF16" else arr.astype(np.float32, copy=False)
+            yield arr.reshape((n,) + shape[1:])
+
     def take_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
         """float32 rows of a 2-D tensor through a memory map (an embedding lookup without reading the table)."""
         path, meta, offset = self._entries[name]
@@ -192,7 +216,7 @@ def save_safetensors(path: str, tensors: Iterable[Tuple[str, np.ndarray]], dtype
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
         for _, _, data in items:
-            f.write(data.tobytes())
+            f.write(memoryview(data).cast("B"))  # no second copy of the tensor
 
 
 def write_json(path: str, obj) -> None:
@@ -210,47 +234,91 @@ def copy_side_files(src_dir: str, dst_dir: str) -> None:
 
 
 class ShardedWriter:
-    """Write tensors into shards of at most `max_shard_bytes`, plus the index file. Tensors are encoded to the target
-    dtype as they arrive, so at most one shard's worth of encoded data is held in memory."""
+    """Write tensors into shards of at most `max_shard_bytes`, plus the index file.
+
+    Each tensor is encoded and appended to the current shard's body file as it arrives, and a shard's header is written
+    in front of its body when the shard is full, so memory holds one tensor at a time, never a shard's worth (a 7B
+    conversion's lm_head alone is 1 GB in bf16). `add_file_range` copies stored bytes in chunks without reading the
+    whole tensor."""
+
+    CHUNK = 64 << 20
 
     def __init__(self, out_dir: str, dtype: str = "fp32", max_shard_bytes: int = 2 << 30):
         self.out_dir, self.dtype, self.max = out_dir, dtype, max_shard_bytes
-        self._pending: list = []
-        self._pending_bytes = 0
         self._shards: list = []  # list of list of names
-        self._raw: Dict[str, str] = {}
+        self._header: dict = {}
+        self._body = None
+        self._body_bytes = 0
 
     @property
     def st_dtype(self) -> str:
         return {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[self.dtype]
 
+    def _start(self, name: str, st_dtype: str, shape, nbytes: int):
+        if self._body is not None and self._header and self._body_bytes + nbytes > self.max:
+            self._flush()
+        if self._body is None:
+            self._body = open(self._part(len(self._shards)) + ".body", "wb")
+        self._header[name] = {"dtype": st_dtype, "shape": [int(x) for x in shape],
+                              "data_offsets": [self._body_bytes, self._body_bytes + nbytes]}
+        self._body_bytes += nbytes
+        return self._body
+
     def add(self, name: str, arr: np.ndarray, raw_dtype: Optional[str] = None) -> None:
         """`raw_dtype` marks `arr` as already encoded in that safetensors dtype (e.g. bf16 bits as uint16)."""
         if raw_dtype is None:
             raw_dtype, arr = _encode(np.ascontiguousarray(arr), self.dtype)
-        self._raw[name] = raw_dtype
-        if self._pending and self._pending_bytes + arr.nbytes > self.max:
-            self._flush()
-        self._pending.append((name, arr))
-        self._pending_bytes += arr.nbytes
+        arr = np.ascontiguousarray(arr)
+        self._start(name, raw_dtype, arr.shape, arr.nbytes).write(memoryview(arr).cast("B"))
+
+    def add_file_range(self, name: str, st_dtype: str, shape, path: str, offset: int, nbytes: int) -> None:
+        """A tensor whose encoded bytes are `nbytes` at `offset` of `path`, copied in chunks."""
+        f = self._start(name, st_dtype, shape, nbytes)
+        with open(path, "rb") as src:
+            src.seek(offset)
+            left = nbytes
+            while left:
+                buf = src.read(min(self.CHUNK, left))
+                if not buf:
+                    raise YouzhiError(f"{path}: tensor {name} is truncated; the file is incomplete")
+                f.write(buf)
+                left -= len(buf)
+
+    def add_blocks(self, name: str, shape, blocks) -> None:
+        """A tensor given as float32 blocks of leading-axis rows (HFCheckpoint.row_blocks), encoded block by block."""
+        itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[self.dtype]
+        f = self._start(name, self.st_dtype, shape, int(np.prod(shape)) * itemsize if len(shape) else itemsize)
+        for b in blocks:
+            f.write(memoryview(np.ascontiguousarray(_encode(b, self.dtype)[1])).cast("B"))
+
+    def _part(self, idx: int) -> str:
+        return os.path.join(self.out_dir, f"model-{idx:05d}.safetensors.part")
 
     def _flush(self) -> None:
         idx = len(self._shards)
-        fname = f"model-{idx:05d}.safetensors.part"
-        save_safetensors(os.path.join(self.out_dir, fname), self._pending, self.dtype, self._raw)
-        self._shards.append([n for n, _ in self._pending])
-        self._pending, self._pending_bytes = [], 0
+        if self._body is None:
+            self._body = open(self._part(idx) + ".body", "wb")
+        self._body.close()
+        hb = json.dumps(self._header, separators=(",", ":")).encode()
+        hb += b" " * ((8 - len(hb) % 8) % 8)
+        with open(self._part(idx), "wb") as f, open(self._part(idx) + ".body", "rb") as body:
+            f.write(struct.pack("<Q", len(hb)))
+            f.write(hb)
+            shutil.copyfileobj(body, f, self.CHUNK)
+        os.remove(self._part(idx) + ".body")
+        self._shards.append(list(self._header))
+        self._header, self._body, self._body_bytes = {}, None, 0
 
     def close(self) -> None:
-        if self._pending or not self._shards:
+        if self._header or not self._shards:
             self._flush()
         n = len(self._shards)
         if n == 1:
-            os.rename(os.path.join(self.out_dir, "model-00000.safetensors.part"), os.path.join(self.out_dir, SINGLE_FILE))
+            os.rename(self._part(0), os.path.join(self.out_dir, SINGLE_FILE))
             return
         weight_map = {}
         for i, names in enumerate(self._shards):
             final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.rename(os.path.join(self.out_dir, f"model-{i:05d}.safetensors.part"), os.path.join(self.out_dir, final))
+            os.rename(self._part(i), os.path.join(self.out_dir, final))
             weight_map.update({name: final for name in names})
         write_json(os.path.join(self.out_dir, INDEX_FILE), {"metadata": {}, "weight_map": weight_map})

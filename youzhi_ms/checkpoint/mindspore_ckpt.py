@@ -46,9 +46,9 @@ def convert_dir(input_dir: str, output_dir: str, dtype: str = "keep", reverse: b
         for name in tqdm(names, desc="convert", unit="tensor", disable=not progress):
             new = mapper(name, kind)
             if dtype == "keep":
-                writer.add(new, ckpt.raw(name), raw_dtype=ckpt.dtype(name))
+                writer.add_file_range(new, ckpt.dtype(name), ckpt.shape(name), *ckpt.file_range(name))
             else:
-                writer.add(new, ckpt.get(name))
+                writer.add_blocks(new, ckpt.shape(name), ckpt.row_blocks(name))
         writer.close()
         config = dict(ckpt.config)
         if dtype != "keep":

@@ -338,11 +338,12 @@ def _write_tensors(writer, ck: HFCheckpoint, cfg: SourceConfig, work: str, progr
 
 
 def _copy(writer, ck: HFCheckpoint, name: str) -> None:
-    """An unchanged tensor: its stored bits when the dtype already matches, else re-encoded."""
+    """An unchanged tensor: its stored bits when the dtype already matches, else re-encoded; in chunks either way, so
+    a 1 GB embedding never sits in memory whole."""
     if ck.dtype(name) == writer.st_dtype:
-        writer.add(name, ck.raw(name), raw_dtype=ck.dtype(name))
+        writer.add_file_range(name, ck.dtype(name), ck.shape(name), *ck.file_range(name))
     else:
-        writer.add(name, ck.get(name))
+        writer.add_blocks(name, ck.shape(name), ck.row_blocks(name))
 
 
 def _auto(src_dir: str, out_dir: str, opt: ConvertOptions, cfg: SourceConfig) -> dict:
