@@ -89,15 +89,15 @@ def main():
     for r in [int(x) for x in args.ranks.split(",")]:
         for v in args.variants.split(","):
             mode, export, stage = parse_variant(v)
-            name = f"r{r}/{v}"
+            name = f"r{r}/{v} [{args.pca_metric}]" + (" [qk-rorope]" if args.rorope_metric == "qk" else "")
             if name in results["runs"]:
                 print(f"{name}: ppl {results['runs'][name]['ppl']:.3f} (cached)", flush=True)
                 continue
-            out = os.path.join(args.work, name.replace("/", "_").replace("=", "").replace("@", "_").replace(":", "_"))
+            out = os.path.join(args.work, "".join(ch if ch.isalnum() else "_" for ch in name))
             t0 = time.time()
             full = 2 * 3 * 64 - args.qk_rope_dim
             if stage == "partial":
-                plan_src = results["runs"].get(f"r{r}/{v.split(':')[0]}", {}).get("plan")
+                plan_src = results["runs"].get(name.replace(v, v.split(":")[0]), {}).get("plan")
                 opt = ConvertOptions(kv_lora_rank=full, qk_rope_dim=args.qk_rope_dim, freqfold=mode,
                                      calib_tokens=args.calib_tokens, skip_pca=True, plan=plan_src, progress=False,
                                      rorope_metric=args.rorope_metric)

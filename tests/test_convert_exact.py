@@ -228,6 +228,9 @@ def test_deepseek_export_loads_in_transformers(llama_exact, tmp_path):
     names = set(HFCheckpoint(str(tmp_path / "ds")).names())
     assert "model.layers.0.self_attn.kv_a_layernorm.weight" in names
     assert not any(n.endswith(".bias") for n in names)
+    # the latent scale lives in kv_b_proj, the norm weight starts at 1 (optimizer-friendly split, see refit_kv_b)
+    ck = HFCheckpoint(str(tmp_path / "ds"))
+    assert all(np.all(ck.get(f"model.layers.{i}.self_attn.kv_a_layernorm.weight") == 1.0) for i in range(2))
     ids = calib(6, 2, 40)
     ours = load_model(str(tmp_path / "ds"))[0](ms.Tensor(ids, ms.int32)).asnumpy()
     assert rel_err(ours, ref_logits(ref_model, ids)) <= 1e-4

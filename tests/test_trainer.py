@@ -19,6 +19,7 @@ from youzhi_ms.runtime import init_context
 
 init_context("graph")
 
+from youzhi_ms.errors import YouzhiError  # noqa: E402
 from youzhi_ms.checkpoint.hf import HFCheckpoint, save_safetensors, write_json  # noqa: E402
 from youzhi_ms.checkpoint.mindspore_ckpt import load_model  # noqa: E402
 from youzhi_ms.train.run_config import load_run_config  # noqa: E402
@@ -122,6 +123,16 @@ def test_gkd_lowers_loss_attention_only_keeps_the_rest(models, tmp_path):
     assert "model.layers.0.self_attn.kv_b_proj.weight" in changed
     model, cfg_out = load_model(out)
     assert cfg_out.kv_lora_rank == 16
+    # tools/eval_ppl.py --train-checkpoint: the step-8 checkpoint in the student's architecture = the exported model
+    from youzhi_ms.eval.ppl import evaluate_dir
+    corpus = models[2]
+    exported = evaluate_dir(out, corpus, seq_len=32, max_tokens=128, progress=False)
+    ckpt = evaluate_dir(student_dir, corpus, seq_len=32, max_tokens=128, progress=False,
+                        train_checkpoint=str(tmp_path / "run" / "checkpoint" / "step_00000008"))
+    untrained = evaluate_dir(student_dir, corpus, seq_len=32, max_tokens=128, progress=False)
+    assert abs(ckpt["ppl"] - exported["ppl"]) <= 1e-5 * exported["ppl"] and ckpt["ppl"] != untrained["ppl"]
+    with pytest.raises(YouzhiError, match="has no student.safetensors"):
+        evaluate_dir(student_dir, corpus, seq_len=32, max_tokens=128, train_checkpoint=str(tmp_path / "run"))
 
 
 def test_resume_reproduces_the_uninterrupted_run(models, tmp_path):

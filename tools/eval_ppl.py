@@ -4,6 +4,7 @@ in youzhi_ms/eval/ppl.py (documents joined by the end-of-text token, non-overlap
 unscored).
 
   python tools/eval_ppl.py --model DIR --text wiki-eval [--seq-len 512] [--max-tokens N] [--json OUT]
+  python tools/eval_ppl.py --model STUDENT_DIR --train-checkpoint RUN/checkpoint/step_00000100
 """
 import argparse
 import json
@@ -21,12 +22,16 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=None, help="truncate the token stream first")
     ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--train-checkpoint", default=None, metavar="STEP_DIR",
+                    help="evaluate the student weights of a training checkpoint (OUTPUT/checkpoint/step_N) in --model's "
+                         "architecture (the student directory the training started from)")
     ap.add_argument("--json", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
     from youzhi_ms.runtime import init_context
     init_context("graph")
     from youzhi_ms.eval.ppl import evaluate_dir
-    res = evaluate_dir(args.model, args.text, args.seq_len, args.max_tokens, args.batch_size)
+    res = evaluate_dir(args.model, args.text, args.seq_len, args.max_tokens, args.batch_size,
+                       train_checkpoint=args.train_checkpoint)
     print(f"ppl {res['ppl']:.4f} on {res['tokens']} tokens ({res['windows']} windows of {res['seq_len']}) "
           f"text={args.text} model={args.model} [{res['seconds']} s]")
     if args.json:
