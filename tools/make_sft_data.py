@@ -1,0 +1,30 @@
+#!/usr/bin/env python
+"""Write a small chat jsonl for SFT from the Wikipedia sample (no outside data): each example asks the assistant to
+continue a passage (user: first sentences of a paragraph, assistant: the next ones).
+
+  python tools/make_sft_data.py --out output/sft_wiki_chat.jsonl [--source wiki-calib] [--n 2000] [--seed 0]
+
+The default output path is the one yaml_configs/sft_smollm2_mla.yaml reads.
+"""
+import argparse
+
+import _bootstrap  # noqa: F401
+
+from youzhi_ms.errors import cli_main
+
+
+@cli_main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="output/sft_wiki_chat.jsonl")
+    ap.add_argument("--source", default="wiki-calib", help="wiki-calib | wiki-eval | a .txt or .jsonl file")
+    ap.add_argument("--n", type=int, default=2000, help="number of conversations (fewer if the text runs out)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from youzhi_ms.data.sft_data import write_chat_jsonl
+    n = write_chat_jsonl(args.out, args.source, args.n, args.seed)
+    print(f"wrote {n} conversations to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
