@@ -138,7 +138,7 @@ def test_overrides_parse_as_yaml_scalars():
     (["distill.beta=2"], "distill.beta must be <= 1.0"),
     (["lr_schedule.learning_rate=fast"], "lr_schedule.learning_rate must be a number"),
     (["run_mode=pretrain"], "run_mode must be one of"),
-    (["distill.max_new_tokens=256"], "must be smaller than runner_config.seq_length"),
+    (["distill.lmbda=0.5", "distill.max_new_tokens=256"], "must be smaller than runner_config.seq_length"),
     (["callbacks.LossMonitor.every=3"], "unknown config key 'callbacks.LossMonitor.every'"),
 ])
 def test_bad_overrides_one_clear_error(overrides, expect):
