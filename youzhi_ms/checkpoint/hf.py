@@ -193,6 +193,14 @@ def _encode(arr: np.ndarray, dtype: str) -> Tuple[str, np.ndarray]:
     raise YouzhiError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
 
 
+def _write_header(f, header: dict) -> None:
+    """The safetensors preamble: little-endian u64 length, then the JSON header space-padded to 8 bytes."""
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * ((8 - len(hb) % 8) % 8)
+    f.write(struct.pack("<Q", len(hb)))
+    f.write(hb)
+
+
 def save_safetensors(path: str, tensors: Iterable[Tuple[str, np.ndarray]], dtype: str = "fp32",
                      raw_dtypes: Optional[Mapping[str, str]] = None, metadata: Optional[dict] = None) -> None:
     """Write (name, array) pairs as one safetensors file. Arrays are encoded as `dtype`; with `raw_dtypes`, a name's
@@ -210,11 +218,8 @@ def save_safetensors(path: str, tensors: Iterable[Tuple[str, np.ndarray]], dtype
         offset += data.nbytes
     if metadata:
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * ((8 - len(hb) % 8) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
+        _write_header(f, header)
         for _, _, data in items:
             f.write(memoryview(data).cast("B"))  # no second copy of the tensor
 
@@ -299,11 +304,8 @@ class ShardedWriter:
         if self._body is None:
             self._body = open(self._part(idx) + ".body", "wb")
         self._body.close()
-        hb = json.dumps(self._header, separators=(",", ":")).encode()
-        hb += b" " * ((8 - len(hb) % 8) % 8)
         with open(self._part(idx), "wb") as f, open(self._part(idx) + ".body", "rb") as body:
-            f.write(struct.pack("<Q", len(hb)))
-            f.write(hb)
+            _write_header(f, self._header)
             shutil.copyfileobj(body, f, self.CHUNK)
         os.remove(self._part(idx) + ".body")
         self._shards.append(list(self._header))
