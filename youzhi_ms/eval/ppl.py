@@ -88,22 +88,15 @@ def evaluate_dir(model_dir: str, text: str = "wiki-eval", seq_len: int = 512, ma
     from youzhi_ms.data.tokenizer import Tokenizer
     model, cfg = load_model(model_dir, table_len=seq_len)
     if train_checkpoint:
-        import mindspore as ms
         import os
         from youzhi_ms.checkpoint.hf import HFCheckpoint
+        from youzhi_ms.checkpoint.mindspore_ckpt import load_weights, model_kind
         from youzhi_ms.train.trainer import STUDENT_FILE
         path = os.path.join(train_checkpoint, STUDENT_FILE)
         if not os.path.isfile(path):
             raise YouzhiError(f"{train_checkpoint} has no {STUDENT_FILE}; pass a step_* directory under the training "
                               "run's checkpoint/ directory")
-        weights = HFCheckpoint.from_file(path)
-        for p in model.get_parameters():
-            if p.name not in weights:
-                raise YouzhiError(f"{path} has no tensor {p.name}: it was trained from another model than {model_dir}")
-            p.set_data(ms.Tensor(weights.get(p.name, expect_shape=tuple(p.shape)), p.dtype))
-    if seq_len > cfg.max_position_embeddings:
-        raise YouzhiError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
-                          f"{cfg.max_position_embeddings}")
+        load_weights(model, HFCheckpoint.from_file(path), model_kind(cfg))  # MindFormers names, shape-checked
     tok = Tokenizer.from_dir(model_dir)
     stream = token_stream(text, tok, max_tokens)
     res = perplexity(model, stream, seq_len, batch_size, progress)
