@@ -21,11 +21,6 @@ theoretical: MindSpore 2.10 on CPU keeps every per-layer intermediate of the ste
 outputs, transposed keys, for MLA the latent broadcast over the heads) alive, so a step's peak RSS grew by about 11x
 (GQA) and 17x (MLA) the cache bytes in fresh processes (SmolLM2 shapes, T=512, B=1..16); the defaults
 --mem-coef gqa=12,mla=18 plus 0.8 GB per model encode that.
-
-`--opt BxT,...` additionally times an experimental variant of the same step ("opt") at those configurations: caches
-split once with ops.unstack instead of indexed per layer (`cache[i]` costs ~47 ms per 6 MB slice on this CPU), and
-for MLA the absorbed weights applied heads-first and the heads folded into the rows of one matmul against the shared
-latent (no broadcast of the cache over heads nor of W_UK/W_UV over the batch). It returns the same logits.
 """
 import argparse
 import json
@@ -86,66 +81,6 @@ def machine_info():
             "python": platform.python_version(), "mindspore": ms.__version__}
 
 
-def make_opt_cell(model, mla: bool):
-    """Experiment: the same step as DecodeCell(model) with the stacked caches split once by ops.unstack, and for MLA
-    the folded, heads-first absorbed attention below (same logits up to float rounding)."""
-    import mindspore as ms
-    from mindspore import nn, ops
-    from youzhi_ms.models.gqa import position_mask, write_cache
-
-    def attend_folded(attn, q_nope, q_pe, c_kv, k_pe, mask):
-        """Absorbed attention with the weights applied heads-first ([H, B*S, .] @ [H, ., .], no per-batch broadcast
-        of W_UK / W_UV) and the heads folded into the rows of one matmul against the shared latent [B, 1, T, r]
-        (no per-head broadcast of the cache)."""
-        b, h, s, _ = q_nope.shape
-        w_uk, w_uv_t = attn.absorbed_weights()
-        q_lat = ops.matmul(q_nope.transpose(1, 0, 2, 3).reshape(h, b * s, attn.nope), w_uk)  # [H, B*S, r]
-        q_lat = q_lat.reshape(h, b, s, attn.rank).transpose(1, 0, 2, 3).reshape(b, 1, h * s, attn.rank)
-        c = c_kv.expand_dims(1)
-        scores = ops.matmul(q_lat, c.swapaxes(-1, -2)) + \
-            ops.matmul(q_pe.reshape(b, 1, h * s, attn.rope), k_pe.expand_dims(1).swapaxes(-1, -2))
-        probs = ops.softmax(scores.reshape(b, h, s, -1).astype(ms.float32) * attn.scale + mask, -1)
-        o_lat = ops.matmul(probs.reshape(b, 1, h * s, -1), c).reshape(b, h, s, attn.rank)
-        out = ops.matmul(o_lat.transpose(1, 0, 2, 3).reshape(h, b * s, attn.rank), w_uv_t)  # [H, B*S, v]
-        out = out.reshape(h, b, s, attn.vdim).transpose(1, 2, 0, 3).reshape(b, s, h * attn.vdim)
-        return attn.linear_proj(out)
-
-    class OptDecode(nn.Cell):
-        def __init__(self, m, is_mla):
-            super().__init__(auto_prefix=False)
-            self.model, self.is_mla = m, is_mla
-
-        def construct(self, input_ids, pos, cache_a, cache_b):
-            m = self.model
-            t = cache_a.shape[2] if self.is_mla else cache_a.shape[3]
-            cos, sin = m.rotary(pos.reshape(-1, 1))
-            mask = position_mask(pos.reshape(-1, 1), t)
-            h = m.embedding(input_ids)
-            la, lb = ops.unstack(cache_a, 0), ops.unstack(cache_b, 0)
-            new_a, new_b = (), ()
-            i = 0
-            for layer in m.decoder.layers:
-                attn = layer.self_attention
-                x = layer.input_layernorm(h)
-                if self.is_mla:
-                    q_nope, q_pe, c_kv, k_pe = attn.project(x, cos, sin)
-                    a = write_cache(la[i], c_kv, pos, t)
-                    b = write_cache(lb[i], k_pe, pos, t)
-                    h = h + attend_folded(attn, q_nope, q_pe, a, b, mask)
-                else:
-                    q, k, v = attn.project(x, cos, sin)
-                    a = write_cache(la[i], k, pos, t)
-                    b = write_cache(lb[i], v, pos, t)
-                    h = h + attn.attend(q, a, b, mask)
-                h = h + layer.mlp(layer.pre_mlp_layernorm(h))
-                new_a += (a,)
-                new_b += (b,)
-                i += 1
-            return m.head(h), ops.stack(new_a), ops.stack(new_b)
-
-    return OptDecode(model, mla)
-
-
 class Stepper:
     """One model's decode step over its own zero-filled cache treated as full (positions ctx - few ... ctx - 1)."""
 
@@ -196,22 +131,21 @@ def worker(args):
     from youzhi_ms.checkpoint.mindspore_ckpt import build_model
     from youzhi_ms.models.gqa import DecodeCell
     ctx, batch = args.worker_ctx, args.worker_batch
-    runs = [r.split(":") for r in args.worker_runs.split(",")]  # name:variant
+    runs = args.worker_runs.split(",")
     gqa_cfg, mla_cfg = configs(ctx, args.kv_lora_rank, args.qk_rope_dim)
     cfgs = {"gqa": gqa_cfg, "mla": mla_cfg}
     n_calls = 1 + args.warmup + max(3, args.steps)
     steppers = []
-    for name, variant in runs:
+    for name in runs:
         m = build_model(cfgs[name])
         m.set_train(False)
-        cell = make_opt_cell(m, name == "mla") if variant == "opt" else DecodeCell(m)
-        steppers.append(Stepper(cell, cfgs[name], batch, ctx, n_calls))
+        steppers.append(Stepper(DecodeCell(m), cfgs[name], batch, ctx, n_calls))
     firsts = run_group(steppers, args.warmup, max(3, args.steps), args.budget)
     recs = []
-    for (name, variant), st, first in zip(runs, steppers, firsts):
+    for name, st, first in zip(runs, steppers, firsts):
         cache = per_token_values(cfgs[name]) * 4 * batch * ctx
         med = statistics.median(st.times)
-        recs.append({"model": name, "variant": variant, "context": ctx, "batch": batch, "cache_bytes_fp32": cache,
+        recs.append({"model": name, "context": ctx, "batch": batch, "cache_bytes_fp32": cache,
                      "cache_bytes_bf16": cache // 2, "step_s_median": med, "step_s": st.times,
                      "tokens_per_s": batch / med, "compile_and_first_s": first, "together": len(runs) > 1})
     print("RESULT " + json.dumps({"records": recs, "peak_rss_bytes": peak_rss()}), flush=True)
@@ -221,7 +155,7 @@ def spawn(args, ctx, batch, runs, min_free):
     """Run one group in a child process; kill it if the machine's available memory drops below min_free."""
     import subprocess
     cmd = [sys.executable, os.path.abspath(__file__), "--worker-ctx", str(ctx), "--worker-batch", str(batch),
-           "--worker-runs", ",".join(f"{n}:{v}" for n, v in runs), "--warmup", str(args.warmup), "--steps",
+           "--worker-runs", ",".join(runs), "--warmup", str(args.warmup), "--steps",
            str(args.steps), "--budget", str(args.budget), "--kv-lora-rank", str(args.kv_lora_rank),
            "--qk-rope-dim", str(args.qk_rope_dim)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -258,8 +192,6 @@ def main():
     ap.add_argument("--mem-coef", default="gqa=12,mla=18", help="estimated peak = 0.8 GB per model + coef x cache")
     ap.add_argument("--min-free-gb", type=float, default=1.5, help="kill a configuration when the machine's "
                                                                     "available memory falls below this")
-    ap.add_argument("--opt", default="16x512,1x8192", help="BxT configurations also timed with the experimental "
-                                                           "'opt' variant ('' for none)")
     ap.add_argument("--pairs", default=None, help="BxT,... to run instead of the contexts x batches grid")
     ap.add_argument("--merge", action="store_true", help="update --out: replace the entries of the configurations "
                                                          "run now, keep the others (a second pass for skipped ones)")
@@ -280,7 +212,6 @@ def main():
         return None
     contexts = [int(x) for x in args.contexts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
-    opt = {tuple(int(v) for v in s.split("x")) for s in args.opt.split(",") if s}
     coef = {k: float(v) for k, v in (kv.split("=") for kv in args.mem_coef.split(","))}
     gqa_cfg, mla_cfg = configs(max(contexts), args.kv_lora_rank, args.qk_rope_dim)
     per_tok = {"gqa": per_token_values(gqa_cfg) * 4, "mla": per_token_values(mla_cfg) * 4}
@@ -293,40 +224,37 @@ def main():
     if args.pairs:
         grid = sorted((int(t), int(b)) for b, t in (p.split("x") for p in args.pairs.split(",")))
     for ctx, batch in grid:
-        groups = [[("gqa", "as-is"), ("mla", "as-is")]]
-        if (batch, ctx) in opt:
-            groups.append([("gqa", "opt"), ("mla", "opt")])
-        for group in groups:
-            attempted.add((ctx, batch, group[0][1]))
-            limit = args.mem_fraction * mem_available()  # checked now: other jobs come and go
+        group = ["gqa", "mla"]
+        attempted.add((ctx, batch))
+        limit = args.mem_fraction * mem_available()  # checked now: other jobs come and go
 
-            def est(runs):
-                return sum(0.8 * 2**30 + coef[n] * per_tok[n] * batch * ctx for n, _ in runs)
+        def est(runs):
+            return sum(0.8 * 2**30 + coef[n] * per_tok[n] * batch * ctx for n in runs)
 
-            plans = [group] if est(group) <= limit else [[r] for r in group]  # together, else one by one
-            for runs in plans:
-                label = ",".join(n + ("+opt" if v == "opt" else "") for n, v in runs)
-                if est(runs) > limit:
-                    skipped.append({"runs": label, "context": ctx, "batch": batch,
-                                    "cache_bytes": per_tok[runs[0][0]] * batch * ctx,
-                                    "estimated_peak_bytes": est(runs), "limit_bytes": int(limit)})
-                    print(f"{label:<9} {ctx:>5} {batch:>3} {per_tok[runs[0][0]] * batch * ctx / 2**20:>9.1f}  "
-                          f"skipped: estimated peak {est(runs) / 2**30:.1f} GB > {limit / 2**30:.1f} GB "
-                          f"({args.mem_fraction:.0%} of the memory available now)", flush=True)
-                    continue
-                res, why = spawn(args, ctx, batch, runs, args.min_free_gb * 2**30)
-                if res is None:
-                    skipped.append({"runs": label, "context": ctx, "batch": batch, "reason": why})
-                    print(f"{label:<9} {ctx:>5} {batch:>3}  {why}", flush=True)
-                    continue
-                for rec in res["records"]:
-                    rec["group_peak_rss_bytes"] = res["peak_rss_bytes"]
-                    results.append(rec)
-                    name = rec["model"] + ("+opt" if rec["variant"] == "opt" else "")
-                    print(f"{name:<9} {ctx:>5} {batch:>3} {rec['cache_bytes_fp32'] / 2**20:>9.1f} "
-                          f"{rec['step_s_median'] * 1e3:>9.1f} {rec['tokens_per_s']:>8.2f} "
-                          f"{rec['compile_and_first_s']:>9.1f} {res['peak_rss_bytes'] / 2**30:>11.2f}"
-                          + ("" if rec["together"] else "  (run alone)"), flush=True)
+        plans = [group] if est(group) <= limit else [[r] for r in group]  # together, else one by one
+        for runs in plans:
+            label = ",".join(runs)
+            if est(runs) > limit:
+                skipped.append({"runs": label, "context": ctx, "batch": batch,
+                                "cache_bytes": per_tok[runs[0]] * batch * ctx,
+                                "estimated_peak_bytes": est(runs), "limit_bytes": int(limit)})
+                print(f"{label:<9} {ctx:>5} {batch:>3} {per_tok[runs[0]] * batch * ctx / 2**20:>9.1f}  "
+                      f"skipped: estimated peak {est(runs) / 2**30:.1f} GB > {limit / 2**30:.1f} GB "
+                      f"({args.mem_fraction:.0%} of the memory available now)", flush=True)
+                continue
+            res, why = spawn(args, ctx, batch, runs, args.min_free_gb * 2**30)
+            if res is None:
+                skipped.append({"runs": label, "context": ctx, "batch": batch, "reason": why})
+                print(f"{label:<9} {ctx:>5} {batch:>3}  {why}", flush=True)
+                continue
+            for rec in res["records"]:
+                rec["group_peak_rss_bytes"] = res["peak_rss_bytes"]
+                results.append(rec)
+                name = rec["model"]
+                print(f"{name:<9} {ctx:>5} {batch:>3} {rec['cache_bytes_fp32'] / 2**20:>9.1f} "
+                      f"{rec['step_s_median'] * 1e3:>9.1f} {rec['tokens_per_s']:>8.2f} "
+                      f"{rec['compile_and_first_s']:>9.1f} {res['peak_rss_bytes'] / 2**30:>11.2f}"
+                      + ("" if rec["together"] else "  (run alone)"), flush=True)
     load_after = os.getloadavg()
     out = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_info(),
@@ -337,19 +265,15 @@ def main():
         "cache_bytes_per_token_fp32": per_tok,
         "cache_ratio": per_tok["gqa"] / per_tok["mla"],
         "protocol": {"warmup": args.warmup, "steps": args.steps, "budget_s": args.budget,
-                     "mem_fraction": args.mem_fraction, "mem_coef": coef, "opt": sorted(opt)},
+                     "mem_fraction": args.mem_fraction, "mem_coef": coef},
         "results": results, "skipped": skipped,
     }
     if args.merge and os.path.isfile(args.out):
         with open(args.out) as f:
             old = json.load(f)
-        def variant(r):
-            return r.get("variant") or ("opt" if "+opt" in r["runs"] else "as-is")
-
-        out["results"] = [r for r in old["results"] if (r["context"], r["batch"], variant(r)) not in attempted]
-        out["results"] = sorted(out["results"] + results,
-                                key=lambda r: (r["context"], r["batch"], r["variant"], r["model"]))
-        out["skipped"] = [r for r in old["skipped"] if (r["context"], r["batch"], variant(r)) not in attempted]
+        out["results"] = [r for r in old["results"] if (r["context"], r["batch"]) not in attempted]
+        out["results"] = sorted(out["results"] + results, key=lambda r: (r["context"], r["batch"], r["model"]))
+        out["skipped"] = [r for r in old["skipped"] if (r["context"], r["batch"]) not in attempted]
         out["skipped"] += skipped
         out["passes"] = old.get("passes", [{k: old[k] for k in ("date", "command", "loadavg_before",
                                                                   "loadavg_after", "seconds")}])
@@ -363,8 +287,8 @@ def main():
     print(f"wrote {args.out}" + (f" and {args.png}" if args.png else ""))
 
 
-def _pairs(out, variant="as-is"):
-    by = {(r["model"], r["context"], r["batch"]): r for r in out["results"] if r["variant"] == variant}
+def _pairs(out):
+    by = {(r["model"], r["context"], r["batch"]): r for r in out["results"]}
     keys = sorted({(c, b) for (_, c, b) in by})
     return by, keys
 
@@ -383,14 +307,6 @@ def print_summary(out):
         gc_ = out["cache_bytes_per_token_fp32"]["gqa"] * b * c / 2**20
         mc = out["cache_bytes_per_token_fp32"]["mla"] * b * c / 2**20
         print(f"{c:>5} {b:>3} | {gt} {mt} {su} | {gc_:>12.1f} {mc:>12.1f}")
-    by_opt, keys_opt = _pairs(out, "opt")
-    if keys_opt:
-        print("experimental 'opt' step (unstacked caches; MLA: folded heads-first absorbed attention):")
-        for c, b in keys_opt:
-            g, m = by_opt.get(("gqa", c, b)), by_opt.get(("mla", c, b))
-            if g and m:
-                print(f"{c:>5} {b:>3} | {g['tokens_per_s']:>9.2f} {m['tokens_per_s']:>9.2f} "
-                      f"{m['tokens_per_s'] / g['tokens_per_s']:>7.2f}x |")
 
 
 def plot(out, path):
@@ -398,7 +314,6 @@ def plot(out, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     by, keys = _pairs(out)
-    by_opt, _ = _pairs(out, "opt")
     batches = sorted({b for _, b in keys})
     contexts = sorted({c for c, _ in keys})
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -408,19 +323,10 @@ def plot(out, path):
             pts = [(c, by[(name, c, b)]["tokens_per_s"]) for c in contexts if (name, c, b) in by]
             if pts:
                 ax1.plot(*zip(*pts), style, color=colors[i % len(colors)], label=f"{name.upper()} B={b}")
-        for name, marker in (("gqa", "o"), ("mla", "s")):
-            pts = [(c, by_opt[(name, c, b)]["tokens_per_s"]) for c in contexts if (name, c, b) in by_opt]
-            if pts:
-                ax1.plot(*zip(*pts), marker, mfc="none", ms=9, color=colors[i % len(colors)],
-                         label=f"{name.upper()} B={b} opt")
         pts = [(c, by[("mla", c, b)]["tokens_per_s"] / by[("gqa", c, b)]["tokens_per_s"]) for c in contexts
                if ("mla", c, b) in by and ("gqa", c, b) in by]
         if pts:
             ax2.plot(*zip(*pts), "-o", color=colors[i % len(colors)], label=f"B={b}")
-        pts = [(c, by_opt[("mla", c, b)]["tokens_per_s"] / by_opt[("gqa", c, b)]["tokens_per_s"]) for c in contexts
-               if ("mla", c, b) in by_opt and ("gqa", c, b) in by_opt]
-        if pts:
-            ax2.plot(*zip(*pts), "o", mfc="none", ms=9, color=colors[i % len(colors)], label=f"B={b} opt")
     ax2.axhline(out["cache_ratio"], color="gray", ls=":", label=f"cache ratio {out['cache_ratio']:.2f}")
     ax2.axhline(1.0, color="black", lw=0.6)
     for ax in (ax1, ax2):
@@ -431,7 +337,7 @@ def plot(out, path):
         ax.grid(alpha=0.3)
     ax1.set_yscale("log")
     ax1.set_ylabel("decode tokens/s")
-    ax1.set_title("GQA (solid) vs absorbed MLA (dashed); hollow: 'opt' step")
+    ax1.set_title("GQA (solid) vs absorbed MLA (dashed)")
     ax1.legend(fontsize=7, ncol=2)
     ax2.set_ylabel("MLA / GQA tokens/s")
     ax2.set_title("speed-up vs KV-cache ratio")
