@@ -75,6 +75,20 @@ def char_tokenizer(path, texts):
     return tk
 
 
+def random_model(cls, cfg, seed, model_dir, texts):
+    """A transformers model with random weights (norms near 1) saved to model_dir with a character tokenizer, and the
+    same directory loaded by youzhi_ms."""
+    torch.manual_seed(seed)
+    ref = cls(cfg)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            p.copy_(torch.rand_like(p) + 0.5 if "norm" in n else torch.randn_like(p) * 0.15)
+    ref.eval().save_pretrained(model_dir)
+    tk = char_tokenizer(str(model_dir), texts)
+    model, _ = load_model(str(model_dir))
+    return {"model_dir": str(model_dir), "ref": ref, "tk": tk, "model": model, "tok": Tokenizer.from_dir(str(model_dir))}
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     base = tmp_path_factory.mktemp("mcq")
@@ -95,16 +109,7 @@ def env(tmp_path_factory):
     model_dir = base / "llama"
     cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    ref = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            p.copy_(torch.rand_like(p) + 0.5 if "norm" in n else torch.randn_like(p) * 0.15)
-    ref.eval().save_pretrained(model_dir)
-    tk = char_tokenizer(str(model_dir), texts)
-    model, _ = load_model(str(model_dir))
-    return {"data": data, "model_dir": str(model_dir), "ref": ref, "tk": tk, "model": model,
-            "tok": Tokenizer.from_dir(str(model_dir)), "texts": texts, "base": base}
+    return dict(random_model(LlamaForCausalLM, cfg, 0, model_dir, texts), data=data, texts=texts, base=base)
 
 
 @pytest.fixture(scope="module")
@@ -115,15 +120,7 @@ def mla_env(env):
                            num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=24, q_lora_rank=None,
                            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=None,
                            first_k_dense_replace=2, max_position_embeddings=1024, rope_interleave=True)
-    torch.manual_seed(1)
-    ref = DeepseekV3ForCausalLM(cfg)
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            p.copy_(torch.rand_like(p) + 0.5 if "norm" in n else torch.randn_like(p) * 0.15)
-    ref.eval().save_pretrained(model_dir)
-    tk = char_tokenizer(str(model_dir), env["texts"])
-    model, _ = load_model(str(model_dir))
-    return dict(env, model_dir=str(model_dir), ref=ref, tk=tk, model=model, tok=Tokenizer.from_dir(str(model_dir)))
+    return dict(env, **random_model(DeepseekV3ForCausalLM, cfg, 1, model_dir, env["texts"]))
 
 
 def torch_ll(env, context, continuation):
