@@ -12,6 +12,7 @@ from youzhi_ms.train.losses import (
     SFTLoss,
     build_sft_labels,
     generalized_jsd,
+    jsd_upper_bound,
     sft_cross_entropy,
 )
 
@@ -138,6 +139,27 @@ def test_jsd_swap_symmetry_and_nonnegative(beta):
     # Zero when the distributions coincide (the shift logits + c is the same distribution).
     same = generalized_jsd(Tensor(s), Tensor(s + 3.0), beta=beta, temperature=TAU, reduction="none").asnumpy()
     np.testing.assert_allclose(same, 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_upper_bound_is_reached_by_disjoint_distributions_and_never_exceeded(beta):
+    """The trainer flags token-mean losses above jsd_upper_bound(beta) as corrupted: the bound must be the supremum."""
+    bound = jsd_upper_bound(beta)
+    assert jsd_upper_bound(0.0) is None and jsd_upper_bound(1.0) is None
+    assert abs(jsd_upper_bound(0.5) - np.log(2.0)) < 1e-12
+    v = 64
+    s = np.zeros((1, 4, v), np.float32)
+    t = np.zeros((1, 4, v), np.float32)
+    s[0, np.arange(4), np.arange(4)] = 60.0  # the student puts (almost) all mass where the teacher puts none
+    t[0, np.arange(4), 32 + np.arange(4)] = 60.0
+    top = float(generalized_jsd(Tensor(s), Tensor(t), beta=beta, temperature=1.0).asnumpy())
+    assert abs(top - bound) < 1e-4 * bound
+    rng = np.random.default_rng(5)
+    for scale in (1.0, 10.0, 100.0):
+        a = (rng.standard_normal((2, 8, v)) * scale).astype(np.float32)
+        b = (rng.standard_normal((2, 8, v)) * scale).astype(np.float32)
+        per = generalized_jsd(Tensor(a), Tensor(b), beta=beta, temperature=0.9, reduction="none").asnumpy()
+        assert per.max() <= bound * (1 + 1e-4) + 1e-6
 
 
 def test_mask_semantics():

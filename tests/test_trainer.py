@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 
+import mindspore as ms
 import numpy as np
 import pytest
 
@@ -133,6 +134,30 @@ def test_gkd_lowers_loss_attention_only_keeps_the_rest(models, tmp_path):
     assert abs(ckpt["ppl"] - exported["ppl"]) <= 1e-5 * exported["ppl"] and ckpt["ppl"] != untrained["ppl"]
     with pytest.raises(YouzhiError, match="has no student.safetensors"):
         evaluate_dir(student_dir, corpus, seq_len=32, max_tokens=128, train_checkpoint=str(tmp_path / "run"))
+
+
+def test_impossible_gkd_loss_is_flagged_and_the_run_goes_on(models, tmp_path, caplog):
+    """A token-mean JSD above its supremum (a corrupted computation, seen once on CPU) is flagged in the loss log,
+    logged as a warning, and left out of the loss curve; a normal loss is not flagged."""
+
+    class Corrupting(Trainer):
+        def _setup_models(self):
+            super()._setup_models()
+            fused, calls = self.fused, []
+
+            def step(*args):
+                loss, norm = fused(*args)
+                calls.append(1)
+                return (ms.Tensor(8774.0, ms.float32) if len(calls) == 2 else loss), norm
+            self.fused = step
+
+    cfg = config(models, tmp_path / "run", "runner_config.max_steps=3", "distill.beta=0.5")
+    with caplog.at_level("WARNING", logger="youzhi_ms.train"):
+        res = Corrupting(cfg).run()
+    rows = read_loss_log(res["loss_log"])
+    assert [bool(r.get("loss_out_of_range")) for r in rows] == [False, True, False]
+    assert any("exceeds 0.6931" in m for m in caplog.messages)
+    assert os.path.isfile(tmp_path / "run" / "loss_curve.png")
 
 
 def test_resume_reproduces_the_uninterrupted_run(models, tmp_path):

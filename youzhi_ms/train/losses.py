@@ -42,7 +42,7 @@ from mindspore import nn, ops
 
 from youzhi_ms.errors import YouzhiError
 
-__all__ = ["generalized_jsd", "GKDLoss", "sft_cross_entropy", "SFTLoss", "build_sft_labels"]
+__all__ = ["generalized_jsd", "jsd_upper_bound", "GKDLoss", "sft_cross_entropy", "SFTLoss", "build_sft_labels"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -135,6 +135,16 @@ def generalized_jsd(student_logits, teacher_logits, mask=None, beta=0.5, tempera
         log_m = shift + ops.log(ops.exp(a - shift) + ops.exp(b - shift))
         per_token = beta * _kl_rows(logp_t, log_m) + (1.0 - beta) * _kl_rows(logp_s, log_m)
     return _reduce(per_token, mask, reduction)
+
+
+def jsd_upper_bound(beta):
+    """The largest value JSD_β can take (teacher and student with disjoint supports): −β ln β − (1 − β) ln(1 − β),
+    ln 2 at β = 0.5. None at β = 0 or 1 (the KL endpoints are unbounded). A token-mean loss above it is not a number
+    the formula can produce: the trainer treats it as a corrupted computation."""
+    beta = float(beta)
+    if beta <= 0.0 or beta >= 1.0:
+        return None
+    return -beta * math.log(beta) - (1.0 - beta) * math.log(1.0 - beta)
 
 
 class GKDLoss(nn.Cell):

@@ -107,19 +107,21 @@ class UpdateCore(nn.Cell):
 
 
 class FusedStep(nn.Cell):
-    """One optimizer step on one micro-batch (no accumulation): forward, backward, update. -> (loss, grad_norm)."""
+    """One optimizer step on one micro-batch (no accumulation): forward, backward, update. -> (loss, grad_norm).
+
+    The loss comes out of the same forward pass the gradients are taken through (value_and_grad), and is returned
+    only after the update, so no separate forward can be scheduled next to the parameter writes."""
 
     def __init__(self, loss_net, core: UpdateCore):
         super().__init__(auto_prefix=False)
         self.loss_net = loss_net
         self.core = core
-        self.grad = ops.GradOperation(get_by_list=True)
+        self.value_and_grad = ms.value_and_grad(self.loss_net, None, self.core.params)
 
     def construct(self, input_ids, labels, loss_mask, scale, lrs, bc1, bc2):
-        loss = self.loss_net(input_ids, labels, loss_mask, scale)
-        grads = self.grad(self.loss_net, self.core.params)(input_ids, labels, loss_mask, scale)
+        loss, grads = self.value_and_grad(input_ids, labels, loss_mask, scale)
         norm = self.core.update(grads, lrs, bc1, bc2)
-        return loss, norm
+        return ops.depend(loss, norm), norm
 
 
 class MicroStep(nn.Cell):
@@ -130,12 +132,11 @@ class MicroStep(nn.Cell):
         self.loss_net = loss_net
         self.params = core.params
         self.accumulators = accumulators
-        self.grad = ops.GradOperation(get_by_list=True)
+        self.value_and_grad = ms.value_and_grad(self.loss_net, None, self.params)
         self.hyper_map = ops.HyperMap()
 
     def construct(self, input_ids, labels, loss_mask, scale):
-        loss = self.loss_net(input_ids, labels, loss_mask, scale)
-        grads = self.grad(self.loss_net, self.params)(input_ids, labels, loss_mask, scale)
+        loss, grads = self.value_and_grad(input_ids, labels, loss_mask, scale)
         done = self.hyper_map(_accumulate, self.accumulators, grads)
         return ops.depend(loss, done)
 

@@ -269,6 +269,10 @@ class Trainer:
         self.sampler = EpochSampler(len(self.dataset), self.seed, self.cfg["train_dataset"]["shuffle"])
         self.coin = np.random.default_rng([self.seed, 7])  # on-policy decisions, identical on every rank
         self.continuation = None
+        self.loss_bound = None
+        if self.run_mode == "distill":
+            from youzhi_ms.train.losses import jsd_upper_bound
+            self.loss_bound = jsd_upper_bound(self.cfg["distill"]["beta"])
         d = self.cfg["distill"]
         if self.run_mode == "distill" and d["lmbda"] > 0:
             self.continuation = StudentContinuation(self.student, self.student_cfg, self.seq_len, d["max_new_tokens"],
@@ -463,9 +467,17 @@ class Trainer:
                 loss_local += float(self.micro(*inputs(b)).asnumpy())
             norm = self.apply(lrs_t, bc1, bc2)
         loss = float(self._sum_over_ranks([loss_local])[0]) if self.world > 1 else loss_local
-        return {"step": step + 1, "loss": loss, "lr": lrs[0], "grad_norm": float(norm.asnumpy()),
-                "tokens": int(count), "on_policy": [b["on_policy"] for b in batches],
-                "seconds": round(time.time() - t0, 4)}
+        row = {"step": step + 1, "loss": loss, "lr": lrs[0], "grad_norm": float(norm.asnumpy()),
+               "tokens": int(count), "on_policy": [b["on_policy"] for b in batches],
+               "seconds": round(time.time() - t0, 4)}
+        if self.loss_bound is not None and loss > self.loss_bound * (1.0 + 1e-4) + 1e-6:
+            # seen once on CPU: a few steps of one GKD run returned ~1e4 where JSD <= ln 2, not reproduced on re-run
+            row["loss_out_of_range"] = True
+            log.warning("step %d: loss %.6g exceeds %.4f, the largest value the generalized JSD (beta %g) can take: "
+                        "this step computed corrupted values (its update was still clipped to max_grad_norm). If it "
+                        "recurs, stop and resume from the last checkpoint (--resume).", step + 1, loss,
+                        self.loss_bound, self.cfg["distill"]["beta"])
+        return row
 
     def run(self, resume: bool = False, progress: Optional[bool] = None) -> Dict[str, Any]:
         from tqdm import tqdm
@@ -545,10 +557,16 @@ def plot_loss_curve(log_path: str, png_path: str, title: Optional[str] = None) -
     import matplotlib.pyplot as plt
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["loss"] for r in rows], lw=1.2, label="loss")
-    onp = [(r["step"], r["loss"]) for r in rows if any(r.get("on_policy", []))]
+    good = [r for r in rows if not r.get("loss_out_of_range")]  # corrupted values would flatten the curve
+    ax.plot([r["step"] for r in good], [r["loss"] for r in good], lw=1.2, label="loss")
+    onp = [(r["step"], r["loss"]) for r in good if any(r.get("on_policy", []))]
     if onp:
         ax.scatter(*zip(*onp), s=10, c="tab:orange", label="on-policy batch", zorder=3)
+    bad = [r["step"] for r in rows if r.get("loss_out_of_range")]
+    if bad:
+        for x in bad:
+            ax.axvline(x, c="tab:red", lw=0.6, alpha=0.6)
+        ax.plot([], [], c="tab:red", lw=0.6, label=f"loss out of range ({len(bad)} steps, not drawn)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (token mean)")
     ax.grid(alpha=0.3)
