@@ -136,28 +136,54 @@ def test_gkd_lowers_loss_attention_only_keeps_the_rest(models, tmp_path):
         evaluate_dir(student_dir, corpus, seq_len=32, max_tokens=128, train_checkpoint=str(tmp_path / "run"))
 
 
-def test_impossible_gkd_loss_is_flagged_and_the_run_goes_on(models, tmp_path, caplog):
-    """A token-mean JSD above its supremum (a corrupted computation, seen once on CPU) is flagged in the loss log,
-    logged as a warning, and left out of the loss curve; a normal loss is not flagged."""
+class Corrupting(Trainer):
+    """Micro-step calls listed in `bad` (1-based) report an impossible GKD loss (and keep their gradients)."""
+    bad = ()
 
-    class Corrupting(Trainer):
-        def _setup_models(self):
-            super()._setup_models()
-            fused, calls = self.fused, []
+    def _setup_models(self):
+        super()._setup_models()
+        micro, calls = self.micro, []
 
-            def step(*args):
-                loss, norm = fused(*args)
-                calls.append(1)
-                return (ms.Tensor(8774.0, ms.float32) if len(calls) == 2 else loss), norm
-            self.fused = step
+        def step(*args):
+            loss = micro(*args)
+            calls.append(1)
+            return ms.Tensor(8774.0, ms.float32) if len(calls) in self.bad else loss
+        self.micro = step
 
-    cfg = config(models, tmp_path / "run", "runner_config.max_steps=3", "distill.beta=0.5")
+
+def test_corrupted_gkd_step_is_recomputed_and_never_applied(models, tmp_path, caplog):
+    """A token-mean JSD above its supremum (a corrupted computation, seen on CPU) drops that step's gradients and
+    computes it again: the run ends with the same weights as a run that never saw the fault."""
+    class Once(Corrupting):
+        bad = (2,)
+
+    clean = Trainer(config(models, tmp_path / "clean", "runner_config.max_steps=3")).run()
     with caplog.at_level("WARNING", logger="youzhi_ms.train"):
-        res = Corrupting(cfg).run()
+        res = Once(config(models, tmp_path / "run", "runner_config.max_steps=3")).run()
     rows = read_loss_log(res["loss_log"])
-    assert [bool(r.get("loss_out_of_range")) for r in rows] == [False, True, False]
-    assert any("exceeds 0.6931" in m for m in caplog.messages)
-    assert os.path.isfile(tmp_path / "run" / "loss_curve.png")
+    assert [r.get("retries", 0) for r in rows] == [0, 1, 0] and not any(r.get("skipped") for r in rows)
+    assert [r["loss"] for r in rows] == [r["loss"] for r in read_loss_log(clean["loss_log"])]
+    assert res["weights_sha256"] == clean["weights_sha256"]
+    assert any("exceeds 0.6931" in m and "computed again" in m for m in caplog.messages)
+
+
+def test_persistently_corrupted_steps_are_skipped_then_the_run_stops_resumable(models, tmp_path):
+    class Always(Corrupting):
+        bad = tuple(range(2, 100))  # step 1 fine; every later try fails: steps 2, 3, 4 are skipped
+
+    cfg = config(models, tmp_path / "run", "runner_config.max_steps=6")
+    with pytest.raises(YouzhiError, match=r"3 steps in a row .*--resume"):
+        Always(cfg).run()
+    rows = read_loss_log(str(tmp_path / "run" / "loss_log.jsonl"))
+    assert [bool(r.get("skipped")) for r in rows] == [False, True, True, True]
+    assert all(r["grad_norm"] is None and r["retries"] == 1 for r in rows[1:])
+    # skipped steps changed nothing: the saved state holds step 1's weights, and --resume continues from step 4
+    one = Trainer(config(models, tmp_path / "one", "runner_config.max_steps=6", "runner_config.stop_at_step=1")).run()
+    saved = HFCheckpoint.from_file(str(tmp_path / "run" / "checkpoint" / "step_00000004" / "student.safetensors"))
+    after_one = HFCheckpoint.from_file(str(tmp_path / "one" / "checkpoint" / "step_00000001" / "student.safetensors"))
+    assert all(np.array_equal(saved.get(n), after_one.get(n)) for n in saved.names())
+    rest = Trainer(config(models, tmp_path / "run", "runner_config.max_steps=6")).run(resume=True)
+    assert rest["start_step"] == 4 and rest["end_step"] == 6
 
 
 def test_resume_reproduces_the_uninterrupted_run(models, tmp_path):

@@ -24,7 +24,7 @@ from typing import Sequence
 import mindspore as ms
 from mindspore import nn, ops, ParameterTuple
 
-__all__ = ["UpdateCore", "FusedStep", "MicroStep", "ApplyStep", "AllReduceSum", "lr_factor"]
+__all__ = ["UpdateCore", "FusedStep", "MicroStep", "ApplyStep", "ResetAccumulators", "AllReduceSum", "lr_factor"]
 
 _adamw = ops.MultitypeFuncGraph("youzhi_adamw")
 _accumulate = ops.MultitypeFuncGraph("youzhi_accumulate")
@@ -155,6 +155,18 @@ class ApplyStep(nn.Cell):
         norm = self.core.update(grads, lrs, bc1, bc2)
         done = self.hyper_map(_zero, ops.depend(self.accumulators, norm))
         return ops.depend(norm, done)
+
+
+class ResetAccumulators(nn.Cell):
+    """Zero the accumulators without an update (drops the gradients of a micro-batch that is computed again)."""
+
+    def __init__(self, accumulators: ParameterTuple):
+        super().__init__(auto_prefix=False)
+        self.accumulators = accumulators
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self):
+        return self.hyper_map(_zero, self.accumulators)
 
 
 class AllReduceSum(nn.Cell):

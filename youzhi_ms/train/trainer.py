@@ -10,7 +10,10 @@ One process (or one msrun worker) holds the frozen teacher and the trainable stu
    `sum of per-token losses / that number` (GKD generalized JSD, or SFT cross entropy). Gradients are summed over
    micro-batches (accumulators) and ranks (`nn.DistributedGradReducer`, SUM) inside the compiled update, then clipped
    by global norm and applied by AdamW (`optim.py`). The result is the gradient of the global token-mean however the
-   batch is split, so 2 workers reproduce one process.
+   batch is split, so 2 workers reproduce one process. In distill mode with 0 < beta < 1 the step's loss is checked
+   against the largest value the generalized JSD can take before anything is applied: above it, the computation was
+   corrupted (observed on CPU), so the gradients are dropped and the step computed once more, then skipped;
+   `CORRUPT_STEPS_MAX` skipped steps in a row save the state and stop with a --resume hint.
 3. Rank 0 appends a line to `loss_log.jsonl`, updates the progress bar, and every `save_checkpoint_steps` writes
    `checkpoint/step_XXXXXXXX/` atomically: `student.safetensors` (all student weights, MindSpore names),
    `optimizer.safetensors` (AdamW moments), `trainer_state.json` (step, data position, the lambda coin's numpy RNG
@@ -49,6 +52,8 @@ HF_DIR = "hf_model"
 STATE_FILE = "trainer_state.json"
 STUDENT_FILE = "student.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
+CORRUPT_RETRIES = 1       # recomputations of a GKD step whose loss is out of range
+CORRUPT_STEPS_MAX = 3     # consecutive skipped steps before the run stops (state saved; --resume continues)
 STATE_VERSION = 1
 
 
@@ -225,7 +230,7 @@ class Trainer:
             group_ids.append(1 if kv_lr is not None and ".kv_layernorm." in p.name else 0)
         wd = float(self.cfg["optimizer"]["weight_decay"])
         decays = [wd if len(p.shape) >= 2 else 0.0 for p in train]  # no decay on norms and biases
-        from youzhi_ms.train.optim import ApplyStep, FusedStep, MicroStep, UpdateCore
+        from youzhi_ms.train.optim import ApplyStep, FusedStep, MicroStep, ResetAccumulators, UpdateCore
         opt = self.cfg["optimizer"]
         reduce_world = self.world if not self.plan.semi_auto else 1  # semi-auto inserts its own reduction
         self.core = UpdateCore(train, group_ids, decays, tuple(opt["betas"]), opt["eps"], opt["max_grad_norm"],
@@ -245,12 +250,17 @@ class Trainer:
             apply_plan(self.plan, cells)
             if self.plan.pipeline_stage > 1:
                 self.loss_net = nn.PipelineCell(self.loss_net, self.plan.micro_batch_num)
-        if self.accum == 1:
+        from youzhi_ms.train.losses import jsd_upper_bound
+        self.loss_bound = jsd_upper_bound(self.cfg["distill"]["beta"]) if self.run_mode == "distill" else None
+        self.fused = None
+        if self.accum == 1 and self.loss_bound is None:
             self.fused = FusedStep(self.loss_net, self.core)
-        else:
+        else:  # a bounded loss is checked before its update is applied (see train_step)
             self.accumulators = self.core.params.clone(prefix="accum", init="zeros")
             self.micro = MicroStep(self.loss_net, self.core, self.accumulators)
             self.apply = ApplyStep(self.core, self.accumulators)
+            self.reset = ResetAccumulators(self.accumulators)
+        self.bad_in_a_row = 0
         self.allreduce = None
         if self.world > 1:
             from youzhi_ms.train.optim import AllReduceSum
@@ -269,10 +279,6 @@ class Trainer:
         self.sampler = EpochSampler(len(self.dataset), self.seed, self.cfg["train_dataset"]["shuffle"])
         self.coin = np.random.default_rng([self.seed, 7])  # on-policy decisions, identical on every rank
         self.continuation = None
-        self.loss_bound = None
-        if self.run_mode == "distill":
-            from youzhi_ms.train.losses import jsd_upper_bound
-            self.loss_bound = jsd_upper_bound(self.cfg["distill"]["beta"])
         d = self.cfg["distill"]
         if self.run_mode == "distill" and d["lmbda"] > 0:
             self.continuation = StudentContinuation(self.student, self.student_cfg, self.seq_len, d["max_new_tokens"],
@@ -458,26 +464,38 @@ class Trainer:
             return (ms.Tensor(b["input_ids"], ms.int32), ms.Tensor(b["labels"], ms.int32),
                     ms.Tensor(b["loss_mask"], ms.float32), scale)
 
-        if self.accum == 1:
+        row = {"step": step + 1, "loss": None, "lr": lrs[0], "grad_norm": None, "tokens": int(count),
+               "on_policy": [b["on_policy"] for b in batches]}
+        if self.fused is not None:
             loss, norm = self.fused(*inputs(batches[0]), lrs_t, bc1, bc2)
-            loss_local = float(loss.asnumpy())
+            row["loss"] = float(loss.asnumpy())
+            row["grad_norm"] = float(norm.asnumpy())
         else:
-            loss_local = 0.0
-            for b in batches:
-                loss_local += float(self.micro(*inputs(b)).asnumpy())
-            norm = self.apply(lrs_t, bc1, bc2)
-        loss = float(self._sum_over_ranks([loss_local])[0]) if self.world > 1 else loss_local
-        row = {"step": step + 1, "loss": loss, "lr": lrs[0], "grad_norm": float(norm.asnumpy()),
-               "tokens": int(count), "on_policy": [b["on_policy"] for b in batches],
-               "seconds": round(time.time() - t0, 4)}
-        if self.loss_bound is not None and loss > self.loss_bound * (1.0 + 1e-4) + 1e-6:
-            # seen once on CPU: a few steps of one GKD run returned ~1e4 where JSD <= ln 2, not reproduced on re-run
-            row["loss_out_of_range"] = True
-            log.warning("step %d: loss %.6g exceeds %.4f, the largest value the generalized JSD (beta %g) can take: "
-                        "this step computed corrupted values (its update was still clipped to max_grad_norm). If it "
-                        "recurs, stop and resume from the last checkpoint (--resume).", step + 1, loss,
-                        self.loss_bound, self.cfg["distill"]["beta"])
+            # A GKD loss above the JSD supremum is a corrupted computation (seen with MindSpore 2.10 on CPU: ~1e4 on
+            # some steps of some runs, with corrupted gradients that ruined a run). Its gradients are dropped and the
+            # micro-batches computed again; a step that stays corrupted is skipped, never applied.
+            for attempt in range(1 + CORRUPT_RETRIES):
+                loss_local = sum(float(self.micro(*inputs(b)).asnumpy()) for b in batches)
+                row["loss"] = float(self._sum_over_ranks([loss_local])[0]) if self.world > 1 else loss_local
+                if not self._out_of_range(row["loss"]):
+                    break
+                self.reset()
+                if attempt < CORRUPT_RETRIES:
+                    row["retries"] = attempt + 1
+                log.warning("step %d: loss %.6g exceeds %.4f, the largest value the generalized JSD (beta %g) can "
+                            "take: a corrupted computation; its gradients are dropped%s", step + 1, row["loss"],
+                            self.loss_bound, self.cfg["distill"]["beta"],
+                            " and the step is computed again" if attempt < CORRUPT_RETRIES else
+                            " and the step is skipped (no update)")
+            if self._out_of_range(row["loss"]):
+                row["loss_out_of_range"] = row["skipped"] = True
+            else:
+                row["grad_norm"] = float(self.apply(lrs_t, bc1, bc2).asnumpy())
+        row["seconds"] = round(time.time() - t0, 4)
         return row
+
+    def _out_of_range(self, loss: float) -> bool:
+        return self.loss_bound is not None and loss > self.loss_bound * (1.0 + 1e-4) + 1e-6
 
     def run(self, resume: bool = False, progress: Optional[bool] = None) -> Dict[str, Any]:
         from tqdm import tqdm
@@ -513,11 +531,20 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
                 if print_every and (step % print_every == 0 or step == self.max_steps):
+                    gn = "skipped" if row.get("skipped") else f"{row['grad_norm']:.4f}"
                     msg = (f"step {step}/{self.max_steps} loss {row['loss']:.6f} lr {row['lr']:.3e} "
-                           f"grad_norm {row['grad_norm']:.4f} {row['seconds']:.2f}s/step"
+                           f"grad_norm {gn} {row['seconds']:.2f}s/step"
                            f"{' on-policy' if any(row['on_policy']) else ''}")
                     if not show:  # the bar shows the same numbers
                         log.info(msg)
+            self.bad_in_a_row = self.bad_in_a_row + 1 if row.get("skipped") else 0
+            if self.bad_in_a_row >= CORRUPT_STEPS_MAX:
+                bar.close()
+                self.save_checkpoint(step)  # skipped steps changed nothing: this is the last good state
+                raise YouzhiError(f"{self.bad_in_a_row} steps in a row (up to step {step}) computed a loss above "
+                                  f"the generalized JSD's maximum {self.loss_bound:.4f}, i.e. corrupted values, and "
+                                  f"were skipped. The state is saved in {self._ckpt_root()}/step_{step:08d}; run the "
+                                  "same command with --resume to continue from it in a fresh process")
             if (save_every and step % save_every == 0) or step == self.max_steps or \
                     (stop_at is not None and step == stop_at):
                 self.save_checkpoint(step)
