@@ -345,7 +345,7 @@ def plot(out, path):
     m = out["machine"]
     loads = [out["loadavg_before"][0], out["loadavg_after"][0]] + \
         [x for p in out.get("passes", []) for x in (p["loadavg_before"][0], p["loadavg_after"][0])]
-    fig.suptitle(f"SmolLM2-135M shapes, MindSpore {m['mindspore']} graph mode, CPU ({m['cores']} cores, shared: "
+    fig.suptitle(f"SmolLM2-135M shapes, MindSpore {m['mindspore']} graph mode, CPU ({m['cores']} cores, "
                  f"load average {min(loads):.1f}-{max(loads):.1f}), {out['date'][:10]}; missing points: skipped "
                  "for memory", fontsize=9)
     fig.tight_layout()
