@@ -167,6 +167,25 @@ def test_corrupted_gkd_step_is_recomputed_and_never_applied(models, tmp_path, ca
     assert any("exceeds 0.6931" in m and "computed again" in m for m in caplog.messages)
 
 
+def test_guarded_gkd_step_equals_the_fused_step(models, tmp_path):
+    """The checked path (micro-step, check, apply) is the same update as the fused one-graph step."""
+    from youzhi_ms.train.optim import FusedStep
+
+    class Fused(Trainer):
+        def _setup_models(self):
+            super()._setup_models()
+            self.fused = FusedStep(self.loss_net, self.core)
+
+    a = Trainer(config(models, tmp_path / "guarded", "runner_config.max_steps=3")).run()
+    b = Fused(config(models, tmp_path / "fused", "runner_config.max_steps=3")).run()
+    ra, rb = read_loss_log(a["loss_log"]), read_loss_log(b["loss_log"])
+    np.testing.assert_allclose([r["loss"] for r in ra], [r["loss"] for r in rb], rtol=1e-6)
+    np.testing.assert_allclose([r["grad_norm"] for r in ra], [r["grad_norm"] for r in rb], rtol=1e-5)
+    wa, wb = HFCheckpoint(a["hf_model"]), HFCheckpoint(b["hf_model"])
+    for n in wa.names():
+        np.testing.assert_allclose(wa.get(n), wb.get(n), rtol=1e-5, atol=1e-7)
+
+
 def test_persistently_corrupted_steps_are_skipped_then_the_run_stops_resumable(models, tmp_path):
     class Always(Corrupting):
         bad = tuple(range(2, 100))  # step 1 fine; every later try fails: steps 2, 3, 4 are skipped
