@@ -104,6 +104,10 @@ def main():
                             "mean_s": round(statistics.mean(steady), 4),
                             "median_s": round(statistics.median(steady), 4), "max_s": round(max(steady), 4),
                             "on_policy_steps": sum(1 for r in rows if any(r["on_policy"]))}
+    # steps whose loss came out above the JSD maximum (corrupted computation): recomputed, or skipped if it persisted
+    res["corrupted_steps"] = {"recomputed": [r["step"] for r in rows if r.get("retries") and not r.get("skipped")],
+                              "skipped": [r["step"] for r in rows if r.get("skipped")]}
+    rows = [r for r in rows if not r.get("skipped")]
     res["scored_tokens_per_s"] = round(sum(tokens[1:] or tokens) / max(sum(steady), 1e-9), 1)
     res["loss"] = {"first": rows[0]["loss"], "last": rows[-1]["loss"],
                    "mean_first_10pct": statistics.mean(r["loss"] for r in rows[:max(1, len(rows) // 10)]),
