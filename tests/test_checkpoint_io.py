@@ -172,6 +172,15 @@ def test_wrong_shape_is_refused(tmp_path):
     assert "shape" in msg and "gate_proj" in msg
 
 
+def test_seq_len_beyond_the_models_context_is_refused(tmp_path):
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_cfg()).save_pretrained(tmp_path)  # max_position_embeddings 64
+    r = run_tool("tools/eval_ppl.py", "--model", str(tmp_path), "--text", os.path.join(ROOT, "setup.py"),
+                 "--seq-len", "128")
+    msg = _one_error_line(r)
+    assert "--seq-len 128 exceeds the model's max_position_embeddings 64" in msg
+
+
 @pytest.mark.parametrize("kind", ["qwen3", "moe", "gpt2"])
 def test_unsupported_architecture_is_refused(kind, tmp_path):
     torch.manual_seed(0)

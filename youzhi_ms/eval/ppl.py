@@ -87,6 +87,9 @@ def evaluate_dir(model_dir: str, text: str = "wiki-eval", seq_len: int = 512, ma
     from youzhi_ms.checkpoint.mindspore_ckpt import load_model
     from youzhi_ms.data.tokenizer import Tokenizer
     model, cfg = load_model(model_dir, table_len=seq_len)
+    if seq_len > cfg.max_position_embeddings:
+        raise YouzhiError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+                          f"{cfg.max_position_embeddings}")
     if train_checkpoint:
         import os
         from youzhi_ms.checkpoint.hf import HFCheckpoint
