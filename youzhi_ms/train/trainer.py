@@ -478,6 +478,7 @@ class Trainer:
                 loss_local = sum(float(self.micro(*inputs(b)).asnumpy()) for b in batches)
                 row["loss"] = float(self._sum_over_ranks([loss_local])[0]) if self.world > 1 else loss_local
                 if not self._out_of_range(row["loss"]):
+                    row["grad_norm"] = float(self.apply(lrs_t, bc1, bc2).asnumpy())
                     break
                 self.reset()
                 if attempt < CORRUPT_RETRIES:
@@ -487,10 +488,8 @@ class Trainer:
                             self.loss_bound, self.cfg["distill"]["beta"],
                             " and the step is computed again" if attempt < CORRUPT_RETRIES else
                             " and the step is skipped (no update)")
-            if self._out_of_range(row["loss"]):
-                row["loss_out_of_range"] = row["skipped"] = True
             else:
-                row["grad_norm"] = float(self.apply(lrs_t, bc1, bc2).asnumpy())
+                row["skipped"] = True
         row["seconds"] = round(time.time() - t0, 4)
         return row
 
@@ -584,16 +583,16 @@ def plot_loss_curve(log_path: str, png_path: str, title: Optional[str] = None) -
     import matplotlib.pyplot as plt
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
-    good = [r for r in rows if not r.get("loss_out_of_range")]  # corrupted values would flatten the curve
+    good = [r for r in rows if not r.get("skipped")]  # their corrupted losses would flatten the curve
     ax.plot([r["step"] for r in good], [r["loss"] for r in good], lw=1.2, label="loss")
     onp = [(r["step"], r["loss"]) for r in good if any(r.get("on_policy", []))]
     if onp:
         ax.scatter(*zip(*onp), s=10, c="tab:orange", label="on-policy batch", zorder=3)
-    bad = [r["step"] for r in rows if r.get("loss_out_of_range")]
+    bad = [r["step"] for r in rows if r.get("skipped")]
     if bad:
         for x in bad:
             ax.axvline(x, c="tab:red", lw=0.6, alpha=0.6)
-        ax.plot([], [], c="tab:red", lw=0.6, label=f"loss out of range ({len(bad)} steps, not drawn)")
+        ax.plot([], [], c="tab:red", lw=0.6, label=f"skipped: loss out of range ({len(bad)} steps, not drawn)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (token mean)")
     ax.grid(alpha=0.3)
