@@ -250,8 +250,7 @@ def main():
             for rec in res["records"]:
                 rec["group_peak_rss_bytes"] = res["peak_rss_bytes"]
                 results.append(rec)
-                name = rec["model"]
-                print(f"{name:<9} {ctx:>5} {batch:>3} {rec['cache_bytes_fp32'] / 2**20:>9.1f} "
+                print(f"{rec['model']:<9} {ctx:>5} {batch:>3} {rec['cache_bytes_fp32'] / 2**20:>9.1f} "
                       f"{rec['step_s_median'] * 1e3:>9.1f} {rec['tokens_per_s']:>8.2f} "
                       f"{rec['compile_and_first_s']:>9.1f} {res['peak_rss_bytes'] / 2**30:>11.2f}"
                       + ("" if rec["together"] else "  (run alone)"), flush=True)
