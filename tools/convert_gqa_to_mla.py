@@ -17,6 +17,7 @@ import logging
 import _bootstrap  # noqa: F401
 
 from youzhi_ms.errors import YouzhiError, cli_main
+from youzhi_ms.fsutil import OVERWRITE_HELP, check_output_dir
 
 
 @cli_main
@@ -43,7 +44,10 @@ def main(argv=None):
                          "bkv = TransMLA's balanced K/V activation PCA")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args(argv)
+    check_output_dir(args.output_dir, args.overwrite, [("--hf-dir", args.hf_dir), ("--calib-text", args.calib_text),
+                                                       ("--freqfold-plan", args.freqfold_plan)])
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from youzhi_ms.convert.pipeline import ConvertOptions, convert
     plan = None
@@ -58,7 +62,7 @@ def main(argv=None):
                          proxy_seqs=args.proxy_seqs, export=args.export, seed=args.seed, plan=plan,
                          out_dtype=args.out_dtype, pca_metric=args.pca_metric,
                          progress=not args.quiet)
-    rep = convert(args.hf_dir, args.output_dir, opt)
+    rep = convert(args.hf_dir, args.output_dir, opt, overwrite=args.overwrite)
     print(f"converted to MLA r={rep['kv_lora_rank']}+{rep['qk_rope_head_dim']} ({rep['cache_ratio']:.2f}x smaller KV "
           f"cache), export={rep['export']}, freqfold={rep['freqfold_mode']}, {rep['seconds']} s -> {args.output_dir}")
     for w in rep["warnings"]:

@@ -12,11 +12,11 @@ default) or " <option text>" (--score text); acc uses the summed log-likelihood,
 length in characters. The prompt template and the K-shot rule are documented in youzhi_ms/eval/mcq.py.
 """
 import argparse
-import json
 
 import _bootstrap  # noqa: F401
 
 from youzhi_ms.errors import YouzhiError, cli_main
+from youzhi_ms.fsutil import OVERWRITE_HELP, check_output_file, write_json_output
 
 
 @cli_main
@@ -37,7 +37,11 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="score only the first N questions")
     ap.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's bos token")
     ap.add_argument("--json", default=None, help="write the summary and per-item log-likelihoods here")
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args(argv)
+    inputs = [("--model", args.model), ("--data", args.data), ("--dev", args.dev)]
+    if args.json is not None:
+        check_output_file(args.json, args.overwrite, inputs)  # now, not after the evaluation
     if args.batch_size < 1:
         raise YouzhiError("--batch-size must be >= 1")
     from youzhi_ms.runtime import init_context
@@ -51,9 +55,8 @@ def main(argv=None):
         print(f"{s:<{width}}  {v['n']:>5}  {v['acc']:>6.4f}  {v['acc_norm']:>8.4f}")
     print(f"{'overall':<{width}}  {res['n']:>5}  {res['acc']:>6.4f}  {res['acc_norm']:>8.4f}  "
           f"(macro acc {res['acc_macro']:.4f}; {args.shots}-shot, {args.score}, {res['seconds']} s)")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1, ensure_ascii=False)
+    if args.json is not None:
+        write_json_output(args.json, res, args.overwrite, inputs)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ unscored).
   python tools/eval_ppl.py --model STUDENT_DIR --train-checkpoint RUN/checkpoint/step_00000100
 """
 import argparse
-import json
 
 import _bootstrap  # noqa: F401
 
 from youzhi_ms.errors import cli_main
+from youzhi_ms.fsutil import OVERWRITE_HELP, check_output_file, write_json_output
 
 
 @cli_main
@@ -26,7 +26,11 @@ def main(argv=None):
                     help="evaluate the student weights of a training checkpoint (OUTPUT/checkpoint/step_N) in --model's "
                          "architecture (the student directory the training started from)")
     ap.add_argument("--json", default=None, help="write the result as JSON here")
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args(argv)
+    inputs = [("--model", args.model), ("--text", args.text), ("--train-checkpoint", args.train_checkpoint)]
+    if args.json is not None:
+        check_output_file(args.json, args.overwrite, inputs)  # now, not after the evaluation
     from youzhi_ms.runtime import init_context
     init_context("graph")
     from youzhi_ms.eval.ppl import evaluate_dir
@@ -34,9 +38,8 @@ def main(argv=None):
                        train_checkpoint=args.train_checkpoint)
     print(f"ppl {res['ppl']:.4f} on {res['tokens']} tokens ({res['windows']} windows of {res['seq_len']}) "
           f"text={args.text} model={args.model} [{res['seconds']} s]")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    if args.json is not None:
+        write_json_output(args.json, res, args.overwrite, inputs)
 
 
 if __name__ == "__main__":

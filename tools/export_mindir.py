@@ -15,6 +15,7 @@ import json
 import _bootstrap  # noqa: F401
 
 from youzhi_ms.errors import cli_main
+from youzhi_ms.fsutil import OVERWRITE_HELP, check_output_dir
 
 
 @cli_main
@@ -26,12 +27,14 @@ def main(argv=None):
     ap.add_argument("--max-seq-len", type=int, default=None,
                     help="cache length of the decode graph (default min(2048, max_position_embeddings))")
     ap.add_argument("--verify", action="store_true", help="check the exported graphs against the eager model")
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args(argv)
+    check_output_dir(args.output_dir, args.overwrite, [("--model", args.model)])  # before MindSpore starts
     from youzhi_ms.runtime import init_context
     init_context("graph")
     from youzhi_ms.infer.mindir import export_mindir
     m = export_mindir(args.model, args.output_dir, batch=args.batch, max_seq_len=args.max_seq_len,
-                      verify=args.verify)
+                      verify=args.verify, overwrite=args.overwrite)
     dec = m["graphs"]["decode"]
     print(json.dumps({"output_dir": args.output_dir, "model_type": m["model_type"], "batch": m["batch"],
                       "max_seq_len": m["max_seq_len"], "cache_bytes_per_token": m["cache_bytes_per_token"],

@@ -7,12 +7,12 @@ Greedy when --temperature is 0 (the default). --chat wraps the prompt with the t
 --prompt, --chat reads turns from standard input. Tokens are printed as they are produced.
 """
 import argparse
-import json
 import sys
 
 import _bootstrap  # noqa: F401
 
 from youzhi_ms.errors import YouzhiError, cli_main
+from youzhi_ms.fsutil import OVERWRITE_HELP, check_output_file, write_json_output
 
 
 class Streamer:
@@ -42,9 +42,13 @@ def main(argv=None):
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help='write {"prompt_ids", "output_ids", "text"} here')
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args(argv)
     if not args.model and not args.mindir:
         raise YouzhiError("give --model DIR or --mindir DIR")
+    inputs = [("--model", args.model), ("--mindir", args.mindir)]
+    if args.json is not None:
+        check_output_file(args.json, args.overwrite, inputs)  # now, not after the generation
     from youzhi_ms.runtime import init_context
     init_context("graph")
     from youzhi_ms.data.tokenizer import Tokenizer
@@ -78,9 +82,8 @@ def main(argv=None):
         reply = tok.decode(out)
         messages.append({"role": "assistant", "content": reply})
         results.append({"prompt_ids": ids, "output_ids": out, "text": reply})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results[0] if len(results) == 1 else results, f, indent=1)
+    if args.json is not None:
+        write_json_output(args.json, results[0] if len(results) == 1 else results, args.overwrite, inputs)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ import json
 import os
 import sys
 
-try:
-    import youzhi_ms  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _bootstrap  # noqa: F401  (this checkout's youzhi_ms, even when another copy is installed)
 
 from youzhi_ms.errors import YouzhiError, cli_main  # noqa: E402
+from youzhi_ms.fsutil import (OVERWRITE_HELP, atomic_output_dir, check_output_dir, check_output_file,  # noqa: E402
+                              write_json_output)
 from youzhi_ms.infer import planner as P  # noqa: E402
 
 
@@ -57,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--write-mla-config", metavar="DIR",
                     help="with --kv-lora-rank/--target-ratio: write the converted model's DeepSeek-V3 config.json here")
     ap.add_argument("--json", metavar="OUT", help="also write all figures, warnings and the ratio to this JSON file")
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return ap
 
 
@@ -97,16 +97,6 @@ def _settings_line(s: P.PlanSettings) -> str:
             f"{s.kv_dtype} KV cache, block {s.block_size}, max-model-len {s.max_model_len}\n{reserve}")
 
 
-def _write_json(path: str, obj) -> None:
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
@@ -119,6 +109,11 @@ def main(argv=None) -> int:
         raise YouzhiError("--qk-rope-dim only applies with --kv-lora-rank or --target-ratio")
     if args.write_mla_config and not hypothetical:
         raise YouzhiError("--write-mla-config needs --kv-lora-rank or --target-ratio (the conversion to describe)")
+    inputs = [("--model", args.model), ("--compare", args.compare)]
+    if args.write_mla_config:
+        check_output_dir(args.write_mla_config, args.overwrite, inputs, "--write-mla-config")
+    if args.json:
+        check_output_file(args.json, args.overwrite, inputs)
     settings = P.PlanSettings(
         device_memory_gib=args.device_memory_gib, memory_utilization=args.memory_utilization,
         max_model_len=args.max_model_len, block_size=args.block_size, dtype=args.dtype,
@@ -159,7 +154,11 @@ def main(argv=None) -> int:
 
     if args.write_mla_config:
         cfg = P.mla_config_dict(P.read_config_file(args.model), shapes[1].kv_lora_rank, shapes[1].qk_rope_head_dim)
-        _write_json(os.path.join(args.write_mla_config, "config.json"), cfg)
+        with atomic_output_dir(args.write_mla_config, args.overwrite, inputs, "--write-mla-config",
+                               kind="config") as tmp:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(cfg, f, indent=2)
+                f.write("\n")
         print(f"\nwrote {os.path.join(args.write_mla_config, 'config.json')}")
     if args.json:
         base = plans[0].max_concurrency
@@ -178,7 +177,7 @@ def main(argv=None) -> int:
                                   "multiple": args.rank_multiple, "kv_lora_rank": search.kv_lora_rank,
                                   "qk_rope_head_dim": search.qk_rope_head_dim, "ratio": search.ratio,
                                   "candidates": search.candidates}
-        _write_json(args.json, out)
+        write_json_output(args.json, out, args.overwrite, inputs)
         print(f"\nwrote {args.json}")
     return 0
 

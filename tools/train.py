@@ -19,7 +19,7 @@ import json
 
 import _bootstrap  # noqa: F401
 
-from youzhi_ms.errors import cli_main
+from youzhi_ms.errors import YouzhiError, cli_main
 
 
 @cli_main
@@ -29,6 +29,9 @@ def main(argv=None):
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override one config key (repeatable)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start over in an output_dir that holds an earlier youzhi_ms run (it is replaced; a "
+                         "directory youzhi_ms did not create never is)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (LossMonitor lines only)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as json and exit")
     args = ap.parse_args(argv)
@@ -40,7 +43,9 @@ def main(argv=None):
     import logging
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from youzhi_ms.train.trainer import train
-    res = train(cfg, resume=args.resume, progress=False if args.no_progress else None)
+    if args.resume and args.overwrite:
+        raise YouzhiError("pass either --resume (continue the run in output_dir) or --overwrite (start it over)")
+    res = train(cfg, resume=args.resume, progress=False if args.no_progress else None, overwrite=args.overwrite)
     if res["rank"] == 0:
         losses = res["losses"]
         tail = f", loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""

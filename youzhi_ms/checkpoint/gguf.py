@@ -25,7 +25,7 @@ import numpy as np
 
 from youzhi_ms.checkpoint.hf import ShardedWriter, write_json
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.fsutil import atomic_output_dir
+from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -560,17 +560,20 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
 SOURCE_FILE = "youzhi_source.json"  # provenance of a converted directory (GGUF name, sha256, converter version)
 
 
-def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "fp32", progress: bool = True) -> dict:
+def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "fp32", progress: bool = True,
+               overwrite: bool = False) -> dict:
     """Convert a Llama GGUF file (or 'smollm2') into a Hugging Face LlamaForCausalLM directory, atomically.
 
     Writes config.json, model.safetensors (sharded above 2 GiB), tokenizer.json, tokenizer_config.json,
     special_tokens_map.json, generation_config.json and youzhi_source.json (provenance). Tensors are dequantized one at
     a time. Returns a summary dict: path, gguf, n_tensors, n_params, tensor_types (GGUF type name -> count), dtype,
-    config.
+    config. `overwrite`: replace an earlier output at `output_dir` (see fsutil for the rule).
     """
     if dtype not in ("fp32", "bf16", "fp16"):
         raise YouzhiError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
     path = resolve_gguf(gguf_path)
+    inputs = [("--gguf", path)]
+    check_output_dir(output_dir, overwrite, inputs, legacy_marker=SOURCE_FILE)
     g = GGUFFile(path)
     cfg = _llama_config(g)
     pairs = _hf_tensors(g, cfg)
@@ -578,7 +581,7 @@ def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "fp32", progress: b
     H, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     type_counts: Dict[str, int] = {}
     n_params = 0
-    with atomic_output_dir(output_dir) as tmp:
+    with atomic_output_dir(output_dir, overwrite, inputs, legacy_marker=SOURCE_FILE) as tmp:
         _write_tokenizer_files(g, tmp, cfg)
         writer = ShardedWriter(tmp, dtype=dtype)
         it = pairs

@@ -27,7 +27,7 @@ from youzhi_ms.convert.export import deployment_warnings, mla_config, refit_kv_b
 from youzhi_ms.convert.rorope import (band_moments, describe_bands, qk_moments, query_band_moments, rotation,
                                      uniform_bands, validate_bands)
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.fsutil import atomic_output_dir
+from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
 
 log = logging.getLogger("youzhi_ms.convert")
 
@@ -125,14 +125,46 @@ def _check_options(cfg: SourceConfig, opt: ConvertOptions):
     return rope, c
 
 
-def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
-    """Convert; returns the report dict. `out_dir` appears only when complete."""
+def _inputs(src_dir: str, opt: ConvertOptions) -> list:
+    return [("--hf-dir", src_dir), ("--calib-text", opt.calib_text)]
+
+
+def _work_dir(out_dir: str) -> str:
+    out = os.path.abspath(out_dir)
+    return os.path.join(os.path.dirname(out), "." + os.path.basename(out) + ".partial")
+
+
+def convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool = False) -> dict:
+    """Convert; returns the report dict. `out_dir` appears only when complete; `overwrite` lets it replace an earlier
+    youzhi_ms output (see fsutil for the rule).
+
+    The work directory (finished layers, for resuming) is kept after a failure only if it holds a finished layer, and
+    the error says so; otherwise nothing is left behind."""
+    check_output_dir(out_dir, overwrite, _inputs(src_dir, opt))
+    work = _work_dir(out_dir)
+    try:
+        return _convert(src_dir, out_dir, opt, overwrite)
+    except BaseException as exc:
+        done = len(_read_records(work)[0]) if os.path.isfile(os.path.join(work, "meta.json")) else 0
+        if done == 0:
+            if os.path.isfile(os.path.join(work, "meta.json")):
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        note = (f"{done} converted layer(s) are kept in {work}: run the same command again to resume there, or "
+                "delete that directory")
+        if isinstance(exc, YouzhiError):
+            raise YouzhiError(f"{exc} ({note})") from None
+        log.warning("stopped: %s", note)
+        raise
+
+
+def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -> dict:
     t0 = time.time()
     ck = HFCheckpoint(src_dir)
     cfg = SourceConfig.from_hf(ck.config)
     rope, c = _check_options(cfg, opt)
     if opt.freqfold == "auto":
-        return _auto(src_dir, out_dir, opt, cfg)
+        return _auto(src_dir, out_dir, opt, cfg, overwrite)
     H, kv, d, D, r = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, opt.kv_lora_rank
     if opt.calib_ids is not None:
         ids = np.asarray(opt.calib_ids)
@@ -155,8 +187,7 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
 
     # Per-layer results go to a work directory next to the output, so an interrupted conversion resumes at the first
     # unfinished layer (same options and source); the output directory itself appears only when complete.
-    work = os.path.join(os.path.dirname(os.path.abspath(out_dir)), "." + os.path.basename(os.path.abspath(out_dir))
-                        + ".partial")
+    work = _work_dir(out_dir)
     fingerprint = {"source": os.path.abspath(src_dir), "options": {k: v for k, v in opt.__dict__.items()
                                                                    if k not in ("progress", "calib_ids")},
                    "calib_sha": hashlib.sha256(np.ascontiguousarray(ids, np.int64).tobytes()).hexdigest()}
@@ -271,7 +302,7 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
     config = mla_config(ck.config, H, d, rope, r, opt.export, has_q_bias, has_kv_bias, youzhi)
     for wmsg in report["warnings"]:
         log.warning(wmsg)
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, overwrite, _inputs(src_dir, opt)) as tmp:
         writer = ShardedWriter(tmp, dtype=opt.out_dtype, max_shard_bytes=1 << 30)
         _write_tensors(writer, ck, cfg, work, opt.progress)
         writer.close()
@@ -285,22 +316,38 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
     return report
 
 
+def _read_records(work: str):
+    """(records, lines) of records.jsonl."""
+    path = os.path.join(work, "records.jsonl")
+    if not os.path.isfile(path):
+        return [], []
+    lines = [ln for ln in open(path) if ln.strip()]
+    return [LayerRecord(**json.loads(ln)) for ln in lines], lines
+
+
 def _resume(work: str, fingerprint: dict):
     """(records, hidden states) of a matching unfinished conversion, else a fresh work dir and ([], None)."""
     meta = os.path.join(work, "meta.json")
     if os.path.isfile(meta):
         try:
-            same = json.load(open(meta)) == json.loads(json.dumps(fingerprint))
-        except ValueError:
+            with open(meta, encoding="utf-8") as f:
+                same = json.load(f) == json.loads(json.dumps(fingerprint))
+        except (OSError, ValueError):
             same = False
         if same:
-            recs = []
-            if os.path.isfile(os.path.join(work, "records.jsonl")):
-                recs = [LayerRecord(**json.loads(ln)) for ln in open(os.path.join(work, "records.jsonl")) if ln.strip()]
+            recs, lines = _read_records(work)
             hid = os.path.join(work, f"hidden_{len(recs):05d}.npy")
             if recs and os.path.isfile(hid):
-                return recs, np.load(hid, allow_pickle=False)
+                try:
+                    h = np.load(hid, allow_pickle=False)
+                except (OSError, ValueError):
+                    h = None
+                if h is not None:
+                    return recs, h
         log.info("discarding an unfinished conversion with other options in %s", work)
+    elif os.path.isdir(work) and os.listdir(work):
+        raise YouzhiError(f"{work} exists but is not a youzhi_ms conversion work directory (no meta.json); the "
+                          "conversion keeps its resumable state there: move that directory away")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     write_json(meta, fingerprint)
@@ -346,7 +393,7 @@ def _copy(writer, ck: HFCheckpoint, name: str) -> None:
         writer.add_blocks(name, ck.shape(name), ck.row_blocks(name))
 
 
-def _auto(src_dir: str, out_dir: str, opt: ConvertOptions, cfg: SourceConfig) -> dict:
+def _auto(src_dir: str, out_dir: str, opt: ConvertOptions, cfg: SourceConfig, overwrite: bool) -> dict:
     """TransMLA's uniform search: F = c, 2c, ... while calibration perplexity of the converted model improves."""
     import dataclasses
     import shutil
@@ -385,7 +432,7 @@ def _auto(src_dir: str, out_dir: str, opt: ConvertOptions, cfg: SourceConfig) ->
         write_json(cfg_path, conf)
         from youzhi_ms.convert.report import write_markdown
         write_markdown(report, os.path.join(best_dir, "conversion_report.md"))
-        with atomic_output_dir(out_dir) as tmp:
+        with atomic_output_dir(out_dir, overwrite, _inputs(src_dir, opt)) as tmp:
             os.rmdir(tmp)
             shutil.move(best_dir, tmp)
     finally:

@@ -89,16 +89,18 @@ def build_manifest(cfg, model_dir: str, batch: int, max_seq_len: int) -> dict:
 
 
 def export_mindir(model_dir: str, out_dir: str, batch: int = 1, max_seq_len: Optional[int] = None,
-                  verify: bool = False, log=print) -> dict:
+                  verify: bool = False, log=print, overwrite: bool = False) -> dict:
     """Export prefill + decode graphs of a source (GQA) or converted (MLA) model directory; returns the manifest."""
     import mindspore as ms
     from mindspore import ops
 
     from youzhi_ms.checkpoint.hf import copy_side_files, read_config, write_json
     from youzhi_ms.checkpoint.mindspore_ckpt import load_model
-    from youzhi_ms.fsutil import atomic_output_dir
+    from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
     from youzhi_ms.models.gqa import DecodeCell, PrefillCell
 
+    inputs = [("--model", model_dir)]
+    check_output_dir(out_dir, overwrite, inputs)
     cfg = load_any_config(read_config(model_dir))
     if max_seq_len is None:
         max_seq_len = min(DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings)
@@ -110,7 +112,7 @@ def export_mindir(model_dir: str, out_dir: str, batch: int = 1, max_seq_len: Opt
     model, cfg = load_model(model_dir, table_len=max_seq_len)
     manifest = build_manifest(cfg, model_dir, batch, max_seq_len)
     _, shapes, _ = cache_layout(cfg, batch, max_seq_len)
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
         t0 = time.time()
         ms.export(PrefillCell(model), ms.Tensor(shape=[batch, None], dtype=ms.int32),
                   file_name=os.path.join(tmp, PREFILL_FILE[:-len(".mindir")]), file_format="MINDIR")

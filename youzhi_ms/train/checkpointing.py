@@ -100,7 +100,7 @@ class RunCheckpoints:
         """Write step `step` atomically (`state`: the json-able trainer state; version and time are added), then
         delete all but the newest `keep` complete checkpoints."""
         path = self.step_dir(step)
-        with atomic_output_dir(self.files_dir(path)) as tmp:
+        with atomic_output_dir(self.files_dir(path), True, flag="checkpoint directory", kind="checkpoint") as tmp:
             save_safetensors(os.path.join(tmp, STUDENT_FILE), [(p.name, p.asnumpy()) for p in student_params],
                              dtype="fp32")
             save_safetensors(os.path.join(tmp, OPTIM_FILE), [(p.name, p.asnumpy()) for p in optimizer_params],

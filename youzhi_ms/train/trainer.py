@@ -48,7 +48,7 @@ from youzhi_ms.checkpoint.mindspore_ckpt import hf_state_dict_from_model, load_m
 from youzhi_ms.config import load_any_config
 from youzhi_ms.data.tokenizer import Tokenizer
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.fsutil import atomic_output_dir
+from youzhi_ms.fsutil import atomic_output_dir, check_not_input, check_output_dir, claim_run_dir
 from youzhi_ms.runtime import init_context
 from youzhi_ms.train.checkpointing import RunCheckpoints, rng_from_json, rng_state_to_json
 from youzhi_ms.train.data import (EpochSampler, StudentContinuation, build_dataset, collate, row_rngs,
@@ -63,6 +63,8 @@ from youzhi_ms.train.run_config import callback
 log = logging.getLogger("youzhi_ms.train")
 
 HF_DIR = "hf_model"
+# What a run writes into output_dir: a directory holding anything else is never started over by --overwrite.
+RUN_ENTRIES = ("checkpoint", LOSS_LOG, "loss_curve.png", HF_DIR, "ranks", "run_config.yaml")
 CORRUPT_RETRIES = 1       # recomputations of a GKD step whose loss is out of range
 CORRUPT_STEPS_MAX = 3     # consecutive skipped steps before the run stops (state saved; --resume continues)
 
@@ -315,24 +317,36 @@ class Trainer:
         return int(state["step"])
 
     # ------------------------------------------------------------------------------------------------ outputs
-    def _check_output(self, resume: bool) -> None:
-        """Before anything is loaded: resume needs a checkpoint; a fresh run must not mix into an old output_dir."""
+    def _inputs(self) -> list:
+        return [("model.student", self.student_dir), ("distill.teacher", self.cfg["distill"]["teacher"]),
+                ("train_dataset.data_path", self.cfg["train_dataset"]["data_path"])]
+
+    def _check_output(self, resume: bool, overwrite: bool) -> None:
+        """Before anything is loaded: resume needs a checkpoint; a fresh run must not mix into an old output_dir, and
+        output_dir follows the output rule (fsutil): never an input, never someone else's directory."""
         if resume and not self.checkpoints():
             raise YouzhiError(f"resume requested but {self._ckpt_root()} has no complete checkpoint; run without "
                               "--resume to start from the student directory")
-        if not resume and (self.checkpoints() or os.path.isfile(os.path.join(self.out, LOSS_LOG))):
+        if not resume and not overwrite and (self.checkpoints() or os.path.isfile(os.path.join(self.out, LOSS_LOG))):
             raise YouzhiError(f"output_dir {self.out} already holds a run (checkpoints / {LOSS_LOG}); pass --resume "
-                              "to continue it, or choose another output_dir")
+                              "to continue it, --overwrite to start it over, or choose another output_dir")
+        if resume or not self.is_main:  # other ranks: rank 0 may already have claimed output_dir
+            check_not_input(self.out, self._inputs(), "output_dir")
+        else:
+            check_output_dir(self.out, overwrite, self._inputs(), "output_dir", allowed=RUN_ENTRIES)
+        if resume and self.is_main:
+            # replaced when the resumed run completes: refuse now, not after the training, if it is not ours
+            check_output_dir(os.path.join(self.out, HF_DIR), True, flag="the trained model directory")
 
-    def _prepare_output(self, resume: bool) -> int:
+    def _prepare_output(self, resume: bool, overwrite: bool) -> int:
         """Returns the step to start from (restoring the newest checkpoint when resuming)."""
         start = 0
         if resume:
             start = self.load_checkpoint(self.checkpoints()[-1])
-            if self.is_main:
-                truncate_loss_log(os.path.join(self.out, LOSS_LOG), start)
         if self.is_main:
-            os.makedirs(self.out, exist_ok=True)
+            claim_run_dir(self.out, overwrite, resume, self._inputs(), RUN_ENTRIES)
+            if resume:
+                truncate_loss_log(os.path.join(self.out, LOSS_LOG), start)
             import yaml
             with open(os.path.join(self.out, "run_config.yaml"), "w") as f:
                 yaml.safe_dump(self.cfg, f, sort_keys=False)
@@ -341,7 +355,7 @@ class Trainer:
     def export_hf(self) -> str:
         """The trained student as a Hugging Face directory next to the checkpoints (rank 0)."""
         path = os.path.join(self.out, HF_DIR)
-        with atomic_output_dir(path) as tmp:
+        with atomic_output_dir(path, True, flag="the trained model directory", kind="trained model") as tmp:
             writer = ShardedWriter(tmp, dtype=self.cfg["model"]["save_dtype"])
             for name, arr in hf_state_dict_from_model(self.student, model_kind(self.student_cfg)).items():
                 writer.add(name, arr)
@@ -408,12 +422,13 @@ class Trainer:
         return self.loss_bound is not None and loss > self.loss_bound * (1.0 + 1e-4) + 1e-6
 
     # ------------------------------------------------------------------------------------------------ the loop
-    def run(self, resume: bool = False, progress: Optional[bool] = None) -> Dict[str, Any]:
+    def run(self, resume: bool = False, progress: Optional[bool] = None, overwrite: bool = False) -> Dict[str, Any]:
+        """`overwrite`: start over in an output_dir holding an earlier youzhi_ms run (it is replaced)."""
         resume = resume or self.cfg["resume_training"]
-        self._check_output(resume)
+        self._check_output(resume, overwrite)
         self._setup_models()
         self._setup_data()
-        start = self._prepare_output(resume)
+        start = self._prepare_output(resume, overwrite)
         rc = self.cfg["runner_config"]
         stop_at = rc.get("stop_at_step")
         save_every = (self._callback("CheckpointMonitor") or {}).get("save_checkpoint_steps")
@@ -488,6 +503,7 @@ class Trainer:
         return result
 
 
-def train(cfg: Dict[str, Any], resume: bool = False, progress: Optional[bool] = None) -> Dict[str, Any]:
+def train(cfg: Dict[str, Any], resume: bool = False, progress: Optional[bool] = None,
+          overwrite: bool = False) -> Dict[str, Any]:
     """Run a training job from a validated config (see run_config.load_run_config)."""
-    return Trainer(cfg).run(resume=resume, progress=progress)
+    return Trainer(cfg).run(resume=resume, progress=progress, overwrite=overwrite)
