@@ -317,12 +317,25 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
 
 
 def _read_records(work: str):
-    """(records, lines) of records.jsonl."""
+    """(records, lines): the longest prefix of records.jsonl that parses. A process killed while appending leaves a
+    torn last line; like a database log tail it is dropped, and that layer is converted again."""
     path = os.path.join(work, "records.jsonl")
+    recs, lines = [], []
     if not os.path.isfile(path):
-        return [], []
-    lines = [ln for ln in open(path) if ln.strip()]
-    return [LayerRecord(**json.loads(ln)) for ln in lines], lines
+        return recs, lines
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                if not raw.endswith(b"\n"):
+                    raise ValueError("torn line")
+                rec = LayerRecord(**json.loads(raw.decode("utf-8")))
+                if rec.layer != len(recs):
+                    raise ValueError("out of order")
+            except (ValueError, TypeError):
+                break
+            recs.append(rec)
+            lines.append(raw)
+    return recs, lines
 
 
 def _resume(work: str, fingerprint: dict):
@@ -343,6 +356,7 @@ def _resume(work: str, fingerprint: dict):
                 except (OSError, ValueError):
                     h = None
                 if h is not None:
+                    _rewrite_records(work, lines)
                     return recs, h
         log.info("discarding an unfinished conversion with other options in %s", work)
     elif os.path.isdir(work) and os.listdir(work):
@@ -352,6 +366,14 @@ def _resume(work: str, fingerprint: dict):
     os.makedirs(work)
     write_json(meta, fingerprint)
     return [], None
+
+
+def _rewrite_records(work: str, lines: list) -> None:
+    """records.jsonl cut back to its valid prefix (through a temp file), so later appends follow a whole line."""
+    path = os.path.join(work, "records.jsonl")
+    with open(path + ".tmp", "wb") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
 
 
 def _commit_layer(work: str, i: int, h: np.ndarray, rec: "LayerRecord") -> None:

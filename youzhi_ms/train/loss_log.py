@@ -7,15 +7,42 @@ resume the log is cut back to the checkpoint's step, so the resumed log equals t
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import List, Optional
 
+from youzhi_ms.errors import YouzhiError
+
 LOSS_LOG = "loss_log.jsonl"
+log = logging.getLogger("youzhi_ms.train")
+
+
+def _rows(path: str) -> List[tuple]:
+    """(row, line) pairs. A last line without its newline or not parsing is a torn tail (the process was killed while
+    appending it): it is dropped, as a database drops a torn log tail; the checkpoint the run resumes from is older
+    than that step, so the step is run and logged again. A bad line elsewhere is damage, refused with its number."""
+    with open(path, "rb") as f:
+        lines = [ln for ln in f.readlines() if ln.strip()]
+    out = []
+    for n, raw in enumerate(lines):
+        try:
+            if not raw.endswith(b"\n"):
+                raise ValueError("no newline")
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a loss row")
+        except ValueError:
+            if n == len(lines) - 1:
+                log.warning("%s: dropped a torn last line (the run was killed while writing it)", path)
+                break
+            raise YouzhiError(f"{path}: line {n + 1} is not a loss-log row; the file is damaged: delete that line "
+                              "(or the file) and run again") from None
+        out.append((row, raw.decode("utf-8")))
+    return out
 
 
 def read_loss_log(path: str) -> List[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [row for row, _ in _rows(path)]
 
 
 def append_row(path: str, row: dict) -> None:
@@ -27,9 +54,8 @@ def truncate_loss_log(path: str, step: int) -> None:
     """Keep the rows of steps <= `step` (replaced through a temp file, so an interruption leaves the old log)."""
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
+    rows = [line for row, line in _rows(path) if row["step"] <= step]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(rows)
     os.replace(path + ".tmp", path)
 
