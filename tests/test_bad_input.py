@@ -36,3 +36,65 @@ def test_damaged_loss_log_line_is_refused_with_its_number(tmp_path):
     with pytest.raises(YouzhiError, match="line 2 is not a loss-log row; the file is damaged"):
         truncate_loss_log(str(log), 1)
     assert log.read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------------- tiny models
+V = 96
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny Llama saved by transformers, with a character-level tokenizer, and a text file: (model dir, text)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    base = tmp_path_factory.mktemp("bad_input")
+    d = base / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 bos_token_id=0, eos_token_id=V - 1)).save_pretrained(d)
+    tok = Tokenizer(models.BPE(vocab={chr(i + 33): i for i in range(V - 1)} | {"<|endoftext|>": V - 1}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.save(str(d / "tokenizer.json"))
+    text = base / "text.txt"
+    text.write_text("\n\n".join(f"Paragraph {i} says little but says it {i % 7} times over." * 4 for i in range(200)))
+    return d, text
+
+
+def run_tool(name, *args, signal_after=None):
+    """(returncode, stdout, stderr) of tools/<name> in a fresh process (SIGINT after `signal_after` seconds)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", name), *map(str, args)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if signal_after is not None:
+        time.sleep(signal_after[0])
+        p.send_signal(signal_after[1])
+    out, err = p.communicate(timeout=300)
+    return p.returncode, out, err
+
+
+def one_error(rc_out_err, *expect):
+    rc, out, err = rc_out_err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, (rc, err)
+    for e in expect:
+        assert e in lines[0], lines[0]
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------- interrupts
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_interrupt_is_one_line_and_its_exit_code(tiny, tmp_path, sig, code):
+    """Ctrl-C / SIGTERM while MindSpore starts or computes: one 'interrupted' line, 130 / 143, nothing written (it used
+    to be a page of MindSpore exit-handler tracebacks and SIGABRT, or 143 without a word)."""
+    import signal
+    model, text = tiny
+    rc, _, err = run_tool("eval_ppl.py", "--model", model, "--text", text, "--seq-len", 32,
+                          "--json", tmp_path / "r.json", signal_after=(2.5, getattr(signal, sig)))
+    lines = [ln for ln in err.splitlines() if ln.strip() and "%|" not in ln]
+    assert rc == code and len(lines) == 1 and lines[0].startswith("interrupted"), (rc, err)
+    assert os.listdir(tmp_path) == []
