@@ -17,6 +17,7 @@ import sys
 
 import _bootstrap  # noqa: F401  (this checkout's youzhi_ms, even when another copy is installed)
 
+from youzhi_ms.contract import mla_config  # noqa: E402
 from youzhi_ms.errors import YouzhiError, cli_main  # noqa: E402
 from youzhi_ms.fsutil import (OVERWRITE_HELP, atomic_output_dir, check_output_dir, check_output_file,  # noqa: E402
                               write_json_output)
@@ -153,7 +154,8 @@ def main(argv=None) -> int:
             print(f"warning [{p.name}]: {w}")
 
     if args.write_mla_config:
-        cfg = P.mla_config_dict(P.read_config_file(args.model), shapes[1].kv_lora_rank, shapes[1].qk_rope_head_dim)
+        cfg = mla_config(P.normalize_config(P.read_config_file(args.model)), shapes[1].kv_lora_rank,
+                         shapes[1].qk_rope_head_dim, export="deepseek", torch_dtype=settings.dtype.lower())
         with atomic_output_dir(args.write_mla_config, args.overwrite, inputs, "--write-mla-config",
                                kind="config") as tmp:
             with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -23,7 +23,8 @@ from youzhi_ms.config import SourceConfig, _rope_type, rope_inv_freq, rope_table
 from youzhi_ms.convert import adaptive
 from youzhi_ms.convert.attention_np import gqa_attention, gqa_qkv, linear, mla_attention, rms_norm
 from youzhi_ms.convert.bkv_pca import build_layer, check_rank, input_moments, max_rank, query_moments
-from youzhi_ms.convert.export import deployment_warnings, mla_config, refit_kv_b
+from youzhi_ms.contract import deployment_warnings, mla_config
+from youzhi_ms.convert.export import refit_kv_b
 from youzhi_ms.convert.rorope import (band_moments, describe_bands, qk_moments, query_band_moments, rotation,
                                      uniform_bands, validate_bands)
 from youzhi_ms.errors import YouzhiError
@@ -291,7 +292,6 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
         "cache_values_per_token_per_layer": {"gqa": 2 * L, "mla": r + rope},
         "cache_ratio": 2 * L / (r + rope),
         "layers": [rec.__dict__ for rec in records],
-        "warnings": deployment_warnings(H, kv, r, rope),
         "seconds": round(time.time() - t0, 1),
     }
     youzhi = {"freqfold_mode": opt.freqfold, "freqfold": [rec.bands for rec in records],
@@ -299,7 +299,9 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
               "kv_lora_rank": r, "qk_rope_head_dim": rope, "source_model": os.path.abspath(src_dir),
               "source_architecture": ck.config.get("architectures", ["?"])[0],
               "calibration": report["calibration"]}
-    config = mla_config(ck.config, H, d, rope, r, opt.export, has_q_bias, has_kv_bias, youzhi)
+    config = mla_config(ck.config, r, rope, opt.export, torch_dtype=opt.out_dtype, q_bias=has_q_bias,
+                        kv_bias=has_kv_bias, youzhi=youzhi)
+    report["warnings"] = deployment_warnings(H, r, rope, attention_bias=config["attention_bias"])
     for wmsg in report["warnings"]:
         log.warning(wmsg)
     with atomic_output_dir(out_dir, overwrite, _inputs(src_dir, opt)) as tmp:
