@@ -117,8 +117,15 @@ class RunCheckpoints:
         """Check the saved run signature against `signature`, load weights and moments into the given Parameters
         (by name, shape-checked) and return the saved trainer state."""
         path = self.files_dir(step_dir)
-        with open(os.path.join(path, STATE_FILE)) as f:
-            state = json.load(f)
+        try:
+            with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+                state = json.load(f)
+            if not isinstance(state, dict) or not isinstance(state.get("signature"), dict) or \
+                    not isinstance(state.get("step"), int) or not {"data", "rng"} <= set(state):
+                raise ValueError("fields missing")
+        except (OSError, ValueError) as exc:
+            raise YouzhiError(f"{os.path.join(path, STATE_FILE)} is damaged ({exc}); delete {step_dir} to resume "
+                              "from the checkpoint before it") from None
         check_signature(path, state["signature"], signature)
         _set_params(student_params, os.path.join(path, STUDENT_FILE))
         _set_params(optimizer_params, os.path.join(path, OPTIM_FILE))

@@ -118,11 +118,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ set-up
     def _read_model_configs(self):
         self.student_dir = self.cfg["model"]["student"]
-        self.student_cfg = load_any_config(read_config(self.student_dir))
+        self.student_cfg = load_any_config(read_config(self.student_dir),
+                                           os.path.join(self.student_dir, "config.json"))
         self.teacher_cfg = None
         if self.run_mode == "distill":
             self.teacher_dir = self.cfg["distill"]["teacher"]
-            self.teacher_cfg = load_any_config(read_config(self.teacher_dir))
+            self.teacher_cfg = load_any_config(read_config(self.teacher_dir),
+                                               os.path.join(self.teacher_dir, "config.json"))
             if self.teacher_cfg.vocab_size != self.student_cfg.vocab_size:
                 raise YouzhiError(f"teacher vocab_size {self.teacher_cfg.vocab_size} != student vocab_size "
                                   f"{self.student_cfg.vocab_size}; GKD compares next-token distributions, so both "
