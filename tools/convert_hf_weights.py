@@ -12,13 +12,14 @@ import argparse
 import _bootstrap  # noqa: F401
 
 from youzhi_ms.checkpoint.mindspore_ckpt import convert_dir
+from youzhi_ms.cli import ArgumentParser
 from youzhi_ms.errors import cli_main
 from youzhi_ms.fsutil import OVERWRITE_HELP
 
 
 @cli_main
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input-dir", required=True, help="source directory (config.json + safetensors)")
     ap.add_argument("--output-dir", required=True, help="destination directory (written atomically)")
     ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,

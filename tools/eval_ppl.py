@@ -10,18 +10,20 @@ import argparse
 
 import _bootstrap  # noqa: F401
 
+from youzhi_ms.cli import POSITIVE, ArgumentParser, int_at_least
 from youzhi_ms.errors import cli_main
 from youzhi_ms.fsutil import OVERWRITE_HELP, check_output_file, write_json_output
 
 
 @cli_main
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="Hugging Face (or MindSpore-layout) model directory")
     ap.add_argument("--text", default="wiki-eval", help="wiki-eval | wiki-calib | a .txt or .jsonl file")
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--max-tokens", type=int, default=None, help="truncate the token stream first")
-    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--seq-len", type=int_at_least(2), default=512,
+                    help="window length; every token but a window's first is scored (default 512)")
+    ap.add_argument("--max-tokens", type=int_at_least(2), default=None, help="truncate the token stream first")
+    ap.add_argument("--batch-size", type=POSITIVE, default=1)
     ap.add_argument("--train-checkpoint", default=None, metavar="STEP_DIR",
                     help="evaluate the student weights of a training checkpoint (OUTPUT/checkpoint/step_N) in --model's "
                          "architecture (the student directory the training started from)")

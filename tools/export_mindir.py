@@ -14,17 +14,18 @@ import json
 
 import _bootstrap  # noqa: F401
 
+from youzhi_ms.cli import POSITIVE, ArgumentParser, int_at_least
 from youzhi_ms.errors import cli_main
 from youzhi_ms.fsutil import OVERWRITE_HELP, check_output_dir
 
 
 @cli_main
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="model directory (source or converted)")
     ap.add_argument("--output-dir", required=True)
-    ap.add_argument("--batch", type=int, default=1, help="batch size of both graphs (default 1)")
-    ap.add_argument("--max-seq-len", type=int, default=None,
+    ap.add_argument("--batch", type=POSITIVE, default=1, help="batch size of both graphs (default 1)")
+    ap.add_argument("--max-seq-len", type=int_at_least(2), default=None,
                     help="cache length of the decode graph (default min(2048, max_position_embeddings))")
     ap.add_argument("--verify", action="store_true", help="check the exported graphs against the eager model")
     ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)

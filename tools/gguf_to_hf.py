@@ -10,12 +10,13 @@ import os
 import _bootstrap  # noqa: F401  (this checkout's youzhi_ms, even when another copy is installed)
 
 from youzhi_ms.checkpoint.gguf import SMOLLM2_PIP, gguf_to_hf
+from youzhi_ms.cli import ArgumentParser
 from youzhi_ms.errors import cli_main
 from youzhi_ms.fsutil import OVERWRITE_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Dequantize a Llama GGUF (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors) into a Hugging Face directory: "
                     "config.json, model.safetensors, tokenizer files and the chat template. Q/K rows are put back "
                     "into the Hugging Face rotate_half layout.")

@@ -17,6 +17,7 @@ import sys
 
 import _bootstrap  # noqa: F401  (this checkout's youzhi_ms, even when another copy is installed)
 
+from youzhi_ms.cli import POSITIVE, ArgumentParser, int_at_least, number  # noqa: E402
 from youzhi_ms.contract import mla_config  # noqa: E402
 from youzhi_ms.errors import YouzhiError, cli_main  # noqa: E402
 from youzhi_ms.fsutil import (OVERWRITE_HELP, atomic_output_dir, check_output_dir, check_output_file,  # noqa: E402
@@ -25,34 +26,37 @@ from youzhi_ms.infer import planner as P  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         description="KV-cache concurrency planner: weights, KV bytes/token, paged blocks and vLLM's "
                     "'maximum concurrency' for one card, side by side for two models.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", required=True, help="model directory, config.json or yaml config (the base model)")
     ap.add_argument("--compare", help="a second model (directory or config) to compare against --model")
-    ap.add_argument("--kv-lora-rank", type=int,
+    ap.add_argument("--kv-lora-rank", type=POSITIVE,
                     help="plan a hypothetical GQA->MLA conversion of --model with this kv_lora_rank")
-    ap.add_argument("--qk-rope-dim", type=int, help="qk_rope_head_dim of the hypothetical conversion "
+    ap.add_argument("--qk-rope-dim", type=int_at_least(2), help="qk_rope_head_dim of the hypothetical conversion "
                     "(default: head_dim / 2)")
-    ap.add_argument("--target-ratio", type=float,
+    ap.add_argument("--target-ratio", type=number(0, lo_open=True),
                     help="search the kv_lora_rank whose max-concurrency gain over --model is closest to this")
-    ap.add_argument("--rank-multiple", type=int, default=16, help="ranks tried by --target-ratio are multiples of this")
+    ap.add_argument("--rank-multiple", type=POSITIVE, default=16,
+                    help="ranks tried by --target-ratio are multiples of this")
     ap.add_argument("--rank-mode", choices=("closest", "reach"), default="closest",
                     help="closest: ratio nearest the target; reach: largest rank whose ratio is still >= target")
-    ap.add_argument("--device-memory-gib", type=float, default=64.0, help="memory of one card (Ascend 910B: 64)")
-    ap.add_argument("--memory-utilization", type=float, default=0.9, help="vLLM --gpu-memory-utilization")
-    ap.add_argument("--max-model-len", type=int, default=4096, help="tokens per request")
-    ap.add_argument("--block-size", type=int, default=128, help="tokens per KV block (vLLM-Ascend: 128)")
+    ap.add_argument("--device-memory-gib", type=number(0, lo_open=True), default=64.0,
+                    help="memory of one card (Ascend 910B: 64)")
+    ap.add_argument("--memory-utilization", type=number(0, 1, lo_open=True), default=0.9,
+                    help="vLLM --gpu-memory-utilization")
+    ap.add_argument("--max-model-len", type=POSITIVE, default=4096, help="tokens per request")
+    ap.add_argument("--block-size", type=POSITIVE, default=128, help="tokens per KV block (vLLM-Ascend: 128)")
     ap.add_argument("--dtype", default="bf16", help="weight and activation dtype: bf16, fp16, fp32")
     ap.add_argument("--kv-cache-dtype", help="KV-cache dtype (default: --dtype; also int8/fp8)")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192,
+    ap.add_argument("--max-num-batched-tokens", type=POSITIVE, default=8192,
                     help="tokens in vLLM's profile forward (activation reserve estimate)")
-    ap.add_argument("--max-num-seqs", type=int, default=256,
+    ap.add_argument("--max-num-seqs", type=POSITIVE, default=256,
                     help="sequences in vLLM's sampler profile run (fp32 logits in the activation reserve)")
-    ap.add_argument("--runtime-overhead-gib", type=float, default=1.0,
+    ap.add_argument("--runtime-overhead-gib", type=number(0), default=1.0,
                     help="fixed allowance for runtime workspaces and communication buffers")
-    ap.add_argument("--activation-reserve-gib", type=float,
+    ap.add_argument("--activation-reserve-gib", type=number(0),
                     help="use this activation reserve instead of the estimate (e.g. from a vLLM start-up log)")
     ap.add_argument("--write-mla-config", metavar="DIR",
                     help="with --kv-lora-rank/--target-ratio: write the converted model's DeepSeek-V3 config.json here")

@@ -19,12 +19,13 @@ import json
 
 import _bootstrap  # noqa: F401
 
+from youzhi_ms.cli import ArgumentParser
 from youzhi_ms.errors import YouzhiError, cli_main
 
 
 @cli_main
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="yaml file (yaml_configs/*.yaml)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override one config key (repeatable)")
@@ -35,6 +36,8 @@ def main(argv=None):
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (LossMonitor lines only)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as json and exit")
     args = ap.parse_args(argv)
+    if args.resume and args.overwrite:
+        raise YouzhiError("pass either --resume (continue the run in output_dir) or --overwrite (start it over)")
     from youzhi_ms.train.run_config import load_run_config
     cfg = load_run_config(args.config, args.overrides)
     if args.print_config:
@@ -43,8 +46,6 @@ def main(argv=None):
     import logging
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from youzhi_ms.train.trainer import train
-    if args.resume and args.overwrite:
-        raise YouzhiError("pass either --resume (continue the run in output_dir) or --overwrite (start it over)")
     res = train(cfg, resume=args.resume, progress=False if args.no_progress else None, overwrite=args.overwrite)
     if res["rank"] == 0:
         losses = res["losses"]
