@@ -154,3 +154,10 @@ def test_shipped_mla_configs_are_regenerated_from_the_contract():
         with open(os.path.join(base, dst, "config.json")) as f:
             shipped = json.load(f)
         assert shipped == C.mla_config(C.read_config_json(os.path.join(base, src, "config.json")), r, 64)
+
+
+def test_contract_and_planner_stay_pure_python():
+    """The planner runs anywhere (a laptop before a conversion): neither it nor the contract imports numpy."""
+    code = ("import sys; import youzhi_ms.infer.planner, youzhi_ms.contract; "
+            "sys.exit(sorted({'numpy', 'mindspore', 'torch'} & set(sys.modules)) != [])")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -5,7 +5,6 @@ model made by transformers: every refusal is exit 2 with one `error:` line, and 
 byte-identical afterwards.
 """
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -217,3 +216,17 @@ def test_tools_never_replace_inputs_or_foreign_directories(tiny, tmp_path):
     r = _tool("convert_hf_weights.py", "--input-dir", tiny, "--output-dir", out, "--overwrite")
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(tmp_path)) == ["foreign", "ms"]
+
+
+def test_temp_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path):
+    """SIGKILL leaves the hidden temp sibling behind; the next run writing the same output removes it, but never the
+    temp of a process that is still alive, nor anything not named like its own temps."""
+    import subprocess as sp
+    dead = sp.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (tmp_path / f".out.tmp-{pid}-abc").mkdir()
+    (tmp_path / f".out.tmp-{pid}-abc" / "half.safetensors").write_text("x")
+    (tmp_path / f".out.tmp-1-live").mkdir()  # pid 1 is alive
+    (tmp_path / ".out.tmp-notes").mkdir()
+    _write_into(tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == [".out.tmp-1-live", ".out.tmp-notes", "out"]

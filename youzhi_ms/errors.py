@@ -29,7 +29,18 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _end_progress_bars() -> None:
+    """Close open tqdm bars, so the message starts on its own line instead of after a half-drawn bar."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or ()):
+        try:
+            bar.close()
+        except Exception:  # a bar that cannot be closed must not hide the message
+            pass
+
+
 def _leave(code: int, message: str) -> None:
+    _end_progress_bars()
     print(message, file=sys.stderr)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
@@ -53,12 +64,14 @@ def cli_main(fn):
         except YouzhiError as exc:
             if os.environ.get("YOUZHI_TRACEBACK"):
                 raise
+            _end_progress_bars()
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt as exc:
             term = isinstance(exc, Terminated)
             _leave(143 if term else 130,
-                   f"interrupted ({'SIGTERM' if term else 'Ctrl-C'}): the output in progress was discarded, finished ones "
-                   "are kept; convert_gqa_to_mla.py (same command) and train.py --resume continue where they stopped")
+                   f"interrupted ({'SIGTERM' if term else 'Ctrl-C'}): the output in progress was discarded, finished "
+                   "ones are kept; convert_gqa_to_mla.py (same command) and train.py --resume continue where they "
+                   "stopped")
 
     return wrapper

@@ -13,7 +13,9 @@ The output rule every tool follows (README, "Output paths"):
 
 The checks run twice: when the tool parses its arguments (so a bad path fails before any computation) and right
 before the final rename (something may have appeared at the path meanwhile). A directory is written into a hidden
-temp sibling and renamed into place only when complete, so an interrupted job leaves no half-written output.
+temp sibling and renamed into place only when complete, so an interrupted job leaves no half-written output; the temp
+sibling is removed on any error or interrupt, and one left by a killed process (SIGKILL) is removed by the next run
+writing the same output.
 """
 from __future__ import annotations
 
@@ -172,6 +174,37 @@ def check_output_file(path: str, overwrite: bool = False, inputs: Inputs = (), f
     return real
 
 
+def _temp_prefix(real: str) -> str:
+    """Temp siblings carry the writer's pid, so a later run can tell the leftovers of a killed one (SIGKILL, power
+    loss: nothing could clean up) from the temp files of a job still running, and remove only the former."""
+    return f".{os.path.basename(real)}.tmp-{os.getpid()}-"
+
+
+def _remove_stale_temps(real: str) -> None:
+    parent, base = os.path.dirname(real), f".{os.path.basename(real)}.tmp-"
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(base):].split("-", 1)[0]
+        if not name.startswith(base) or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running (or the pid was reused): leave it
+        except ProcessLookupError:
+            pass
+        except OSError:  # e.g. another user's live process
+            continue
+        path = os.path.join(parent, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.isfile(path):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
 def _swap_in(tmp: str, real: str) -> None:
     """Rename `tmp` to `real`; a directory already there (checked replaceable) is moved aside first, then deleted."""
     parent = os.path.dirname(real)
@@ -203,7 +236,8 @@ def atomic_output_dir(path: str, overwrite: bool = False, inputs: Inputs = (), f
     real = check_output_dir(path, overwrite, inputs, flag, legacy_marker)
     parent = os.path.dirname(real)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(real)}.tmp-", dir=parent)
+    _remove_stale_temps(real)
+    tmp = tempfile.mkdtemp(prefix=_temp_prefix(real), dir=parent)
     try:
         yield tmp
         check_output_dir(path, overwrite, inputs, flag, legacy_marker)
@@ -221,7 +255,8 @@ def atomic_output_file(path: str, overwrite: bool = False, inputs: Inputs = (), 
     real = check_output_file(path, overwrite, inputs, flag)
     parent = os.path.dirname(real)
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(real)}.tmp-", dir=parent)
+    _remove_stale_temps(real)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(real), dir=parent)
     os.close(fd)
     try:
         yield tmp
