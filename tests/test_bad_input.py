@@ -443,6 +443,23 @@ def test_class_options_and_files_through_tools(tiny, tmp_path):
     assert digest(model, text, tmp_path) == before
 
 
+def test_training_output_dir_follows_the_output_rule(tiny, tmp_path):
+    """#11.1 for training's output_dir: inside the student, or a foreign folder even with --overwrite: refused before
+    any model is loaded, nothing touched."""
+    model, text = tiny
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    before = digest(model, tmp_path)
+    common = ["--config", os.path.join(ROOT, "yaml_configs", "distill_smollm2_mla.yaml"), "--set",
+              f"model.student={model}", "--set", f"distill.teacher={model}", "--set", f"train_dataset.data_path={text}",
+              "--set", "runner_config.seq_length=32"]
+    one_error(run_tool("train.py", *common, "--set", f"output_dir={model / 'run'}"), "lies inside the input")
+    one_error(run_tool("train.py", *common, "--set", f"output_dir={foreign}", "--overwrite"),
+              "not replaced even with --overwrite", "notes.txt")
+    assert digest(model, tmp_path) == before
+
+
 def test_prompt_beyond_the_context_through_generate(tiny):
     """#11.2: a prompt plus --max-new-tokens past max_position_embeddings (64) is refused with the numbers."""
     model, _ = tiny
