@@ -156,6 +156,7 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool = F
         if isinstance(exc, YouzhiError):
             raise YouzhiError(f"{exc} ({note})") from None
         log.warning("stopped: %s", note)
+        exc.add_note(note)
         raise
 
 
