@@ -156,14 +156,45 @@ def test_unknown_yaml_key_names_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("args,expect", [
-    (["tools/train.py --config x.yaml", "1"], "WORKER_NUM=1: msrun is for several workers; use python instead"),
-    (["tools/train.py --config x.yaml", "2", "2"], "expected 1, 2, 6 or 9 arguments, got 3"),
-    ([], "expected 1, 2, 6 or 9 arguments, got 0"),
+    (["tools/train.py --config x.yaml", "2", "2"], "expected 1, 2, 6 or 9 arguments"),
+    ([], "expected 1, 2, 6 or 9 arguments"),
     (["tools/train.py", "two"], "WORKER_NUM must be a non-negative integer"),
-    (["tools/train.py", "2", "4", "127.0.0.1", "8118", "0"], "LOCAL_WORKER (4) <= WORKER_NUM (2)"),
+    (["tools/train.py", "2", "8118", "LOG", "yes", "7200"], "JOIN must be True or False, got 'yes'"),
+    (["tools/train.py", "2", "8118", "LOG", "True", "soon"], "CLUSTER_TIME_OUT must be an integer"),
+    (["tools/train.py", "2", "4", "127.0.0.1", "8118", "0", "LOG", "True", "60"], "LOCAL_WORKER (4) <= WORKER_NUM (2)"),
+    (["tools/train.py", "0"], "WORKER_NUM must be at least 1"),
 ])
-def test_msrun_launcher_argument_contract(args, expect):
+def test_msrun_launcher_refuses_bad_arguments(args, expect):
     import subprocess
     r = subprocess.run(["bash", "run_scripts/msrun_launcher.sh", *args], cwd=ROOT, capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 2 and expect in r.stderr, r.stderr
+
+
+_MSRUN = "--worker_num={} --local_worker_num={}"
+_TAIL = "--master_port={} --log_dir={} --join={} --cluster_time_out={} tools/train.py --config x.yaml"
+
+
+@pytest.mark.parametrize("args,expect", [
+    # MindFormers' four forms and its defaults (8 workers, port 8118, output/msrun_log, JOIN False, 7200 s); the
+    # one-node forms leave master address and node rank to msrun, the multi-node form passes them
+    ([], _MSRUN.format(8, 8) + " " + _TAIL.format(8118, "output/msrun_log", "False", 7200)),
+    (["4"], _MSRUN.format(4, 4) + " " + _TAIL.format(8118, "output/msrun_log", "False", 7200)),
+    (["4", "9000", "LOGS", "True", "60"], _MSRUN.format(4, 4) + " " + _TAIL.format(9000, "LOGS", "True", 60)),
+    (["16", "8", "10.0.0.1", "9000", "1", "LOGS", "false", "-1"],
+     _MSRUN.format(16, 8) + " --master_addr=10.0.0.1 --node_rank=1 " + _TAIL.format(9000, "LOGS", "False", -1)),
+    (["8", "8", "10.0.0.1", "9000", "0", "LOGS", "True", "60"],  # all workers local: one node
+     _MSRUN.format(8, 8) + " " + _TAIL.format(9000, "LOGS", "True", 60)),
+    (["1"], _MSRUN.format(1, 1) + " " + _TAIL.format(8118, "output/msrun_log", "False", 7200)),
+])
+def test_msrun_launcher_mindformers_forms(tmp_path, args, expect):
+    """The msrun command line each form produces (a recording stand-in for msrun via YOUZHI_MSRUN)."""
+    import subprocess
+    fake = tmp_path / "msrun"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, YOUZHI_MSRUN=str(fake))
+    r = subprocess.run(["bash", os.path.join(ROOT, "run_scripts/msrun_launcher.sh"), "tools/train.py --config x.yaml",
+                        *args], cwd=tmp_path, capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == expect

@@ -7,7 +7,9 @@ sft), configured by a MindFormers-style yaml.
       --set runner_config.max_steps=200 --set output_dir=output/gkd_smollm2 [--resume]
 
   data parallel on CPU (2 workers; msrun starts `python` from PATH, the launcher puts .venv/bin first):
-  bash run_scripts/msrun_launcher.sh "tools/train.py --config yaml_configs/distill_smollm2_mla.yaml" 2
+  bash run_scripts/msrun_launcher.sh "tools/train.py --config yaml_configs/distill_smollm2_mla.yaml" 2 8118 \\
+      output/msrun_log True 7200
+  (MindFormers' 6-argument form; JOIN True waits for the workers, the default False returns at once)
 
 --set section.key=value overrides one yaml key (repeatable; values parsed as yaml scalars; callbacks as
 callbacks.CheckpointMonitor.save_checkpoint_steps=50). Unknown keys are refused. --resume continues from the newest
