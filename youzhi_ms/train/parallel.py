@@ -15,10 +15,13 @@ with `N = batch * seq` split by data parallel:
                                                    ((dp, 1), (mp, 1))    (vocab rows split over mp)
 
 With `use_seq_parallel` the row-parallel outputs are reduce-scattered along the sequence (MindFormers' sequence
-parallel); this only changes the recorded strategy of the row-parallel layers' output.
+parallel); this only changes the recorded strategy of the row-parallel layers' output (the sharded model refuses it).
 
+`build_semi_auto_step` turns a plan into the compiled training step: `sharded_model.py` realises this table operator
+by operator (tools/dryrun.py checks every compiled parameter slice against it), `parallel_step.py` is the update.
 MindSpore's CPU backend has no semi-auto / auto parallel (measured: "Invalid communication backend: CPU ... only
-support Ascend/GPU"), so model_parallel or pipeline_stage > 1 is refused on CPU by `check_world`.
+support Ascend/GPU"), so model_parallel or pipeline_stage > 1 is refused on CPU by `check_world`; on a machine without
+Ascend hardware the step is compiled (never run) by tools/dryrun.py under MindSpore's DryRun.
 """
 from __future__ import annotations
 
@@ -118,6 +121,66 @@ def _model_table(dims: dict, dp: int, mp: int, pp: int, seq_par: bool, vocab_dp:
     return table, stages
 
 
+def param_shapes(cfg) -> Dict[str, Tuple[int, ...]]:
+    """{parameter name: full shape} of the model a config describes, with the names models/ and sharded_model.py
+    give (MindFormers'); no MindSpore needed (the dry run's parent process and its unsharded byte count)."""
+    def get(k, default=None):
+        return _get(cfg, k, default)
+    dims = _model_dims(cfg)
+    D, inter, V = int(get("hidden_size")), dims["inter"], dims["vocab"]
+    H = dims["heads"]
+    shapes: Dict[str, Tuple[int, ...]] = {"embedding.word_embeddings.weight": (V, D),
+                                          "decoder.final_layernorm.weight": (D,)}
+    if not dims["tied"]:
+        shapes["output_layer.weight"] = (V, D)
+    for i in range(dims["layers"]):
+        p = f"decoder.layers.{i}."
+        a = p + "self_attention."
+        shapes[p + "input_layernorm.weight"] = (D,)
+        shapes[p + "pre_mlp_layernorm.weight"] = (D,)
+        shapes[p + "mlp.gating.weight"] = (inter, D)
+        shapes[p + "mlp.hidden.weight"] = (inter, D)
+        shapes[p + "mlp.linear_fc2.weight"] = (D, inter)
+        if dims["mla"]:
+            yz = get("youzhi") or {}
+            nope, rope, vd, r = (int(get("qk_nope_head_dim")), int(get("qk_rope_head_dim")), int(get("v_head_dim")),
+                                 int(get("kv_lora_rank")))
+            bias = bool(get("attention_bias", False))
+            if dims["q_lora"]:
+                q = int(dims["q_lora"])
+                shapes[a + "linear_q_down_proj.weight"] = (q, D)
+                if bias:
+                    shapes[a + "linear_q_down_proj.bias"] = (q,)
+                shapes[a + "q_layernorm.weight"] = (q,)
+                shapes[a + "linear_q_up_proj.weight"] = (H * (nope + rope), q)
+            else:
+                shapes[a + "linear_q_proj.weight"] = (H * (nope + rope), D)
+                if yz.get("q_proj_bias"):
+                    shapes[a + "linear_q_proj.bias"] = (H * (nope + rope),)
+            shapes[a + "linear_kv_down_proj.weight"] = (r + rope, D)
+            if bias:
+                shapes[a + "linear_kv_down_proj.bias"] = (r + rope,)
+            if not yz.get("no_kv_layernorm"):
+                shapes[a + "kv_layernorm.weight"] = (r,)
+            shapes[a + "linear_kv_up_proj.weight"] = (H * (nope + vd), r)
+            shapes[a + "linear_proj.weight"] = (D, H * vd)
+            if bias:
+                shapes[a + "linear_proj.bias"] = (D,)
+        else:
+            hd = int(get("head_dim") or D // H)
+            kv = dims["kv_heads"]
+            qkv_bias = get("model_type") == "qwen2" or bool(get("attention_bias", False))
+            o_bias = get("model_type") != "qwen2" and bool(get("attention_bias", False))
+            for n, rows in (("linear_q", H * hd), ("linear_k", kv * hd), ("linear_v", kv * hd)):
+                shapes[a + n + ".weight"] = (rows, D)
+                if qkv_bias:
+                    shapes[a + n + ".bias"] = (rows,)
+            shapes[a + "linear_proj.weight"] = (D, H * hd)
+            if o_bias:
+                shapes[a + "linear_proj.bias"] = (D,)
+    return shapes
+
+
 def plan_parallel(parallel_config: dict, student_cfg, teacher_cfg=None, world_size: Optional[int] = None) \
         -> ParallelPlan:
     """The layout for `parallel_config` (MindFormers keys). data_parallel None means world_size / (mp * pp)."""
@@ -168,24 +231,92 @@ def check_world(plan: ParallelPlan, world_size: int, device_target: str) -> None
             "parallel_config.data_parallel: null to use all workers")
 
 
-def apply_plan(plan: ParallelPlan, cells_by_name: dict) -> None:
-    """Ascend only (semi-auto parallel): attach the table to the cells with `Cell.shard` and set pipeline stages.
+def param_groups(params, cfg: dict):
+    """(trainable parameters, learning-rate group of each, weight decay of each), by the trainer's rules:
+    model.trainable 'attention' keeps the self_attention parameters; lr_schedule.kv_layernorm_learning_rate (if set)
+    is group 1 for the kv_layernorm weights; no decay on 1-D parameters (norms, biases)."""
+    params = list(params)
+    if cfg["model"]["trainable"] == "attention":
+        train = [p for p in params if ".self_attention." in p.name]
+    else:
+        train = params
+    if not train:
+        raise YouzhiError("model.trainable selects no parameters")
+    kv_lr = cfg["lr_schedule"].get("kv_layernorm_learning_rate")
+    groups = [1 if kv_lr is not None and ".kv_layernorm." in p.name else 0 for p in train]
+    wd = float(cfg["optimizer"]["weight_decay"])
+    decays = [wd if len(p.shape) >= 2 else 0.0 for p in train]
+    return train, groups, decays
 
-    `cells_by_name` maps a cell name of the table / stage map to the cell (e.g. `dict(net.cells_and_names())`).
-    Used with parallel_mode auto_parallel + sharding propagation (Cell.shard fixes the linears, the ops in between
-    are derived). NOT exercised here: MindSpore's CPU backend has no semi-auto / auto parallel and no Ascend machine
-    was available, so this function has never run; the strategy table itself is what the tests check.
-    """
-    for name, strategy in plan.strategies.items():
-        cell = cells_by_name.get(name)
-        if cell is None:
-            continue
-        act, weight = strategy[0], strategy[1]
-        if name.endswith("word_embeddings"):  # ids [B, S]
-            cell.shard(in_strategy=((act[0], 1),), parameter_plan={"self.weight": weight})
-        else:  # x [B, S, in]: batch split by dp, features as in the 2-D layout
-            cell.shard(in_strategy=((act[0], 1, act[1]),), parameter_plan={"self.weight": weight})
-    for name, stage in plan.stages.items():
-        cell = cells_by_name.get(name)
-        if cell is not None:
-            cell.pipeline_stage = stage
+
+def local_rows(cfg: dict, plan: ParallelPlan) -> int:
+    """Rows of one step's batch on one data-parallel rank: batch_size per pipeline micro-batch."""
+    rows = int(cfg["runner_config"]["batch_size"])
+    return rows * plan.micro_batch_num if plan.pipeline_stage > 1 else rows
+
+
+def check_semi_auto(cfg: dict, plan: ParallelPlan) -> None:
+    """What the sharded step does not do, refused before anything is built."""
+    if plan.use_seq_parallel:
+        raise YouzhiError("parallel_config.use_seq_parallel is not implemented by youzhi_ms's sharded model; set it "
+                          "to false")
+    accum = int(cfg["runner_config"]["gradient_accumulation_steps"])
+    if accum != 1:
+        how = ("the pipeline micro-batches are the accumulation: set gradient_accumulation_steps: 1 and "
+               f"micro_batch_num: {plan.micro_batch_num * accum}") if plan.pipeline_stage > 1 else \
+            "raise batch_size instead, or use pipeline stages (their micro-batches are the accumulation)"
+        raise YouzhiError(f"runner_config.gradient_accumulation_steps={accum} under model/pipeline parallel: one "
+                          f"optimizer step is one compiled graph; {how}")
+    if cfg["parallel"]["enable_parallel_optimizer"] and plan.data_parallel == 1:
+        raise YouzhiError("parallel.enable_parallel_optimizer shards the optimizer over the data-parallel replicas, "
+                          "and data_parallel is 1; set it to false or raise data_parallel")
+
+
+def build_semi_auto_step(cfg: dict, plan: ParallelPlan, student_cfg, teacher_cfg, rank: int, world: int,
+                         use_fused: bool = True, strategy_file: Optional[str] = None):
+    """The training step of a model / pipeline parallel run, as MindSpore compiles it on every rank:
+    sharded student (+ teacher) and loss (sharded_model.py), pipeline stages, optional recompute of the student's
+    layers, AdamW with clipping (parallel_step.py), wrapped in MindSpore's AutoParallel (semi_auto; pipeline stages;
+    dataset strategy: the batch split over data parallel, replicated over model parallel; optimizer sharding when
+    parallel.enable_parallel_optimizer). Used by the trainer (Ascend) and by tools/dryrun.py (compile only).
+
+    Returns (parallel_net, step, student, teacher). Call `step.set_hyper(...)` before each `parallel_net(ids,
+    labels, loss_mask)`; inputs are [local_rows(cfg, plan), seq_length] on every rank."""
+    check_semi_auto(cfg, plan)
+    from mindspore.parallel.auto_parallel import AutoParallel
+    from youzhi_ms.train.losses import jsd_upper_bound
+    from youzhi_ms.train.parallel_step import ShardedStep, ShardedUpdateCore
+    from youzhi_ms.train.sharded_model import build_sharded
+    d = cfg["distill"]
+    distill = cfg["run_mode"] == "distill"
+    dp, mp, pp = plan.data_parallel, plan.model_parallel, plan.pipeline_stage
+    loss_net, student, teacher = build_sharded(student_cfg, teacher_cfg if distill else None,
+                                               cfg["runner_config"]["seq_length"], dp, mp, plan.vocab_emb_dp,
+                                               use_fused, beta=d["beta"], temperature=d["temperature"])
+    if pp > 1:
+        student.set_stages(pp)
+        if teacher is not None:
+            teacher.set_stages(pp)
+    if cfg["recompute_config"]["recompute"]:
+        for layer in student.decoder.layers:
+            layer.recompute()
+    train, groups, decays = param_groups(student.get_parameters(), cfg)
+    chosen = {id(p) for p in train}
+    for p in student.get_parameters():
+        p.requires_grad = id(p) in chosen
+    opt = cfg["optimizer"]
+    core = ShardedUpdateCore(train, groups, decays, tuple(opt["betas"]), opt["eps"], opt["max_grad_norm"])
+    bound = jsd_upper_bound(d["beta"]) if distill else None
+    shard_opt = bool(cfg["parallel"]["enable_parallel_optimizer"])
+    step = ShardedStep(loss_net, core, max(groups) + 1, pp, plan.micro_batch_num, bound, rank, world, shard_opt)
+    step.set_train()
+    net = AutoParallel(step, parallel_mode="semi_auto")
+    if pp > 1:
+        net.pipeline(stages=pp)
+    net.dataset_strategy(((dp, 1), (dp, 1), (dp, 1)))
+    if shard_opt:
+        net.hsdp()
+    if strategy_file:
+        net.disable_strategy_file_only_for_trainable_params()
+        net.save_param_strategy_file(strategy_file)
+    return net, step, student, teacher

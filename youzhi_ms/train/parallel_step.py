@@ -99,7 +99,8 @@ class ShardedStep(nn.Cell):
     then locate this rank's stage (only the last one computes the loss) and its peers in the other stages."""
 
     def __init__(self, loss_net, core: ShardedUpdateCore, num_groups: int = 1, pipeline_stage: int = 1,
-                 micro_batch_num: int = 1, loss_bound: Optional[float] = None, rank: int = 0, world: int = 1):
+                 micro_batch_num: int = 1, loss_bound: Optional[float] = None, rank: int = 0, world: int = 1,
+                 optimizer_shard: bool = False):
         super().__init__(auto_prefix=False)
         self.pipeline = pipeline_stage > 1
         self.net = nn.PipelineCell(loss_net, micro_batch_num) if self.pipeline else loss_net
@@ -110,7 +111,7 @@ class ShardedStep(nn.Cell):
                                requires_grad=False)
         self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
         if self.pipeline:
-            self.pp_reducer = nn.PipelineGradReducer(self.params)
+            self.pp_reducer = nn.PipelineGradReducer(self.params, opt_shard=optimizer_shard)
         self.bounded = loss_bound is not None
         self.limit = float(loss_bound) * (1.0 + 1e-4) + 1e-6 if self.bounded else 0.0
         self.last_stage = (not self.pipeline) or rank // (world // pipeline_stage) == pipeline_stage - 1

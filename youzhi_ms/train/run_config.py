@@ -7,7 +7,8 @@ parsed as yaml scalars (`3` -> int, `1e-4` -> float, `true` -> bool, `null` -> N
 Sections (MindFormers names where MindFormers has the concept):
   seed, output_dir, run_mode (distill | sft), resume_training
   context          mode (GRAPH_MODE | PYNATIVE_MODE), device_target (CPU | Ascend | GPU), max_device_memory
-  parallel         parallel_mode (data_parallel | semi_auto_parallel)
+  parallel         parallel_mode (data_parallel | semi_auto_parallel), enable_parallel_optimizer (semi-auto: shard the
+                   AdamW moments and the weights over the data-parallel replicas)
   parallel_config  data_parallel (null = all workers), model_parallel, pipeline_stage, micro_batch_num,
                    use_seq_parallel, vocab_emb_dp
   model            student (converted MLA Hugging Face dir), trainable (all | attention), save_dtype
@@ -21,6 +22,9 @@ Sections (MindFormers names where MindFormers has the concept):
   train_dataset    data_path (wiki-calib | wiki-eval | .txt | .jsonl), format (auto | packed | chat), shuffle,
                    max_tokens (truncate a packed token stream)
   distill          teacher (source GQA Hugging Face dir), beta, lmbda, temperature, max_new_tokens, top_p
+  recompute_config recompute (semi-auto: recompute every student decoder layer in the backward pass)
+  dry_run          student_config / teacher_config: a config.json (or its directory) giving the model shapes to
+                   tools/dryrun.py when model.student / distill.teacher are not on the machine
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ DEFAULTS: Dict[str, Any] = {
     "run_mode": "distill",
     "resume_training": False,
     "context": {"mode": "GRAPH_MODE", "device_target": "CPU", "max_device_memory": None},
-    "parallel": {"parallel_mode": "data_parallel"},
+    "parallel": {"parallel_mode": "data_parallel", "enable_parallel_optimizer": False},
     "parallel_config": {"data_parallel": None, "model_parallel": 1, "pipeline_stage": 1, "micro_batch_num": 1,
                         "use_seq_parallel": False, "vocab_emb_dp": True},
     "model": {"student": None, "trainable": "all", "save_dtype": "fp32"},
@@ -58,6 +62,8 @@ DEFAULTS: Dict[str, Any] = {
     "callbacks": [dict(type=k, **v) for k, v in CALLBACK_DEFAULTS.items()],
     "train_dataset": {"data_path": "wiki-calib", "format": "auto", "shuffle": True, "max_tokens": None},
     "distill": {"teacher": None, "beta": 0.5, "lmbda": 0.5, "temperature": 0.9, "max_new_tokens": 128, "top_p": 1.0},
+    "recompute_config": {"recompute": False},
+    "dry_run": {"student_config": None, "teacher_config": None},
 }
 
 RUN_MODES = ("distill", "sft")
@@ -235,6 +241,9 @@ def validate(cfg: Dict[str, Any]) -> None:
     _need(cfg["parallel"]["parallel_mode"] in ("data_parallel", "semi_auto_parallel"),
           f"parallel.parallel_mode must be data_parallel or semi_auto_parallel, got "
           f"{cfg['parallel']['parallel_mode']!r}")
+    for section, key in (("parallel", "enable_parallel_optimizer"), ("recompute_config", "recompute"),
+                         ("parallel_config", "use_seq_parallel"), ("parallel_config", "vocab_emb_dp")):
+        _need(isinstance(cfg[section][key], bool), f"{section}.{key} must be true or false, got {cfg[section][key]!r}")
     _int(cfg, "parallel_config", "data_parallel", 1, allow_none=True)
     for k in ("model_parallel", "pipeline_stage", "micro_batch_num"):
         _int(cfg, "parallel_config", k, 1)

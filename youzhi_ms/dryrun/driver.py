@@ -1,0 +1,351 @@
+"""The dry run of a model / pipeline parallel training plan: check the plan, compile one rank per pipeline stage with
+MindSpore's parallel compiler under DryRun (compile_rank.py, one child process each), and turn the compiled slices
+into the per-rank memory table (memory.py) against the 64 GB of an Ascend 910B card.
+
+A rank's memory depends only on its pipeline stage (the ranks of one stage hold slices of equal size), so the first
+rank of every stage is compiled ("rank roles"); `rank=` compiles one given rank instead. Without CANN the children load
+the compile-only stand-in (cann_standin.py); with CANN installed they use it, and `level=1` asks MindSpore for its own
+memory statistics (DryRun level 1; not available with the stand-in).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+from youzhi_ms.errors import YouzhiError
+from youzhi_ms.dryrun import memory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass
+class DryRunResult:
+    report: dict
+    table: str
+    fits: bool
+    limit_bytes: int
+    worst: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ model shapes
+def _read_config_json(path: str, what: str) -> dict:
+    p = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(p):
+        raise YouzhiError(f"{what}: {p} does not exist; give a config.json or a model directory that holds one")
+    from youzhi_ms.checkpoint.hf import read_config
+    return read_config(os.path.dirname(p)) if os.path.basename(p) == "config.json" else _load_json(p, what)
+
+
+def _load_json(p: str, what: str) -> dict:
+    try:
+        with open(p, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise YouzhiError(f"{what}: {p} is not a readable json file ({e})") from None
+    if not isinstance(data, dict):
+        raise YouzhiError(f"{what}: {p} must hold a json object (a Hugging Face config.json)")
+    return data
+
+
+def _resolve(path: Optional[str], config_path: Optional[str]) -> Optional[str]:
+    """Relative yaml paths are tried against the working directory, then the repository root."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    if os.path.exists(os.path.join(ROOT, path)):
+        return os.path.join(ROOT, path)
+    return path
+
+
+def model_configs(cfg: dict, student: Optional[str], teacher: Optional[str]):
+    """(student config dict, teacher config dict or None, where each came from). Order: the command-line flag, the
+    trained-model directory of the yaml if it is on this machine, the yaml's dry_run section."""
+    found = []
+    for who, flag, run_path, fallback in (("student", student, cfg["model"]["student"],
+                                           cfg["dry_run"]["student_config"]),
+                                          ("teacher", teacher, cfg["distill"]["teacher"],
+                                           cfg["dry_run"]["teacher_config"])):
+        if who == "teacher" and cfg["run_mode"] != "distill":
+            found.append((None, None))
+            continue
+        run_path = _resolve(run_path, None)
+        if run_path and os.path.isfile(os.path.join(run_path, "config.json")) and not flag:
+            source = run_path
+        else:
+            source = _resolve(flag or fallback, None)
+        if not source:
+            key = "model.student" if who == "student" else "distill.teacher"
+            raise YouzhiError(f"no {who} model shapes: {key} ({run_path}) has no config.json here; pass "
+                              f"--{who}-config PATH (a config.json or model directory) or set "
+                              f"dry_run.{who}_config in the yaml")
+        found.append((_read_config_json(source, f"--{who}-config"), source))
+    (s, s_src), (t, t_src) = found
+    return s, t, {"student": s_src, "teacher": t_src}
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+def check_plan(cfg: dict, student: dict, teacher: Optional[dict]):
+    """The plan as the trainer would build it on Ascend, with its refusals (one YouzhiError each)."""
+    from youzhi_ms.config import load_any_config
+    from youzhi_ms.train.parallel import check_semi_auto, plan_parallel
+    load_any_config(student)
+    if teacher is not None:
+        load_any_config(teacher)
+        if int(teacher["vocab_size"]) != int(student["vocab_size"]):
+            raise YouzhiError(f"teacher vocab_size {teacher['vocab_size']} != student vocab_size "
+                              f"{student['vocab_size']}; GKD needs one tokenizer")
+    pc = cfg["parallel_config"]
+    if pc.get("data_parallel") is None:
+        raise YouzhiError("parallel_config.data_parallel is null; a dry run needs the cluster size: set "
+                          "data_parallel (devices = data_parallel x model_parallel x pipeline_stage)")
+    plan = plan_parallel(pc, student, teacher)
+    if not plan.semi_auto:
+        raise YouzhiError("parallel_config has model_parallel 1 and pipeline_stage 1: that is a data-parallel run "
+                          "(tools/train.py under msrun), which the dry run does not model; set model_parallel or "
+                          "pipeline_stage > 1")
+    if cfg["parallel"]["parallel_mode"] != "semi_auto_parallel":
+        raise YouzhiError("parallel.parallel_mode must be semi_auto_parallel for model / pipeline parallel plans")
+    if cfg["context"]["device_target"] != "Ascend":
+        raise YouzhiError("context.device_target must be Ascend for a model / pipeline parallel plan")
+    check_semi_auto(cfg, plan)
+    for who, c in (("student", student), ("teacher", teacher)):
+        if c is not None and cfg["runner_config"]["seq_length"] > int(c.get("max_position_embeddings", 2048)):
+            raise YouzhiError(f"runner_config.seq_length {cfg['runner_config']['seq_length']} exceeds the {who}'s "
+                              f"max_position_embeddings {c.get('max_position_embeddings')}")
+    return plan
+
+
+def expected_slices(plan, student: dict, teacher: Optional[dict]) -> Dict[str, List[int]]:
+    """Slice shape of every linear / embedding weight predicted by the plan's strategy table (weight strategy:
+    the split of [out, in] resp. [vocab, hidden])."""
+    from youzhi_ms.train.parallel import param_shapes
+    shapes = param_shapes(student)
+    if teacher is not None:
+        shapes.update({"teacher." + k: v for k, v in param_shapes(teacher).items()})
+    out = {}
+    for cell, strategy in plan.strategies.items():
+        name = cell + ".weight"
+        if name not in shapes:
+            continue
+        split = strategy[1]
+        out[name] = [d // s for d, s in zip(shapes[name], split)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ children
+def _child_env(standin, rank: int, world: int, level: int, log_level: str) -> Dict[str, str]:
+    env = standin.child_env() if standin is not None else dict(os.environ)
+    env.update(MS_SIMULATION_LEVEL=str(level), RANK_SIZE=str(world), RANK_ID=str(rank), GLOG_v=log_level,
+               PYTHONPATH=os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p))
+    for var in ("MS_ROLE", "MS_WORKER_NUM", "MS_SCHED_HOST", "MS_SCHED_PORT"):  # never join a real cluster
+        env.pop(var, None)
+    return env
+
+
+def _compile(job: dict, workdir: str, env: Dict[str, str], log: Callable[[str], None]) -> dict:
+    tag = f"rank_{job['rank']}"
+    job_path = os.path.join(workdir, f"{tag}.job.json")
+    job["out"] = os.path.join(workdir, f"{tag}.result.json")
+    with open(job_path, "w") as f:
+        json.dump(job, f)
+    log_path = os.path.join(workdir, f"{tag}.log")
+    t0 = time.time()
+    with open(log_path, "w") as lf:
+        proc = subprocess.Popen([sys.executable, "-m", "youzhi_ms.dryrun.compile_rank", job_path], cwd=workdir,
+                                env=env, stdout=lf, stderr=subprocess.STDOUT)
+        try:
+            next_note = 60
+            while proc.poll() is None:
+                time.sleep(1)
+                if time.time() - t0 >= next_note:
+                    log(f"  ... still compiling rank {job['rank']} ({int(time.time() - t0)} s)")
+                    next_note += 60
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    if not os.path.isfile(job["out"]):
+        tail = open(log_path, errors="replace").read()[-1500:]
+        raise RuntimeError(f"the compile of rank {job['rank']} died (exit {proc.returncode}) without a result; "
+                           f"log {log_path}:\n{tail}")
+    with open(job["out"]) as f:
+        res = json.load(f)
+    res["log"] = log_path
+    res["wall_seconds"] = round(time.time() - t0, 1)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optional[str] = None,
+            rank: Optional[int] = None, level: int = 0, layers_per_stage: Optional[int] = None,
+            strategy_dir: Optional[str] = None, cache_dir: Optional[str] = None, keep_workdir: bool = False,
+            log: Callable[[str], None] = print) -> DryRunResult:
+    student, teacher, sources = model_configs(cfg, student_path, teacher_path)
+    plan = check_plan(cfg, student, teacher)
+    world = plan.device_num
+    per_stage = world // plan.pipeline_stage
+    if rank is not None and not 0 <= rank < world:
+        raise YouzhiError(f"--rank {rank} is outside the plan's {world} ranks (0..{world - 1})")
+    if level not in (0, 1):
+        raise YouzhiError(f"--level {level}: DryRun levels 0 (compile) and 1 (compile + memory statistics) are "
+                          "supported")
+    from youzhi_ms.dryrun import cann_standin
+    cann = cann_standin.real_cann_root()
+    standin = None
+    if cann is None:
+        if level != 0:
+            raise YouzhiError("--level 1 needs CANN (MindSpore's memory statistics run the device kernels' host "
+                              "side); this machine has none, and the compile-only stand-in supports level 0 only")
+        standin = cann_standin.ensure_standin(cache_dir, log=log)
+        log(f"CANN: not installed; using the compile-only stand-in {standin.root} (mindspore "
+            f"{standin.manifest['mindspore_version']}; DryRun level 0: compile only, nothing runs)")
+    else:
+        log(f"CANN: {cann}")
+    compiled_student, compiled_teacher = dict(student), dict(teacher) if teacher else None
+    if layers_per_stage is not None:
+        depth = layers_per_stage * plan.pipeline_stage
+        if depth > int(student["num_hidden_layers"]) or (teacher and depth > int(teacher["num_hidden_layers"])):
+            raise YouzhiError(f"--layers-per-stage {layers_per_stage} x {plan.pipeline_stage} stages exceeds the "
+                              "models' depth; use a smaller value or leave it out")
+        compiled_student["num_hidden_layers"] = depth
+        if compiled_teacher:
+            compiled_teacher["num_hidden_layers"] = depth
+    roles = [rank] if rank is not None else [s * per_stage for s in range(plan.pipeline_stage)]
+    workdir = tempfile.mkdtemp(prefix="youzhi_dryrun_")
+    results = []
+    ok = False
+    try:
+        for r in roles:
+            stage = r // per_stage
+            log(f"compiling rank {r} (pipeline stage {stage + 1} of {plan.pipeline_stage}; {world} ranks: "
+                f"dp {plan.data_parallel} x mp {plan.model_parallel} x pp {plan.pipeline_stage})"
+                + (f", {layers_per_stage} layer(s) per stage" if layers_per_stage else ""))
+            job = {"config": cfg, "student_config": compiled_student, "teacher_config": compiled_teacher,
+                   "rank": r, "world": world}
+            if strategy_dir:
+                os.makedirs(strategy_dir, exist_ok=True)
+                job["strategy_file"] = os.path.abspath(os.path.join(strategy_dir, f"strategy_rank_{r}.ckpt"))
+            res = _compile(job, workdir, _child_env(standin, r, world, level, "3" if level == 0 else "1"), log)
+            if not res.get("ok"):
+                raise YouzhiError(f"MindSpore's parallel compiler rejected rank {r} (stage {stage}) of this plan: "
+                                  f"{res.get('error')}; log {res['log']}")
+            res["stage"] = stage
+            log(f"  compiled in {res['wall_seconds']} s, peak host memory {res['peak_rss_gb']} GB")
+            results.append(res)
+        ok = True
+    finally:
+        if ok and not keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report = build_report(cfg, plan, student, teacher, results, compiled_student, compiled_teacher, level,
+                          standin is not None, sources)
+    report["workdir"] = workdir if keep_workdir else None
+    limit = report["limit_bytes"]
+    fits = all(r["total_bytes"] <= limit for r in report["ranks"])
+    worst = max(report["ranks"], key=lambda r: r["total_bytes"])
+    return DryRunResult(report, format_table(report), fits, limit, worst)
+
+
+def _unsharded_bytes(parameters_full: List[tuple]) -> int:
+    return sum(memory._prod(shape) * memory.dtype_bytes(dt) for shape, dt in parameters_full)
+
+
+def build_report(cfg, plan, student, teacher, results, compiled_student, compiled_teacher, level, standin, sources):
+    from youzhi_ms.train.parallel import param_shapes
+    world, pp = plan.device_num, plan.pipeline_stage
+    per_stage = world // pp
+    expect = expected_slices(plan, compiled_student, compiled_teacher)
+    checked = 0
+    by_stage = {}
+    for res in results:
+        stage = res["stage"]
+        names = {p["name"]: p for p in res["parameters"]}
+        for name, shape in expect.items():
+            if name in names:
+                if names[name]["slice_shape"] != shape:
+                    raise RuntimeError(f"rank {res['rank']}: {name} compiled to slice {names[name]['slice_shape']}, "
+                                       f"the plan's strategy table says {shape}")
+                checked += 1
+        trainable = {p["name"] for p in res["parameters"] if not p["name"].startswith(("teacher.", "adam_", "accu_"))
+                     and p["name"] != "step_hyper"}
+        scale = None
+        if int(compiled_student["num_hidden_layers"]) != int(student["num_hidden_layers"]):
+            def factor(full, comp):
+                c = memory.stage_layers(int(comp["num_hidden_layers"]), pp, stage)
+                return memory.stage_layers(int(full["num_hidden_layers"]), pp, stage) / c if c else 0.0
+            scale = {"student": factor(student, compiled_student),
+                     "teacher": factor(teacher, compiled_teacher) if teacher else 0.0}
+        if cfg["model"]["trainable"] == "attention":
+            trainable = {n for n in trainable if ".self_attention." in n}
+        held = memory.held_bytes(res["parameters"], pp > 1, trainable, scale)
+        act = memory.activation_bytes(cfg, student, teacher, plan.data_parallel, plan.model_parallel, pp, stage,
+                                      plan.micro_batch_num)
+        by_stage[stage] = {"held": held, "act": act, "rank": res["rank"], "seconds": res["wall_seconds"],
+                           "peak_rss_gb": res["peak_rss_gb"]}
+    full = [(shape, "float32") for shape in param_shapes(student).values()]
+    if teacher is not None:
+        full += [(shape, "float32") for shape in param_shapes(teacher).values()]
+    limit = min(memory.CARD_BYTES, memory.parse_memory(cfg["context"].get("max_device_memory")) or memory.CARD_BYTES)
+    ranks = []
+    for r in range(world):
+        stage = r // per_stage
+        if stage not in by_stage:
+            continue
+        h, a = by_stage[stage]["held"], by_stage[stage]["act"]
+        total = h["param"] + h["grad"] + h["optimizer"] + a["total"]
+        ranks.append({"rank": r, "stage": stage, "param_bytes": h["param"], "grad_bytes": h["grad"],
+                      "optimizer_bytes": h["optimizer"], "activation_bytes": a["total"], "total_bytes": total})
+    return {
+        "world_size": world, "data_parallel": plan.data_parallel, "model_parallel": plan.model_parallel,
+        "pipeline_stage": pp, "unsharded_param_bytes": _unsharded_bytes(full), "ranks": ranks,
+        "limit_bytes": limit, "card_bytes": memory.CARD_BYTES,
+        "compiled": [{"rank": v["rank"], "stage": s, "seconds": v["seconds"], "peak_host_rss_gb": v["peak_rss_gb"]}
+                     for s, v in sorted(by_stage.items())],
+        "activation_estimate": {str(s): v["act"] for s, v in sorted(by_stage.items())},
+        "strategy_table_checked": checked,
+        "depth_reduced": int(compiled_student["num_hidden_layers"]) != int(student["num_hidden_layers"]),
+        "compiled_layers": {"student": int(compiled_student["num_hidden_layers"]),
+                            "teacher": int(compiled_teacher["num_hidden_layers"]) if compiled_teacher else None},
+        "dryrun_level": level, "cann": "compile-only stand-in" if standin else "installed",
+        "model_configs": sources, "micro_batch_num": plan.micro_batch_num,
+        "batch_size": cfg["runner_config"]["batch_size"], "seq_length": cfg["runner_config"]["seq_length"],
+        "recompute": cfg["recompute_config"]["recompute"],
+        "parallel_optimizer": cfg["parallel"]["enable_parallel_optimizer"],
+    }
+
+
+def _gb(n: int) -> str:
+    return f"{n / memory.GiB:6.2f}"
+
+
+def format_table(report: dict) -> str:
+    rows = []
+    stages = {}
+    for r in report["ranks"]:
+        stages.setdefault(r["stage"], []).append(r)
+    head = (f"{'ranks':<12} {'stage':>5} {'params':>8} {'grads':>8} {'optim':>8} {'activ*':>8} {'total':>8}  "
+            f"of {report['limit_bytes'] / memory.GiB:.0f} GB")
+    rows.append(head)
+    rows.append("-" * len(head))
+    for s, rs in sorted(stages.items()):
+        r = rs[0]
+        span = f"{rs[0]['rank']}-{rs[-1]['rank']}" if len(rs) > 1 else str(rs[0]["rank"])
+        verdict = "fits" if r["total_bytes"] <= report["limit_bytes"] else "DOES NOT FIT"
+        rows.append(f"{span:<12} {s:>5} {_gb(r['param_bytes']):>8} {_gb(r['grad_bytes']):>8} "
+                    f"{_gb(r['optimizer_bytes']):>8} {_gb(r['activation_bytes']):>8} {_gb(r['total_bytes']):>8}  "
+                    f"{verdict}")
+    rows.append(f"GB = 2^30 bytes per rank; params = student + teacher slices; * activations are an estimate "
+                f"(youzhi_ms/dryrun/memory.py); unsharded parameters (one copy of both models): "
+                f"{report['unsharded_param_bytes'] / memory.GiB:.2f} GB")
+    if report["depth_reduced"]:
+        rows.append(f"compiled with {report['compiled_layers']['student']} layers (depth-reduced check); per-layer "
+                    "slices scaled to the full depth")
+    return "\n".join(rows)
