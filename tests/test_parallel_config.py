@@ -21,13 +21,14 @@ def _model(name):
         return json.load(f)
 
 
-@pytest.mark.parametrize("name,device,devices,mode", [
-    ("distill_smollm2_mla.yaml", "CPU", None, "distill"),
-    ("sft_smollm2_mla.yaml", "CPU", None, "sft"),
-    ("distill_qwen2_5_7b_mla.yaml", "Ascend", 8, "distill"),
-    ("distill_qwen2_5_7b_mla_16npu.yaml", "Ascend", 16, "distill"),
+@pytest.mark.parametrize("name,device,devices,mode,models", [
+    ("distill_smollm2_mla.yaml", "CPU", None, "distill", None),
+    ("sft_smollm2_mla.yaml", "CPU", None, "sft", None),
+    ("distill_qwen2_5_7b_mla.yaml", "Ascend", 8, "distill", ("qwen2_5_7b_mla_r320", "qwen2_5_7b", 28)),
+    ("distill_qwen2_5_7b_mla_16npu.yaml", "Ascend", 16, "distill", ("qwen2_5_7b_mla_r320", "qwen2_5_7b", 28)),
+    ("distill_qwen2_5_14b_mla_16npu.yaml", "Ascend", 16, "distill", ("qwen2_5_14b_mla_r736", "qwen2_5_14b", 48)),
 ])
-def test_shipped_yaml_configs(name, device, devices, mode):
+def test_shipped_yaml_configs(name, device, devices, mode, models):
     path = os.path.join(YAMLS, name)
     with open(path) as f:
         raw = yaml.safe_load(f)
@@ -51,7 +52,11 @@ def test_shipped_yaml_configs(name, device, devices, mode):
     assert cfg["parallel"]["parallel_mode"] == "semi_auto_parallel"
     dp, mp, pp = pc["data_parallel"], pc["model_parallel"], pc["pipeline_stage"]
     assert dp * mp * pp == devices and mp > 1 and pp > 1
-    plan = plan_parallel(pc, _model("qwen2_5_7b_mla_r320"), _model("qwen2_5_7b"))
+    student, teacher, layers = models
+    assert cfg["dry_run"] == {"student_config": f"yaml_configs/model_configs/{student}",
+                              "teacher_config": f"yaml_configs/model_configs/{teacher}"}
+    assert cfg["runner_config"]["gradient_accumulation_steps"] == 1 and cfg["distill"]["lmbda"] == 0.0
+    plan = plan_parallel(pc, _model(student), _model(teacher))
     assert plan.device_num == devices
     check_world(plan, devices, "Ascend")
     with pytest.raises(YouzhiError, match="CPU backend does not have"):
@@ -60,7 +65,7 @@ def test_shipped_yaml_configs(name, device, devices, mode):
         check_world(plan, 4, "Ascend")
     col, row, rep = ((dp, 1), (mp, 1)), ((dp, mp), (1, mp)), ((dp, 1), (1, 1))
     s = plan.strategies
-    a = "decoder.layers.27.self_attention."
+    a = f"decoder.layers.{layers - 1}.self_attention."
     assert (s[a + "linear_q_proj"], s[a + "linear_kv_down_proj"], s[a + "linear_kv_up_proj"],
             s[a + "linear_proj"]) == (col, rep, col, row)
     assert (s["decoder.layers.0.mlp.gating"], s["decoder.layers.0.mlp.hidden"],
@@ -68,10 +73,10 @@ def test_shipped_yaml_configs(name, device, devices, mode):
     assert s["teacher.decoder.layers.3.self_attention.linear_k"] == col
     assert s["teacher.decoder.layers.3.self_attention.linear_proj"] == row
     assert s["embedding.word_embeddings"] == ((dp, 1), (1, 1)) and s["output_layer"] == col
-    # every linear of both models has a strategy: 28 x (4 MLA + 3 MLP) + 28 x (4 GQA + 3 MLP) + embeddings + heads
-    assert len(s) == 28 * 7 + 28 * 7 + 4
-    stages = [plan.stages[f"decoder.layers.{i}"] for i in range(28)]
-    assert stages == [0] * 14 + [1] * 14 and plan.stages["output_layer"] == pp - 1
+    # every linear of both models has a strategy: L x (4 MLA + 3 MLP) + L x (4 GQA + 3 MLP) + embeddings + heads
+    assert len(s) == layers * 7 + layers * 7 + 4
+    stages = [plan.stages[f"decoder.layers.{i}"] for i in range(layers)]
+    assert stages == [0] * (layers // 2) + [1] * (layers // 2) and plan.stages["output_layer"] == pp - 1
     assert plan.micro_batch_num >= pp
 
 

@@ -46,8 +46,12 @@ def main(argv=None):
     ap.add_argument("--strategy-dir", default=None,
                     help="also save MindSpore's parameter strategy file of every compiled rank here "
                          "(strategy_rank_R.ckpt)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="compile this many ranks at once (each child needs 1-5 GB of host memory; default 1)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the children's jobs and logs")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        raise YouzhiError("--jobs must be >= 1")
     if args.layers_per_stage is not None and args.layers_per_stage < 1:
         raise YouzhiError("--layers-per-stage must be >= 1")
     from youzhi_ms.dryrun.driver import dry_run
@@ -55,7 +59,7 @@ def main(argv=None):
     cfg = load_run_config(args.config, args.overrides)
     res = dry_run(cfg, args.student_config, args.teacher_config, rank=args.rank, level=args.level,
                   layers_per_stage=args.layers_per_stage, strategy_dir=args.strategy_dir,
-                  keep_workdir=args.keep_workdir)
+                  keep_workdir=args.keep_workdir, jobs_at_once=args.jobs)
     rep = res.report
     print(f"\n{args.config}: dp {rep['data_parallel']} x mp {rep['model_parallel']} x pp {rep['pipeline_stage']} = "
           f"{rep['world_size']} NPUs, batch {rep['batch_size']} x {rep['micro_batch_num']} micro-batches x seq "
@@ -70,9 +74,10 @@ def main(argv=None):
             json.dump(rep, f, indent=1)
         os.replace(tmp, args.json)
     if not res.fits:
+        from youzhi_ms.dryrun.memory import human
         w = res.worst
         raise YouzhiError(f"the plan does not fit: rank {w['rank']} (stage {w['stage']}) needs "
-                          f"{w['total_bytes'] / 2 ** 30:.1f} GB of {res.limit_bytes / 2 ** 30:.0f} GB; enable "
+                          f"{human(w['total_bytes'])} of {human(res.limit_bytes)}; enable "
                           "recompute_config.recompute, parallel.enable_parallel_optimizer, or raise model_parallel / "
                           "pipeline_stage")
 

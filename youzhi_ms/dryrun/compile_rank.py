@@ -65,6 +65,11 @@ def run(job_path: str) -> int:
                          "slice_shape": [int(x) for x in lay[2]], "dtype": str(p.dtype).lower(),
                          "opt_shard": _group_size(lay[5] if len(lay) > 5 else ""),
                          "dev_matrix": [int(x) for x in lay[0]], "tensor_map": [int(x) for x in lay[1]]})
+        hyper = params.get("step_hyper")  # the step's scalars: on every rank, not in the layout dict
+        if hyper is not None and "step_hyper" not in layout:
+            held.append({"name": "step_hyper", "full_shape": [int(x) for x in hyper.shape],
+                         "slice_shape": [int(x) for x in hyper.shape], "dtype": str(hyper.dtype).lower(),
+                         "opt_shard": 1, "dev_matrix": [], "tensor_map": []})
         result.update(ok=True, parameters=held, rows=rows, seq_length=seq, mindspore_version=ms.__version__)
         code = 0
     except Exception as exc:  # reported by the parent as one line, with the log for the details

@@ -148,47 +148,75 @@ def _child_env(standin, rank: int, world: int, level: int, log_level: str) -> Di
     return env
 
 
-def _compile(job: dict, workdir: str, env: Dict[str, str], log: Callable[[str], None]) -> dict:
+def _start(job: dict, workdir: str, env: Dict[str, str]):
     tag = f"rank_{job['rank']}"
     job_path = os.path.join(workdir, f"{tag}.job.json")
     job["out"] = os.path.join(workdir, f"{tag}.result.json")
+    job["log"] = os.path.join(workdir, f"{tag}.log")
     with open(job_path, "w") as f:
         json.dump(job, f)
-    log_path = os.path.join(workdir, f"{tag}.log")
-    t0 = time.time()
-    with open(log_path, "w") as lf:
+    with open(job["log"], "w") as lf:
         proc = subprocess.Popen([sys.executable, "-m", "youzhi_ms.dryrun.compile_rank", job_path], cwd=workdir,
                                 env=env, stdout=lf, stderr=subprocess.STDOUT)
-        try:
-            next_note = 60
-            while proc.poll() is None:
-                time.sleep(1)
-                if time.time() - t0 >= next_note:
-                    log(f"  ... still compiling rank {job['rank']} ({int(time.time() - t0)} s)")
-                    next_note += 60
-        except BaseException:
+    return proc, time.time()
+
+
+def _collect(job: dict, proc, t0: float) -> dict:
+    if not os.path.isfile(job["out"]):
+        tail = open(job["log"], errors="replace").read()[-1500:]
+        raise RuntimeError(f"the compile of rank {job['rank']} died (exit {proc.returncode}) without a result; "
+                           f"log {job['log']}:\n{tail}")
+    with open(job["out"]) as f:
+        res = json.load(f)
+    res["log"] = job["log"]
+    res["wall_seconds"] = round(time.time() - t0, 1)
+    return res
+
+
+def _compile_all(jobs: List[dict], envs: List[Dict[str, str]], workdir: str, parallel: int,
+                 log: Callable[[str], None]) -> List[dict]:
+    """Run the children, at most `parallel` at a time; any failure (or Ctrl-C) stops the ones still running."""
+    pending = list(zip(jobs, envs))
+    running, done = [], {}
+    t_start = time.time()
+    next_note = 60
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                job, env = pending.pop(0)
+                proc, t0 = _start(job, workdir, env)
+                running.append((job, proc, t0))
+            time.sleep(1)
+            for item in list(running):
+                job, proc, t0 = item
+                if proc.poll() is not None:
+                    running.remove(item)
+                    res = _collect(job, proc, t0)
+                    done[job["rank"]] = res
+                    if res.get("ok"):
+                        log(f"  rank {job['rank']}: compiled in {res['wall_seconds']} s, peak host memory "
+                            f"{res['peak_rss_gb']} GB")
+                    else:
+                        return [done[j["rank"]] for j in jobs if j["rank"] in done]
+            if time.time() - t_start >= next_note and running:
+                log(f"  ... still compiling rank(s) {[j['rank'] for j, _, _ in running]} "
+                    f"({int(time.time() - t_start)} s)")
+                next_note += 60
+    finally:
+        for _, proc, _ in running:
             proc.terminate()
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            raise
-    if not os.path.isfile(job["out"]):
-        tail = open(log_path, errors="replace").read()[-1500:]
-        raise RuntimeError(f"the compile of rank {job['rank']} died (exit {proc.returncode}) without a result; "
-                           f"log {log_path}:\n{tail}")
-    with open(job["out"]) as f:
-        res = json.load(f)
-    res["log"] = log_path
-    res["wall_seconds"] = round(time.time() - t0, 1)
-    return res
+    return [done[j["rank"]] for j in jobs]
 
 
 # ------------------------------------------------------------------------------------------------ the run
 def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optional[str] = None,
             rank: Optional[int] = None, level: int = 0, layers_per_stage: Optional[int] = None,
             strategy_dir: Optional[str] = None, cache_dir: Optional[str] = None, keep_workdir: bool = False,
-            log: Callable[[str], None] = print) -> DryRunResult:
+            jobs_at_once: int = 1, log: Callable[[str], None] = print) -> DryRunResult:
     student, teacher, sources = model_configs(cfg, student_path, teacher_path)
     plan = check_plan(cfg, student, teacher)
     world = plan.device_num
@@ -221,26 +249,27 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
             compiled_teacher["num_hidden_layers"] = depth
     roles = [rank] if rank is not None else [s * per_stage for s in range(plan.pipeline_stage)]
     workdir = tempfile.mkdtemp(prefix="youzhi_dryrun_")
-    results = []
+    jobs, envs = [], []
+    for r in roles:
+        job = {"config": cfg, "student_config": compiled_student, "teacher_config": compiled_teacher,
+               "rank": r, "world": world}
+        if strategy_dir:
+            os.makedirs(strategy_dir, exist_ok=True)
+            job["strategy_file"] = os.path.abspath(os.path.join(strategy_dir, f"strategy_rank_{r}.ckpt"))
+        jobs.append(job)
+        envs.append(_child_env(standin, r, world, level, "3" if level == 0 else "1"))
+    log(f"compiling rank(s) {roles} (one per pipeline stage of {plan.pipeline_stage}; {world} ranks: dp "
+        f"{plan.data_parallel} x mp {plan.model_parallel} x pp {plan.pipeline_stage})"
+        + (f", {layers_per_stage} layer(s) per stage" if layers_per_stage else "")
+        + (f", {jobs_at_once} at a time" if jobs_at_once > 1 else ""))
     ok = False
     try:
-        for r in roles:
-            stage = r // per_stage
-            log(f"compiling rank {r} (pipeline stage {stage + 1} of {plan.pipeline_stage}; {world} ranks: "
-                f"dp {plan.data_parallel} x mp {plan.model_parallel} x pp {plan.pipeline_stage})"
-                + (f", {layers_per_stage} layer(s) per stage" if layers_per_stage else ""))
-            job = {"config": cfg, "student_config": compiled_student, "teacher_config": compiled_teacher,
-                   "rank": r, "world": world}
-            if strategy_dir:
-                os.makedirs(strategy_dir, exist_ok=True)
-                job["strategy_file"] = os.path.abspath(os.path.join(strategy_dir, f"strategy_rank_{r}.ckpt"))
-            res = _compile(job, workdir, _child_env(standin, r, world, level, "3" if level == 0 else "1"), log)
+        results = _compile_all(jobs, envs, workdir, max(1, jobs_at_once), log)
+        for res in results:
+            res["stage"] = res["rank"] // per_stage
             if not res.get("ok"):
-                raise YouzhiError(f"MindSpore's parallel compiler rejected rank {r} (stage {stage}) of this plan: "
-                                  f"{res.get('error')}; log {res['log']}")
-            res["stage"] = stage
-            log(f"  compiled in {res['wall_seconds']} s, peak host memory {res['peak_rss_gb']} GB")
-            results.append(res)
+                raise YouzhiError(f"MindSpore's parallel compiler rejected rank {res['rank']} (stage {res['stage']}) "
+                                  f"of this plan: {res.get('error')}; log {res['log']}")
         ok = True
     finally:
         if ok and not keep_workdir:
@@ -332,7 +361,7 @@ def format_table(report: dict) -> str:
     for r in report["ranks"]:
         stages.setdefault(r["stage"], []).append(r)
     head = (f"{'ranks':<12} {'stage':>5} {'params':>8} {'grads':>8} {'optim':>8} {'activ*':>8} {'total':>8}  "
-            f"of {report['limit_bytes'] / memory.GiB:.0f} GB")
+            f"of {memory.human(report['limit_bytes'])}")
     rows.append(head)
     rows.append("-" * len(head))
     for s, rs in sorted(stages.items()):

@@ -36,6 +36,11 @@ CARD_BYTES = 64 * GiB  # Ascend 910B: 64 GB HBM per card
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8, "bool": 1, "float64": 8}
 
 
+def human(n: int) -> str:
+    """Bytes as GB (2^30) or, below 1 GB, MB (2^20), for messages."""
+    return f"{n / GiB:.1f} GB" if n >= GiB else f"{n / 2 ** 20:.1f} MB"
+
+
 def dtype_bytes(name: str) -> int:
     key = name.lower().replace("mindspore.", "")
     for k, v in _DTYPE_BYTES.items():

@@ -267,6 +267,10 @@ def check_semi_auto(cfg: dict, plan: ParallelPlan) -> None:
             "raise batch_size instead, or use pipeline stages (their micro-batches are the accumulation)"
         raise YouzhiError(f"runner_config.gradient_accumulation_steps={accum} under model/pipeline parallel: one "
                           f"optimizer step is one compiled graph; {how}")
+    if cfg["run_mode"] == "distill" and cfg["distill"]["lmbda"] > 0:
+        raise YouzhiError(f"distill.lmbda={cfg['distill']['lmbda']}: on-policy sampling needs the student's decode "
+                          "graph, which the sharded model does not have; under model / pipeline parallel set "
+                          "distill.lmbda: 0.0 (GKD on the dataset's sequences)")
     if cfg["parallel"]["enable_parallel_optimizer"] and plan.data_parallel == 1:
         raise YouzhiError("parallel.enable_parallel_optimizer shards the optimizer over the data-parallel replicas, "
                           "and data_parallel is 1; set it to false or raise data_parallel")
@@ -320,3 +324,21 @@ def build_semi_auto_step(cfg: dict, plan: ParallelPlan, student_cfg, teacher_cfg
         net.disable_strategy_file_only_for_trainable_params()
         net.save_param_strategy_file(strategy_file)
     return net, step, student, teacher
+
+
+def load_sharded_weights(model, model_dir: str, kind: str, prefix: str = "") -> None:
+    """Fill a sharded model's (full-size) parameters from a Hugging Face or MindSpore-layout directory, by name
+    (`prefix` is stripped first: the teacher's parameters are 'teacher.*'); MindSpore slices them when the step is
+    compiled. Every parameter must be found, with its shape."""
+    import mindspore as ms
+    from youzhi_ms.checkpoint.hf import HFCheckpoint
+    from youzhi_ms.checkpoint.mindspore_ckpt import is_ms_layout
+    from youzhi_ms.models.names import ms_to_hf
+    ckpt = HFCheckpoint(model_dir)
+    ms_layout = is_ms_layout(ckpt)
+    for p in model.get_parameters():
+        name = p.name[len(prefix):] if prefix and p.name.startswith(prefix) else p.name
+        src = name if ms_layout else ms_to_hf(name, kind)
+        if src not in ckpt:
+            raise YouzhiError(f"{model_dir}: tensor {src} is missing; the checkpoint does not match config.json")
+        p.set_data(ms.Tensor(ckpt.get(src, expect_shape=tuple(p.shape)), p.dtype))

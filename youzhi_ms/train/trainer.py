@@ -22,10 +22,11 @@ One process (or one msrun worker) holds the frozen teacher and the trainable stu
 At `max_steps` the student is written as a Hugging Face directory `hf_model/` (the student's config.json and tokenizer
 files, weights in `model.save_dtype`) that `load_model` and `tools/eval_ppl.py` read, plus `loss_curve.png`.
 
-Model / pipeline parallel (Ascend only; refused on CPU): the strategy table of `parallel.plan_parallel` is attached with
-`Cell.shard` under auto-parallel sharding propagation, pipeline stages via `nn.PipelineCell`, and every rank
-checkpoints its own parameter slices (`step_N/rank_R/`). This path has not been run (no Ascend hardware here); the
-final Hugging Face export needs the slices merged first.
+Model / pipeline parallel (Ascend only; refused on CPU): the step is `parallel.build_semi_auto_step` (sharded models
+with explicit operator strategies, pipeline micro-batches as the accumulation, one graph per step, the same guard
+applied inside the graph), compiled by tools/dryrun.py on CPU; it has not run on hardware here. Every rank checkpoints
+its parameter slices (`step_N/rank_R/`) and MindSpore's strategy file (`strategy/`);
+tools/merge_slices.py turns them into the Hugging Face directory.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ from youzhi_ms.train.loss_log import LOSS_LOG, append_row, plot_loss_curve, trun
 from youzhi_ms.train.losses import GKDNet, SFTNet, jsd_upper_bound
 from youzhi_ms.train.optim import (AllReduceSum, ApplyStep, FusedStep, MicroStep, ResetAccumulators, UpdateCore,
                                    lr_factor)
-from youzhi_ms.train.parallel import apply_plan, check_device, check_world, plan_parallel
+from youzhi_ms.train.parallel import (build_semi_auto_step, check_device, check_semi_auto, check_world,
+                                      load_sharded_weights, local_rows, plan_parallel)
 from youzhi_ms.train.run_config import callback
 
 log = logging.getLogger("youzhi_ms.train")
@@ -137,11 +139,9 @@ class Trainer:
     def _setup_parallel(self):
         self.plan = plan_parallel(self.cfg["parallel_config"], self.student_cfg, self.teacher_cfg, self.world)
         check_world(self.plan, self.world, self.device)
-        if self.plan.semi_auto:  # Ascend only (check_device refused it elsewhere); not exercised on CPU
-            # Cell.shard strategies + sharding propagation for the ops between the sharded linears
-            ms.set_auto_parallel_context(parallel_mode="auto_parallel", search_mode="sharding_propagation",
-                                         device_num=self.world, pipeline_stages=self.plan.pipeline_stage,
-                                         gradients_mean=False)
+        if self.plan.semi_auto:  # Ascend only (check_device refused it elsewhere); compiled by tools/dryrun.py
+            check_semi_auto(self.cfg, self.plan)
+            self.micro_bs = local_rows(self.cfg, self.plan)  # pipeline: all micro-batches of the step at once
             mem = self.cfg["context"].get("max_device_memory")
             if mem:
                 ms.set_context(max_device_memory=mem)
@@ -153,6 +153,8 @@ class Trainer:
 
     def _setup_models(self):
         """Models, then the trainable set and its optimizer, then the loss, then the compiled step graphs."""
+        if self.plan.semi_auto:
+            return self._build_semi_auto()
         self._load_models()
         self._select_trainable()
         self._build_optimizer()
@@ -199,20 +201,33 @@ class Trainer:
         self.core = UpdateCore(self.trainable, group_ids, decays, tuple(opt["betas"]), opt["eps"],
                                opt["max_grad_norm"], reduce_world)
 
+    def _build_semi_auto(self):
+        """Model / pipeline parallel: the sharded step of parallel.build_semi_auto_step, the weights loaded in full
+        (MindSpore keeps this rank's slices when it compiles), MindSpore's strategy file next to the checkpoints."""
+        strategy = os.path.join(self.out, "strategy", f"strategy_rank_{self.rank}.ckpt")
+        os.makedirs(os.path.dirname(strategy), exist_ok=True)
+        self.parallel_net, self.pstep, self.student, self.teacher = build_semi_auto_step(
+            self.cfg, self.plan, self.student_cfg, self.teacher_cfg, self.rank, self.world, strategy_file=strategy)
+        load_sharded_weights(self.student, self.student_dir, model_kind(self.student_cfg))
+        if self.teacher is not None:
+            load_sharded_weights(self.teacher, self.teacher_dir, model_kind(self.teacher_cfg), prefix="teacher.")
+        self.core = self.pstep.core
+        self.trainable = list(self.core.params)
+        kv_lr = self.cfg["lr_schedule"].get("kv_layernorm_learning_rate")
+        self.group_lrs = [float(self.cfg["lr_schedule"]["learning_rate"])] + ([float(kv_lr)] if kv_lr is not None
+                                                                             else [])
+        self.loss_bound = jsd_upper_bound(self.cfg["distill"]["beta"]) if self.run_mode == "distill" else None
+        self.fused = None
+        self.bad_in_a_row = 0
+        self.allreduce = AllReduceSum() if self.world > 1 else None
+        self.last_stage = self.rank // (self.world // self.plan.pipeline_stage) == self.plan.pipeline_stage - 1
+
     def _build_loss_net(self):
         if self.run_mode == "distill":
             d = self.cfg["distill"]
             self.loss_net = GKDNet(self.student, self.teacher, d["beta"], d["temperature"])
         else:
             self.loss_net = SFTNet(self.student)
-        if self.plan.semi_auto:  # Ascend only; not exercised here (no semi-auto parallel on CPU)
-            from mindspore import nn
-            # the plan names student cells as in the student model ("decoder...."), teacher cells "teacher...."
-            cells = {(n[len("student."):] if n.startswith("student.") else n): c
-                     for n, c in self.loss_net.cells_and_names()}
-            apply_plan(self.plan, cells)
-            if self.plan.pipeline_stage > 1:
-                self.loss_net = nn.PipelineCell(self.loss_net, self.plan.micro_batch_num)
         self.loss_bound = jsd_upper_bound(self.cfg["distill"]["beta"]) if self.run_mode == "distill" else None
 
     def _build_step_graphs(self):
@@ -388,7 +403,10 @@ class Trainer:
                    ms.Tensor(b["loss_mask"], ms.float32), scale) for b in batches]
         row = {"step": step + 1, "loss": None, "lr": lrs[0], "grad_norm": None, "tokens": int(count),
                "on_policy": [b["on_policy"] for b in batches]}
-        if self.fused is not None:
+        if self.plan.semi_auto:
+            self._semi_auto_update(step, inputs[0][:3], (float(scale.asnumpy()), *[float(a.asnumpy()) for a in
+                                                                                   update_args[1:]], lrs), row)
+        elif self.fused is not None:
             loss, norm = self.fused(*inputs[0], *update_args)
             row["loss"] = float(loss.asnumpy())
             row["grad_norm"] = float(norm.asnumpy())
@@ -417,6 +435,28 @@ class Trainer:
                         self.loss_bound, self.cfg["distill"]["beta"],
                         " and the step is computed again" if attempt < CORRUPT_RETRIES else
                         " and the step is skipped (no update)")
+        else:
+            row["skipped"] = True
+
+    def _semi_auto_update(self, step: int, batch: tuple, hyper: tuple, row: dict) -> None:
+        """One graph call computes, checks and (if the loss is in range) applies the step; a rejected step changed
+        nothing, so it is computed once more, then skipped. The loss is the last pipeline stage's."""
+        scale, bc1, bc2, lrs = hyper
+        self.pstep.set_hyper(scale, bc1, bc2, lrs)
+        for attempt in range(1 + CORRUPT_RETRIES):
+            loss, norm, ok = self.parallel_net(*batch)
+            mine = float(loss.asnumpy()) if self.last_stage else 0.0
+            per_stage = self.world // self.plan.pipeline_stage  # every last-stage rank holds the same global loss
+            row["loss"] = float(self._sum_over_ranks([mine])[0]) * self.world / self.dp_world / per_stage \
+                if self.world > 1 else mine
+            if bool(ok.asnumpy()):
+                row["grad_norm"] = float(norm.asnumpy())
+                break
+            if attempt < CORRUPT_RETRIES:
+                row["retries"] = attempt + 1
+            log.warning("step %d: loss %.6g exceeds %.4f (generalized JSD maximum): a corrupted computation; "
+                        "nothing was applied%s", step + 1, row["loss"], self.loss_bound,
+                        ", computing the step again" if attempt < CORRUPT_RETRIES else ", the step is skipped")
         else:
             row["skipped"] = True
 
@@ -500,8 +540,8 @@ class Trainer:
                 result["hf_model"] = self.export_hf()
             elif step == self.max_steps:
                 log.warning("model/pipeline parallel: the final weights are the per-rank slices in %s; merge them "
-                            "(mindspore.parallel.unified_safetensors) before exporting a Hugging Face directory",
-                            self.checkpoints()[-1])
+                            "into a Hugging Face directory with tools/merge_slices.py --run %s",
+                            self.checkpoints()[-1], self.out)
         return result
 
 
