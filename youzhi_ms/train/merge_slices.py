@@ -12,6 +12,7 @@ tokenizer files. Bit-exactness is tested by slicing weights on CPU by the compil
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -69,6 +70,22 @@ def _world_of(step_dir: str) -> int:
     return world
 
 
+@contextlib.contextmanager
+def _without_memory_throttle():
+    """mindspore 2.10's unified_safetensors sleeps after each output part until the machine's memory is less than
+    50% used (a brake for its pool of worker processes). With one process on a shared host that is a hang (measured:
+    a 2 MB merge waited forever while other jobs held 56% of the memory), so for the duration of the call its view
+    of memory reads 0% used; the merge itself holds one output part (<= 3 GB) at a time."""
+    from types import SimpleNamespace
+    import mindspore.parallel.transform_safetensors as ts
+    real = ts.psutil
+    ts.psutil = SimpleNamespace(virtual_memory=lambda: SimpleNamespace(percent=0.0))
+    try:
+        yield
+    finally:
+        ts.psutil = real
+
+
 def merge_slices(step_dir: str, strategy_dir: str, student_config: dict, workdir: str,
                  log: Callable[[str], None] = print) -> dict:
     """{MindSpore name: full float32 array} of the student, merged by MindSpore from the slices in `step_dir`."""
@@ -91,7 +108,8 @@ def merge_slices(step_dir: str, strategy_dir: str, student_config: dict, workdir
                    os.path.join(src, f"rank_{r}", STUDENT_FILE))
     out = os.path.join(workdir, "merged")
     log(f"merging the slices of {world} ranks ({step_dir}) with mindspore.parallel.unified_safetensors")
-    unified_safetensors(src, merged_strategy, out, max_process_num=1)
+    with _without_memory_throttle():
+        unified_safetensors(src, merged_strategy, out, max_process_num=1)
     expected = param_shapes(student_config)
     tensors = {}
     for path in sorted(glob.glob(os.path.join(out, "*.safetensors"))):
