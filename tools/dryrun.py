@@ -61,11 +61,13 @@ def main(argv=None):
                   layers_per_stage=args.layers_per_stage, strategy_dir=args.strategy_dir,
                   keep_workdir=args.keep_workdir, jobs_at_once=args.jobs)
     rep = res.report
+    batch = (f"{rep['batch_size']} x {rep['micro_batch_num']} micro-batches" if rep["pipeline_stage"] > 1
+             else f"{rep['batch_size']}")
     print(f"\n{args.config}: dp {rep['data_parallel']} x mp {rep['model_parallel']} x pp {rep['pipeline_stage']} = "
-          f"{rep['world_size']} NPUs, batch {rep['batch_size']} x {rep['micro_batch_num']} micro-batches x seq "
-          f"{rep['seq_length']}, recompute {rep['recompute']}, parallel optimizer {rep['parallel_optimizer']} "
-          f"(compile only, DryRun level {rep['dryrun_level']}, {rep['cann']}; "
-          f"{rep['strategy_table_checked']} weight slices match the strategy table)")
+          f"{rep['world_size']} NPUs, batch {batch} x seq {rep['seq_length']} per data-parallel rank, recompute "
+          f"{rep['recompute']}, parallel optimizer {rep['parallel_optimizer']} (compile only, DryRun level "
+          f"{rep['dryrun_level']}, {rep['cann']}; {rep['strategy_table_checked']} weight slices match the strategy "
+          "table)")
     print(res.table)
     if args.json:
         tmp = args.json + ".tmp"

@@ -169,6 +169,9 @@ def _collect(job: dict, proc, t0: float) -> dict:
     with open(job["out"]) as f:
         res = json.load(f)
     res["log"] = job["log"]
+    # DryRun level 1 (real CANN only): MindSpore logs its own memory statistics (GLOG_v=1)
+    with open(job["log"], errors="replace") as f:
+        res["mindspore_memory"] = [line.strip()[-300:] for line in f if "peak memory" in line.lower()][-20:]
     res["wall_seconds"] = round(time.time() - t0, 1)
     return res
 
@@ -316,9 +319,9 @@ def build_report(cfg, plan, student, teacher, results, compiled_student, compile
             trainable = {n for n in trainable if ".self_attention." in n}
         held = memory.held_bytes(res["parameters"], pp > 1, trainable, scale)
         act = memory.activation_bytes(cfg, student, teacher, plan.data_parallel, plan.model_parallel, pp, stage,
-                                      plan.micro_batch_num)
+                                      plan.micro_batch_num, memory.gathered_bytes(res["parameters"], scale))
         by_stage[stage] = {"held": held, "act": act, "rank": res["rank"], "seconds": res["wall_seconds"],
-                           "peak_rss_gb": res["peak_rss_gb"]}
+                           "peak_rss_gb": res["peak_rss_gb"], "mindspore_memory": res.get("mindspore_memory", [])}
     full = [(shape, "float32") for shape in param_shapes(student).values()]
     if teacher is not None:
         full += [(shape, "float32") for shape in param_shapes(teacher).values()]
@@ -336,8 +339,8 @@ def build_report(cfg, plan, student, teacher, results, compiled_student, compile
         "world_size": world, "data_parallel": plan.data_parallel, "model_parallel": plan.model_parallel,
         "pipeline_stage": pp, "unsharded_param_bytes": _unsharded_bytes(full), "ranks": ranks,
         "limit_bytes": limit, "card_bytes": memory.CARD_BYTES,
-        "compiled": [{"rank": v["rank"], "stage": s, "seconds": v["seconds"], "peak_host_rss_gb": v["peak_rss_gb"]}
-                     for s, v in sorted(by_stage.items())],
+        "compiled": [{"rank": v["rank"], "stage": s, "seconds": v["seconds"], "peak_host_rss_gb": v["peak_rss_gb"],
+                      "mindspore_memory_log": v["mindspore_memory"]} for s, v in sorted(by_stage.items())],
         "activation_estimate": {str(s): v["act"] for s, v in sorted(by_stage.items())},
         "strategy_table_checked": checked,
         "depth_reduced": int(compiled_student["num_hidden_layers"]) != int(student["num_hidden_layers"]),
@@ -375,6 +378,6 @@ def format_table(report: dict) -> str:
                 f"(youzhi_ms/dryrun/memory.py); unsharded parameters (one copy of both models): "
                 f"{report['unsharded_param_bytes'] / memory.GiB:.2f} GB")
     if report["depth_reduced"]:
-        rows.append(f"compiled with {report['compiled_layers']['student']} layers (depth-reduced check); per-layer "
-                    "slices scaled to the full depth")
+        rows.append(f"compiled at {report['compiled_layers']['student']} layer(s) deep (the depth-reduced check); the "
+                    "per-layer slices are scaled to the full depth")
     return "\n".join(rows)

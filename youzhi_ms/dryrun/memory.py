@@ -24,7 +24,10 @@ by layer, so it adds one layer's forward working set. In the 1F1B pipeline sched
 activations of min(micro_batch_num, p - s) micro-batches. The last stage adds the loss: the generalized JSD's
 backward keeps 11 float32 [b S, V / m] tensors (student logits after the max shift and their exp, log P_S, log P_T,
 the two shifted mixtures and their exps, log M, and the two log-ratio differences); SFT keeps 4. One layer's worth is
-added as backward working space. Not modelled: allocator fragmentation, communication buffers, workspace of fused
+added as backward working space. With the parallel optimizer (MindSpore's level 1) the weights are stored sharded and
+all-gathered for use; the gathered student weights stay until the backward pass has used them, so the whole stage's
+gathered student slices are added, plus the largest gathered teacher block (a layer, or the embedding / head), which
+is freed after its forward use. Not modelled: allocator fragmentation, communication buffers, workspace of fused
 kernels; MindSpore's own figure needs DryRun level 1 on a machine with CANN.
 """
 from __future__ import annotations
@@ -94,6 +97,26 @@ def _layer_index(name: str) -> Optional[int]:
     return None
 
 
+def gathered_bytes(parameters: List[dict], layer_scale: Optional[Dict[str, float]] = None) -> int:
+    """Bytes the parallel optimizer's all-gathers materialise at peak (see the module docstring)."""
+    student, teacher_layers, teacher_other = 0, {}, 0
+    for p in parameters:
+        if int(p.get("opt_shard", 1)) <= 1 or classify(p["name"]) != "param" or p["name"] == "step_hyper":
+            continue
+        b = _prod(p["slice_shape"]) * dtype_bytes(p["dtype"])
+        layer = _layer_index(p["name"])
+        if p["name"].startswith("teacher."):
+            if layer is None:
+                teacher_other = max(teacher_other, b)
+            else:
+                teacher_layers[layer] = teacher_layers.get(layer, 0) + b
+        else:
+            if layer is not None and layer_scale:
+                b = int(round(b * layer_scale["student"]))
+            student += b
+    return student + max([teacher_other] + list(teacher_layers.values()))
+
+
 def held_bytes(parameters: List[dict], pipeline: bool, trainable: Optional[set] = None,
                layer_scale: Optional[Dict[str, float]] = None) -> Dict[str, int]:
     """{'param', 'grad', 'optimizer'} bytes of one rank. `layer_scale` {'student': f, 'teacher': f} multiplies the
@@ -137,7 +160,7 @@ def layer_elements(cfg: dict, b: int, S: int, m: int) -> int:
 
 
 def activation_bytes(run_cfg: dict, student: dict, teacher: Optional[dict], dp: int, mp: int, pp: int, stage: int,
-                     micro_batch_num: int) -> Dict[str, int]:
+                     micro_batch_num: int, gathered: int = 0) -> Dict[str, int]:
     b = int(run_cfg["runner_config"]["batch_size"])
     S = int(run_cfg["runner_config"]["seq_length"])
     recompute = bool(run_cfg["recompute_config"]["recompute"])
@@ -153,5 +176,5 @@ def activation_bytes(run_cfg: dict, student: dict, teacher: Optional[dict], dp: 
     loss = 0
     if stage == pp - 1:
         loss = 4 * (11 if teacher is not None else 4) * b * S * sd["V"] // mp
-    return {"saved": saved, "working": working, "loss": loss, "in_flight": in_flight, "per_layer": per_layer,
-            "total": saved + working + loss}
+    return {"saved": saved, "working": working, "loss": loss, "gathered_weights": gathered, "in_flight": in_flight,
+            "per_layer": per_layer, "total": saved + working + loss + gathered}
