@@ -1,9 +1,13 @@
-"""tools/merge_slices.py on a simulated model / pipeline parallel run: MindSpore compiles a tiny dp 2 x mp 2 x pp 2 plan
-(tools/dryrun.py, DryRun level 0) and saves its strategy files; the student's weights are cut into the 8 ranks'
-slices on CPU by our own reading of the compiled layouts (device matrix, tensor map, optimizer-shard group); the tool
-merges them back with MindSpore's merge_pipeline_strategys + unified_safetensors, and the Hugging Face directory it
-writes equals the unsplit student bit for bit. With and without the parallel optimizer (which also shards weights).
-Cost: two tiny compiles of two stages each, ~30 s.
+"""The slices of a model / pipeline parallel run, and their way back to one Hugging Face directory.
+
+1. tools/merge_slices.py on a simulated run: MindSpore compiles a tiny dp 2 x mp 2 x pp 2 plan (tools/dryrun.py,
+   DryRun level 0) and saves its strategy files; the student's weights are cut into the 8 ranks' slices on CPU by our
+   reading of the compiled layouts (train.parallel.rank_slice: device matrix, tensor map, optimizer-shard group); the
+   tool merges them back with MindSpore's merge_pipeline_strategys + unified_safetensors, and the Hugging Face
+   directory it writes equals the unsplit student bit for bit. With and without the parallel optimizer.
+2. The trainer itself, as rank 5 of that plan under DryRun: it compiles its step, reads only the slices it holds, and
+   its checkpoint holds exactly those slices (equal to the cut of 1.), with MindSpore's strategy file next to it.
+Cost: three tiny compiles (two of two stages, one trainer rank), ~40 s on an idle machine.
 """
 import json
 import os
@@ -16,7 +20,7 @@ import yaml
 
 from youzhi_ms.checkpoint.hf import HFCheckpoint, save_safetensors, write_json
 from youzhi_ms.models.names import ms_to_hf
-from youzhi_ms.train.parallel import param_shapes
+from youzhi_ms.train.parallel import param_shapes, rank_slice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDENT = dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=256, hidden_size=128,
@@ -32,37 +36,15 @@ def _tool(name, *args):
                           text=True, timeout=900)
 
 
-def _slice(a, dev_matrix, tensor_map, local):
-    """Rank `local`'s block of `a`: tensor dim d is split over device-matrix axis len-1-tensor_map[d] (MindSpore's
-    right-to-left numbering); ranks enumerate the device matrix row-major."""
-    coords = np.unravel_index(local, dev_matrix)
-    index = []
-    for d, k in enumerate(tensor_map):
-        if k == -1:
-            index.append(slice(None))
-            continue
-        axis = len(dev_matrix) - 1 - k
-        n = a.shape[d] // dev_matrix[axis]
-        index.append(slice(coords[axis] * n, (coords[axis] + 1) * n))
-    return a[tuple(index)]
-
-
-def _opt_shard(a, dev_matrix, tensor_map, size, step, local):
-    """The parallel optimizer's piece along dim 0: size -1 = all the replicas of the model-parallel block; members of
-    a group are `step` ranks apart."""
-    if size == 0:
-        return a
-    if size == -1:
-        used = 1
-        for k in tensor_map:
-            if k != -1:
-                used *= dev_matrix[len(dev_matrix) - 1 - k]
-        size = int(np.prod(dev_matrix)) // used
-    if size <= 1:
-        return a
-    k = (local // max(step, 1)) % size
-    n = a.shape[0] // size
-    return a[k * n:(k + 1) * n]
+def _opt_group(dev_matrix, tensor_map, size):
+    """The strategy file's optimizer-shard size: 0 = none, -1 = every replica of the model-parallel block."""
+    if size != -1:
+        return max(size, 1)
+    used = 1
+    for k in tensor_map:
+        if k != -1:
+            used *= dev_matrix[len(dev_matrix) - 1 - k]
+    return int(np.prod(dev_matrix)) // used
 
 
 @pytest.mark.parametrize("parallel_optimizer", [False, True], ids=["mp-pp", "mp-pp-parallel-optimizer"])
@@ -105,8 +87,8 @@ def test_slices_merge_back_bit_for_bit(tmp_path, parallel_optimizer):
         stage, local = divmod(rank, per_stage)
         d = step_dir / f"rank_{rank}"
         d.mkdir(parents=True)
-        items = [(n, np.ascontiguousarray(_opt_shard(_slice(full[n], dm, tm, local), dm, tm, size, step, local)))
-                 for n, (st, dm, tm, size, step) in layouts.items() if st == stage]
+        items = [(n, rank_slice(full[n], dm, tm, local, _opt_group(dm, tm, size)))
+                 for n, (st, dm, tm, size, _) in layouts.items() if st == stage]
         save_safetensors(str(d / "student.safetensors"), items)
         write_json(str(d / "trainer_state.json"), {"step": 10, "world_size": world})
     r = _tool("merge_slices.py", "--run", str(run))
@@ -123,3 +105,66 @@ def test_slices_merge_back_bit_for_bit(tmp_path, parallel_optimizer):
     r = _tool("merge_slices.py", "--run", str(run), "--step", "10", "--output-dir", str(tmp_path / "other"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "rank(s) [5]" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "other").exists()
+
+
+TRAINER_CHILD = r"""
+import sys
+import mindspore as ms
+ms.set_device("Ascend")
+from mindspore.communication import init
+init()
+from youzhi_ms.train.run_config import load_run_config
+from youzhi_ms.train.trainer import Trainer
+t = Trainer(load_run_config(sys.argv[1]), rank=int(sys.argv[2]), world=8)
+t._check_output(False)
+t._setup_models()
+t._setup_data()
+t._prepare_output(False)
+print("SAVED", t.save_checkpoint(0))
+"""
+
+
+def test_the_trainer_writes_exactly_its_compiled_slices(tmp_path):
+    from test_trainer import WORDS, make_teacher
+    from youzhi_ms.dryrun.cann_standin import ensure_standin
+    make_teacher(str(tmp_path / "teacher"), L=2)
+    student = tmp_path / "student"
+    student.mkdir()
+    cfg = dict(STUDENT, vocab_size=128, hidden_size=64, intermediate_size=96)
+    write_json(str(student / "config.json"), cfg)
+    rng = np.random.default_rng(3)
+    full = {n: rng.standard_normal(s).astype(np.float32) for n, s in param_shapes(cfg).items()}
+    save_safetensors(str(student / "model.safetensors"), [(ms_to_hf(n, "mla"), a) for n, a in full.items()])
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (student / f).write_bytes((tmp_path / "teacher" / f).read_bytes())
+    (tmp_path / "corpus.txt").write_text("\n\n".join(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(60))
+                                                     for i in range(20)))
+    run = tmp_path / "run"
+    y = tmp_path / "run.yaml"
+    y.write_text(yaml.safe_dump({
+        "output_dir": str(run), "run_mode": "distill", "context": {"device_target": "Ascend"},
+        "parallel": {"parallel_mode": "semi_auto_parallel"},
+        "parallel_config": {"data_parallel": DP, "model_parallel": MP, "pipeline_stage": PP, "micro_batch_num": 2},
+        "runner_config": {"batch_size": 1, "seq_length": 32, "progress": False},
+        "model": {"student": str(student)}, "distill": {"teacher": str(tmp_path / "teacher"), "lmbda": 0.0},
+        "train_dataset": {"data_path": str(tmp_path / "corpus.txt")}}))
+    env = ensure_standin(log=lambda *_: None).child_env()
+    env.update(MS_SIMULATION_LEVEL="0", RANK_SIZE="8", RANK_ID="5", GLOG_v="3",
+               PYTHONPATH=os.pathsep.join([ROOT, env["PYTHONPATH"]]))
+    r = subprocess.run([sys.executable, "-c", TRAINER_CHILD, str(y), "5"], cwd=str(tmp_path), env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "SAVED" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    from mindspore.parallel import build_searched_strategy
+    from safetensors.numpy import load_file
+    strategy = build_searched_strategy(str(run / "strategy" / "strategy_rank_5.ckpt"))
+    saved = load_file(str(run / "checkpoint" / "step_00000000" / "rank_5" / "student.safetensors"))
+    # stage 1 of 2 holds layer 1, the final norm and the head; rank 5 is its second rank (dp 0, mp 1)
+    assert sorted(saved) == sorted(n for n in full if n.startswith(("decoder.layers.1.", "decoder.final_layernorm",
+                                                                     "output_layer")))
+    for name, arr in saved.items():
+        lay = strategy[name]
+        want = rank_slice(full[name], list(lay.dev_matrix[0].dim), list(lay.tensor_map[0].dim), 5 - 4)
+        assert np.array_equal(arr, want), name
+    assert saved["output_layer.weight"].shape == (64, 64)  # the vocabulary split over model parallel
+    moments = load_file(str(run / "checkpoint" / "step_00000000" / "rank_5" / "optimizer.safetensors"))
+    assert sorted(moments) == sorted(f"adam_{m}.{n}" for m in "mv" for n in saved)

@@ -326,19 +326,68 @@ def build_semi_auto_step(cfg: dict, plan: ParallelPlan, student_cfg, teacher_cfg
     return net, step, student, teacher
 
 
-def load_sharded_weights(model, model_dir: str, kind: str, prefix: str = "") -> None:
-    """Fill a sharded model's (full-size) parameters from a Hugging Face or MindSpore-layout directory, by name
-    (`prefix` is stripped first: the teacher's parameters are 'teacher.*'); MindSpore slices them when the step is
-    compiled. Every parameter must be found, with its shape."""
+def rank_slice(array, dev_matrix, tensor_map, local_rank: int, opt_shard: int = 1):
+    """This rank's block of a full tensor under a compiled layout: tensor dim d is split over device-matrix axis
+    len - 1 - tensor_map[d] (MindSpore numbers the axes from the right; -1 = not split), the stage's ranks enumerate the
+    device matrix row-major; with the parallel optimizer (`opt_shard` > 1) the block is cut again along dim 0 among the
+    ranks holding the same block, in rank order."""
+    import numpy as np
+    dev_matrix = [int(x) for x in dev_matrix]
+    coords = np.unravel_index(int(local_rank), dev_matrix) if dev_matrix else ()
+    index, used = [], set()
+    for d, k in enumerate(tensor_map):
+        if k == -1:
+            index.append(slice(None))
+            continue
+        axis = len(dev_matrix) - 1 - k
+        used.add(axis)
+        n = array.shape[d] // dev_matrix[axis]
+        index.append(slice(coords[axis] * n, (coords[axis] + 1) * n))
+    block = array[tuple(index)]
+    if opt_shard > 1:
+        replicas = [r for r in range(int(np.prod(dev_matrix)))
+                    if all(np.unravel_index(r, dev_matrix)[a] == coords[a] for a in used)]
+        if len(replicas) % opt_shard:
+            raise ValueError(f"optimizer shard of {opt_shard} does not divide the {len(replicas)} replicas")
+        k = replicas.index(int(local_rank)) % opt_shard
+        n = block.shape[0] // opt_shard
+        block = block[k * n:(k + 1) * n]
+    return np.ascontiguousarray(block)
+
+
+def _group_size(name: str) -> int:
+    import re
+    m = re.match(r"^(\d+)-", name or "")
+    return int(m.group(1)) if m else 1
+
+
+def held_parameters(params, layout: dict) -> list:
+    """The parameters this rank holds after compilation (pipeline stages hold only their own layers)."""
+    return [p for p in params if p.name in layout]
+
+
+def load_sharded_weights(model, model_dir: str, kind: str, layout: dict, local_rank: int, prefix: str = "") -> int:
+    """Fill the slices this rank holds from a Hugging Face or MindSpore-layout directory, one tensor read at a time
+    (host memory: one full tensor, not the model). `layout` is the compiled `parameter_layout_dict`, `local_rank` the
+    rank's index inside its pipeline stage; `prefix` is stripped from the names first (the teacher's 'teacher.').
+    Returns the number of tensors loaded."""
     import mindspore as ms
     from youzhi_ms.checkpoint.hf import HFCheckpoint
     from youzhi_ms.checkpoint.mindspore_ckpt import is_ms_layout
     from youzhi_ms.models.names import ms_to_hf
     ckpt = HFCheckpoint(model_dir)
     ms_layout = is_ms_layout(ckpt)
-    for p in model.get_parameters():
+    n = 0
+    for p in held_parameters(model.get_parameters(), layout):
         name = p.name[len(prefix):] if prefix and p.name.startswith(prefix) else p.name
         src = name if ms_layout else ms_to_hf(name, kind)
         if src not in ckpt:
             raise YouzhiError(f"{model_dir}: tensor {src} is missing; the checkpoint does not match config.json")
-        p.set_data(ms.Tensor(ckpt.get(src, expect_shape=tuple(p.shape)), p.dtype))
+        lay = layout[p.name]
+        block = rank_slice(ckpt.get(src), lay[0], lay[1], local_rank, _group_size(lay[5] if len(lay) > 5 else ""))
+        if tuple(block.shape) != tuple(p.shape):
+            raise YouzhiError(f"{src}: this rank's slice is {tuple(block.shape)}, the compiled parameter is "
+                              f"{tuple(p.shape)}; the checkpoint does not match config.json")
+        p.set_data(ms.Tensor(block, p.dtype))
+        n += 1
+    return n

@@ -59,7 +59,7 @@ from youzhi_ms.train.losses import GKDNet, SFTNet, jsd_upper_bound
 from youzhi_ms.train.optim import (AllReduceSum, ApplyStep, FusedStep, MicroStep, ResetAccumulators, UpdateCore,
                                    lr_factor)
 from youzhi_ms.train.parallel import (build_semi_auto_step, check_device, check_semi_auto, check_world,
-                                      load_sharded_weights, local_rows, plan_parallel)
+                                      held_parameters, load_sharded_weights, local_rows, plan_parallel)
 from youzhi_ms.train.run_config import callback
 
 log = logging.getLogger("youzhi_ms.train")
@@ -202,15 +202,25 @@ class Trainer:
                                opt["max_grad_norm"], reduce_world)
 
     def _build_semi_auto(self):
-        """Model / pipeline parallel: the sharded step of parallel.build_semi_auto_step, the weights loaded in full
-        (MindSpore keeps this rank's slices when it compiles), MindSpore's strategy file next to the checkpoints."""
+        """Model / pipeline parallel: the sharded step of parallel.build_semi_auto_step, built as placeholders and
+        compiled first, so each rank then reads only the slices it holds (a 7B pair is 57 GB in float32; every rank
+        loading it whole would need that much host memory per process); MindSpore's strategy file is written next to
+        the checkpoints for tools/merge_slices.py."""
+        from mindspore.nn.utils import no_init_parameters
         strategy = os.path.join(self.out, "strategy", f"strategy_rank_{self.rank}.ckpt")
         os.makedirs(os.path.dirname(strategy), exist_ok=True)
-        self.parallel_net, self.pstep, self.student, self.teacher = build_semi_auto_step(
-            self.cfg, self.plan, self.student_cfg, self.teacher_cfg, self.rank, self.world, strategy_file=strategy)
-        load_sharded_weights(self.student, self.student_dir, model_kind(self.student_cfg))
+        with no_init_parameters():
+            self.parallel_net, self.pstep, self.student, self.teacher = build_semi_auto_step(
+                self.cfg, self.plan, self.student_cfg, self.teacher_cfg, self.rank, self.world,
+                strategy_file=strategy)
+        ids = ms.Tensor(np.zeros((self.micro_bs, self.seq_len), np.int32))
+        self.parallel_net.compile(ids, ids, ms.Tensor(np.zeros((self.micro_bs, self.seq_len), np.float32)))
+        self.layout = self.parallel_net.parameter_layout_dict
+        local = self.rank % (self.world // self.plan.pipeline_stage)
+        load_sharded_weights(self.student, self.student_dir, model_kind(self.student_cfg), self.layout, local)
         if self.teacher is not None:
-            load_sharded_weights(self.teacher, self.teacher_dir, model_kind(self.teacher_cfg), prefix="teacher.")
+            load_sharded_weights(self.teacher, self.teacher_dir, model_kind(self.teacher_cfg), self.layout, local,
+                                 prefix="teacher.")
         self.core = self.pstep.core
         self.trainable = list(self.core.params)
         kv_lr = self.cfg["lr_schedule"].get("kv_layernorm_learning_rate")
@@ -221,6 +231,10 @@ class Trainer:
         self.bad_in_a_row = 0
         self.allreduce = AllReduceSum() if self.world > 1 else None
         self.last_stage = self.rank // (self.world // self.plan.pipeline_stage) == self.plan.pipeline_stage - 1
+
+    def _held(self, params) -> list:
+        """Parameters this rank holds: all of them, or under model / pipeline parallel its compiled slices."""
+        return held_parameters(params, self.layout) if self.plan.semi_auto else list(params)
 
     def _build_loss_net(self):
         if self.run_mode == "distill":
@@ -316,7 +330,7 @@ class Trainer:
                 "gradient_accumulation_steps": rc["gradient_accumulation_steps"]}
 
     def _optimizer_params(self) -> list:
-        return list(self.core.m) + list(self.core.v)
+        return self._held(list(self.core.m) + list(self.core.v))
 
     def save_checkpoint(self, step: int) -> Optional[str]:
         """Data parallel: rank 0 writes the (replicated) state. Sharded: every rank writes its slices to rank_R/."""
@@ -325,10 +339,11 @@ class Trainer:
         keep = (self._callback("CheckpointMonitor") or {}).get("keep_checkpoint_max", 2)
         state = {"data": self.sampler.state_dict(), "rng": rng_state_to_json(self.coin),
                  "signature": self._run_signature(), "world_size": self.world}
-        return self.ckpt.save(step, self.student.get_parameters(), self._optimizer_params(), state, keep)
+        return self.ckpt.save(step, self._held(self.student.get_parameters()), self._optimizer_params(), state, keep)
 
     def load_checkpoint(self, path: str) -> int:
-        state = self.ckpt.load(path, self._run_signature(), self.student.get_parameters(), self._optimizer_params())
+        state = self.ckpt.load(path, self._run_signature(), self._held(self.student.get_parameters()),
+                               self._optimizer_params())
         self.sampler.load_state_dict(state["data"])
         self.coin = rng_from_json(state["rng"])
         return int(state["step"])
@@ -383,7 +398,7 @@ class Trainer:
 
     def weights_digest(self) -> str:
         h = hashlib.sha256()
-        for p in self.student.get_parameters():
+        for p in self._held(self.student.get_parameters()):
             h.update(p.name.encode())
             h.update(np.ascontiguousarray(p.asnumpy()).tobytes())
         return h.hexdigest()
