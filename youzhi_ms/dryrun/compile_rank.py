@@ -14,17 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import sys
 import time
 import traceback
-
-
-def _group_size(name: str) -> int:
-    """MindSpore names communication groups '<size>-<hash>'; '' = not sharded by the parallel optimizer."""
-    m = re.match(r"^(\d+)-", name or "")
-    return int(m.group(1)) if m else 1
 
 
 def run(job_path: str) -> int:
@@ -42,7 +35,7 @@ def run(job_path: str) -> int:
         import numpy as np
         from mindspore.nn.utils import no_init_parameters
         from youzhi_ms.config import load_any_config
-        from youzhi_ms.train.parallel import build_semi_auto_step, local_rows, plan_parallel
+        from youzhi_ms.train.parallel import build_semi_auto_step, local_rows, opt_shard_size, plan_parallel
         cfg = job["config"]
         scfg = load_any_config(job["student_config"])
         tcfg = load_any_config(job["teacher_config"]) if job.get("teacher_config") else None
@@ -63,7 +56,7 @@ def run(job_path: str) -> int:
                 continue
             held.append({"name": name, "full_shape": [int(x) for x in p.shape],
                          "slice_shape": [int(x) for x in lay[2]], "dtype": str(p.dtype).lower(),
-                         "opt_shard": _group_size(lay[5] if len(lay) > 5 else ""),
+                         "opt_shard": opt_shard_size(lay[5] if len(lay) > 5 else ""),
                          "dev_matrix": [int(x) for x in lay[0]], "tensor_map": [int(x) for x in lay[1]]})
         hyper = params.get("step_hyper")  # the step's scalars: on every rank, not in the layout dict
         if hyper is not None and "step_hyper" not in layout:

@@ -355,9 +355,11 @@ def rank_slice(array, dev_matrix, tensor_map, local_rank: int, opt_shard: int = 
     return np.ascontiguousarray(block)
 
 
-def _group_size(name: str) -> int:
+def opt_shard_size(group_name: str) -> int:
+    """Size of a parameter's optimizer-shard group from its name in the layout ('' = not sharded): MindSpore names
+    communication groups '<size>-<hash>'."""
     import re
-    m = re.match(r"^(\d+)-", name or "")
+    m = re.match(r"^(\d+)-", group_name or "")
     return int(m.group(1)) if m else 1
 
 
@@ -384,7 +386,7 @@ def load_sharded_weights(model, model_dir: str, kind: str, layout: dict, local_r
         if src not in ckpt:
             raise YouzhiError(f"{model_dir}: tensor {src} is missing; the checkpoint does not match config.json")
         lay = layout[p.name]
-        block = rank_slice(ckpt.get(src), lay[0], lay[1], local_rank, _group_size(lay[5] if len(lay) > 5 else ""))
+        block = rank_slice(ckpt.get(src), lay[0], lay[1], local_rank, opt_shard_size(lay[5] if len(lay) > 5 else ""))
         if tuple(block.shape) != tuple(p.shape):
             raise YouzhiError(f"{src}: this rank's slice is {tuple(block.shape)}, the compiled parameter is "
                               f"{tuple(p.shape)}; the checkpoint does not match config.json")

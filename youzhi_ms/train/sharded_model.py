@@ -27,9 +27,7 @@ Parameters are created as shape-only placeholders (MindSpore `initializer`, mate
 from __future__ import annotations
 
 import math
-from typing import Optional
 
-import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.ops.auto_generate.gen_ops_prim import SiLU
@@ -375,7 +373,8 @@ class _VocabParallel(nn.Cell):
 
 
 class _MaskedSum(nn.Cell):
-    """sum over scored tokens of per-token values [N] (mask [N], nonzero = scored); NaN at ignored tokens cannot leak."""
+    """Sum over scored tokens of per-token values [N] (mask [N], nonzero = scored); NaN at ignored tokens cannot
+    leak (selected away, not multiplied by 0)."""
 
     def __init__(self, dp):
         super().__init__()
