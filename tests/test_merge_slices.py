@@ -116,10 +116,10 @@ init()
 from youzhi_ms.train.run_config import load_run_config
 from youzhi_ms.train.trainer import Trainer
 t = Trainer(load_run_config(sys.argv[1]), rank=int(sys.argv[2]), world=8)
-t._check_output(False)
+t._check_output(False, False)
 t._setup_models()
 t._setup_data()
-t._prepare_output(False)
+t._prepare_output(False, False)
 print("SAVED", t.save_checkpoint(0))
 """
 

@@ -20,25 +20,26 @@ line if the plan is refused (heads not divisible by model_parallel, ...), reject
 param_bytes, grad_bytes, optimizer_bytes, activation_bytes, total_bytes}], ...}, bytes per rank.
 """
 import argparse
-import json
-import os
 
 import _bootstrap  # noqa: F401
 
+from youzhi_ms.cli import NONNEGATIVE, POSITIVE, ArgumentParser
 from youzhi_ms.errors import YouzhiError, cli_main
+from youzhi_ms.fsutil import OVERWRITE_HELP, check_output_dir, check_output_file, write_json_output
 
 
 @cli_main
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="training yaml (yaml_configs/*.yaml)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override one config key (repeatable), as in tools/train.py")
-    ap.add_argument("--rank", type=int, default=None, help="compile only this rank (default: one rank per stage)")
+    ap.add_argument("--rank", type=NONNEGATIVE, default=None,
+                    help="compile only this rank (default: one rank per stage)")
     ap.add_argument("--json", default=None, help="write the per-rank figures as json")
     ap.add_argument("--student-config", default=None, help="student config.json or model directory")
     ap.add_argument("--teacher-config", default=None, help="teacher config.json or model directory")
-    ap.add_argument("--layers-per-stage", type=int, default=None,
+    ap.add_argument("--layers-per-stage", type=POSITIVE, default=None,
                     help="compile with this many layers per stage at the real widths and scale the per-layer slices "
                          "to the full depth (a cheaper check; the default compiles the full depth)")
     ap.add_argument("--level", type=int, default=0, choices=(0, 1),
@@ -46,20 +47,23 @@ def main(argv=None):
     ap.add_argument("--strategy-dir", default=None,
                     help="also save MindSpore's parameter strategy file of every compiled rank here "
                          "(strategy_rank_R.ckpt)")
-    ap.add_argument("--jobs", type=int, default=1,
+    ap.add_argument("--jobs", type=POSITIVE, default=1,
                     help="compile this many ranks at once (each child needs 1-5 GB of host memory; default 1)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the children's jobs and logs")
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args(argv)
-    if args.jobs < 1:
-        raise YouzhiError("--jobs must be >= 1")
-    if args.layers_per_stage is not None and args.layers_per_stage < 1:
-        raise YouzhiError("--layers-per-stage must be >= 1")
     from youzhi_ms.dryrun.driver import dry_run
     from youzhi_ms.train.run_config import load_run_config
+    inputs = [("--config", args.config), ("--student-config", args.student_config),
+              ("--teacher-config", args.teacher_config)]
+    if args.json is not None:  # now, not after minutes of compiling
+        check_output_file(args.json, args.overwrite, inputs)
+    if args.strategy_dir is not None:
+        check_output_dir(args.strategy_dir, args.overwrite, inputs, "--strategy-dir")
     cfg = load_run_config(args.config, args.overrides)
     res = dry_run(cfg, args.student_config, args.teacher_config, rank=args.rank, level=args.level,
                   layers_per_stage=args.layers_per_stage, strategy_dir=args.strategy_dir,
-                  keep_workdir=args.keep_workdir, jobs_at_once=args.jobs)
+                  keep_workdir=args.keep_workdir, jobs_at_once=args.jobs, overwrite=args.overwrite)
     rep = res.report
     batch = (f"{rep['batch_size']} x {rep['micro_batch_num']} micro-batches" if rep["pipeline_stage"] > 1
              else f"{rep['batch_size']}")
@@ -69,12 +73,8 @@ def main(argv=None):
           f"{rep['dryrun_level']}, {rep['cann']}; {rep['strategy_table_checked']} weight slices match the strategy "
           "table)")
     print(res.table)
-    if args.json:
-        tmp = args.json + ".tmp"
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(rep, f, indent=1)
-        os.replace(tmp, args.json)
+    if args.json is not None:
+        write_json_output(args.json, rep, args.overwrite, inputs)
     if not res.fits:
         from youzhi_ms.dryrun.memory import human
         w = res.worst

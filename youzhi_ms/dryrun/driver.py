@@ -39,19 +39,8 @@ def _read_config_json(path: str, what: str) -> dict:
     p = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(p):
         raise YouzhiError(f"{what}: {p} does not exist; give a config.json or a model directory that holds one")
-    from youzhi_ms.checkpoint.hf import read_config
-    return read_config(os.path.dirname(p)) if os.path.basename(p) == "config.json" else _load_json(p, what)
-
-
-def _load_json(p: str, what: str) -> dict:
-    try:
-        with open(p, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise YouzhiError(f"{what}: {p} is not a readable json file ({e})") from None
-    if not isinstance(data, dict):
-        raise YouzhiError(f"{what}: {p} must hold a json object (a Hugging Face config.json)")
-    return data
+    from youzhi_ms.contract import read_config_json
+    return read_config_json(p)
 
 
 def _resolve(path: Optional[str], config_path: Optional[str]) -> Optional[str]:
@@ -219,7 +208,7 @@ def _compile_all(jobs: List[dict], envs: List[Dict[str, str]], workdir: str, par
 def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optional[str] = None,
             rank: Optional[int] = None, level: int = 0, layers_per_stage: Optional[int] = None,
             strategy_dir: Optional[str] = None, cache_dir: Optional[str] = None, keep_workdir: bool = False,
-            jobs_at_once: int = 1, log: Callable[[str], None] = print) -> DryRunResult:
+            jobs_at_once: int = 1, overwrite: bool = False, log: Callable[[str], None] = print) -> DryRunResult:
     student, teacher, sources = model_configs(cfg, student_path, teacher_path)
     plan = check_plan(cfg, student, teacher)
     world = plan.device_num
@@ -256,9 +245,8 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
     for r in roles:
         job = {"config": cfg, "student_config": compiled_student, "teacher_config": compiled_teacher,
                "rank": r, "world": world}
-        if strategy_dir:
-            os.makedirs(strategy_dir, exist_ok=True)
-            job["strategy_file"] = os.path.abspath(os.path.join(strategy_dir, f"strategy_rank_{r}.ckpt"))
+        if strategy_dir:  # written by the children into the work directory, moved into place when all compiled
+            job["strategy_file"] = os.path.join(workdir, "strategy", f"strategy_rank_{r}.ckpt")
         jobs.append(job)
         envs.append(_child_env(standin, r, world, level, "3" if level == 0 else "1"))
     log(f"compiling rank(s) {roles} (one per pipeline stage of {plan.pipeline_stage}; {world} ranks: dp "
@@ -273,6 +261,11 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
             if not res.get("ok"):
                 raise YouzhiError(f"MindSpore's parallel compiler rejected rank {res['rank']} (stage {res['stage']}) "
                                   f"of this plan: {res.get('error')}; log {res['log']}")
+        if strategy_dir:
+            from youzhi_ms.fsutil import atomic_output_dir
+            with atomic_output_dir(strategy_dir, overwrite, flag="--strategy-dir", kind="strategy files") as tmp:
+                for name in sorted(os.listdir(os.path.join(workdir, "strategy"))):
+                    shutil.copy2(os.path.join(workdir, "strategy", name), os.path.join(tmp, name))
         ok = True
     finally:
         if ok and not keep_workdir:

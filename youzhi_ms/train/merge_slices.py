@@ -131,11 +131,11 @@ def merge_slices(step_dir: str, strategy_dir: str, student_config: dict, workdir
 
 def merge_run(run_dir: str, output_dir: Optional[str] = None, step: Optional[int] = None,
               strategy_dir: Optional[str] = None, student_dir: Optional[str] = None, dtype: Optional[str] = None,
-              log: Callable[[str], None] = print) -> str:
+              overwrite: bool = False, log: Callable[[str], None] = print) -> str:
     """Write the Hugging Face directory of a model / pipeline parallel run's student (default `<run>/hf_model`)."""
     import yaml
     from youzhi_ms.checkpoint.hf import ShardedWriter, copy_side_files, read_config
-    from youzhi_ms.fsutil import atomic_output_dir
+    from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
     from youzhi_ms.models.names import ms_to_hf
     run_dir = os.path.abspath(run_dir)
     cfg_path = os.path.join(run_dir, "run_config.yaml")
@@ -162,10 +162,12 @@ def merge_run(run_dir: str, output_dir: Optional[str] = None, step: Optional[int
         raise YouzhiError(f"{step_dir} does not exist; list {ckpt_root} for the saved steps")
     strategy_dir = strategy_dir or os.path.join(run_dir, "strategy")
     output_dir = os.path.abspath(output_dir or os.path.join(run_dir, "hf_model"))
+    inputs = [("--run checkpoint", step_dir), ("--strategy-dir", strategy_dir), ("--student-dir", student_dir)]
+    check_output_dir(output_dir, overwrite, inputs)  # before the merge, not after it
     work = tempfile.mkdtemp(prefix="youzhi_merge_")
     try:
         tensors = merge_slices(step_dir, strategy_dir, student_config, work, log)
-        with atomic_output_dir(output_dir) as tmp:
+        with atomic_output_dir(output_dir, overwrite, inputs, kind="trained model") as tmp:
             writer = ShardedWriter(tmp, dtype=dtype)
             for name in sorted(tensors):
                 writer.add(ms_to_hf(name, "mla"), tensors[name])

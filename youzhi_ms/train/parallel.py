@@ -121,64 +121,15 @@ def _model_table(dims: dict, dp: int, mp: int, pp: int, seq_par: bool, vocab_dp:
     return table, stages
 
 
-def param_shapes(cfg) -> Dict[str, Tuple[int, ...]]:
-    """{parameter name: full shape} of the model a config describes, with the names models/ and sharded_model.py
-    give (MindFormers'); no MindSpore needed (the dry run's parent process and its unsharded byte count)."""
-    def get(k, default=None):
-        return _get(cfg, k, default)
-    dims = _model_dims(cfg)
-    D, inter, V = int(get("hidden_size")), dims["inter"], dims["vocab"]
-    H = dims["heads"]
-    shapes: Dict[str, Tuple[int, ...]] = {"embedding.word_embeddings.weight": (V, D),
-                                          "decoder.final_layernorm.weight": (D,)}
-    if not dims["tied"]:
-        shapes["output_layer.weight"] = (V, D)
-    for i in range(dims["layers"]):
-        p = f"decoder.layers.{i}."
-        a = p + "self_attention."
-        shapes[p + "input_layernorm.weight"] = (D,)
-        shapes[p + "pre_mlp_layernorm.weight"] = (D,)
-        shapes[p + "mlp.gating.weight"] = (inter, D)
-        shapes[p + "mlp.hidden.weight"] = (inter, D)
-        shapes[p + "mlp.linear_fc2.weight"] = (D, inter)
-        if dims["mla"]:
-            yz = get("youzhi") or {}
-            nope, rope, vd, r = (int(get("qk_nope_head_dim")), int(get("qk_rope_head_dim")), int(get("v_head_dim")),
-                                 int(get("kv_lora_rank")))
-            bias = bool(get("attention_bias", False))
-            if dims["q_lora"]:
-                q = int(dims["q_lora"])
-                shapes[a + "linear_q_down_proj.weight"] = (q, D)
-                if bias:
-                    shapes[a + "linear_q_down_proj.bias"] = (q,)
-                shapes[a + "q_layernorm.weight"] = (q,)
-                shapes[a + "linear_q_up_proj.weight"] = (H * (nope + rope), q)
-            else:
-                shapes[a + "linear_q_proj.weight"] = (H * (nope + rope), D)
-                if yz.get("q_proj_bias"):
-                    shapes[a + "linear_q_proj.bias"] = (H * (nope + rope),)
-            shapes[a + "linear_kv_down_proj.weight"] = (r + rope, D)
-            if bias:
-                shapes[a + "linear_kv_down_proj.bias"] = (r + rope,)
-            if not yz.get("no_kv_layernorm"):
-                shapes[a + "kv_layernorm.weight"] = (r,)
-            shapes[a + "linear_kv_up_proj.weight"] = (H * (nope + vd), r)
-            shapes[a + "linear_proj.weight"] = (D, H * vd)
-            if bias:
-                shapes[a + "linear_proj.bias"] = (D,)
-        else:
-            hd = int(get("head_dim") or D // H)
-            kv = dims["kv_heads"]
-            qkv_bias = get("model_type") == "qwen2" or bool(get("attention_bias", False))
-            o_bias = get("model_type") != "qwen2" and bool(get("attention_bias", False))
-            for n, rows in (("linear_q", H * hd), ("linear_k", kv * hd), ("linear_v", kv * hd)):
-                shapes[a + n + ".weight"] = (rows, D)
-                if qkv_bias:
-                    shapes[a + n + ".bias"] = (rows,)
-            shapes[a + "linear_proj.weight"] = (D, H * hd)
-            if o_bias:
-                shapes[a + "linear_proj.bias"] = (D,)
-    return shapes
+def param_shapes(cfg: dict) -> Dict[str, Tuple[int, ...]]:
+    """{parameter name: full shape} of the model a Hugging Face config dict describes, with the MindSpore
+    (MindFormers) names models/ and sharded_model.py use: the checkpoint contract's tensor list, renamed. No MindSpore
+    needed (the dry run's parent process, its strategy check and its unsharded byte count)."""
+    from youzhi_ms.contract import MLA_MODEL_TYPE, expected_tensors, parse_config
+    from youzhi_ms.models.names import hf_to_ms
+    f = parse_config(cfg)
+    kind = "mla" if f["model_type"] == MLA_MODEL_TYPE else "gqa"
+    return {hf_to_ms(name, kind): tuple(int(d) for d in shape) for name, shape in expected_tensors(f).items()}
 
 
 def plan_parallel(parallel_config: dict, student_cfg, teacher_cfg=None, world_size: Optional[int] = None) \

@@ -37,6 +37,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
@@ -66,7 +67,7 @@ log = logging.getLogger("youzhi_ms.train")
 
 HF_DIR = "hf_model"
 # What a run writes into output_dir: a directory holding anything else is never started over by --overwrite.
-RUN_ENTRIES = ("checkpoint", LOSS_LOG, "loss_curve.png", HF_DIR, "ranks", "run_config.yaml")
+RUN_ENTRIES = ("checkpoint", LOSS_LOG, "loss_curve.png", HF_DIR, "ranks", "run_config.yaml", "strategy")
 CORRUPT_RETRIES = 1       # recomputations of a GKD step whose loss is out of range
 CORRUPT_STEPS_MAX = 3     # consecutive skipped steps before the run stops (state saved; --resume continues)
 
@@ -204,15 +205,16 @@ class Trainer:
     def _build_semi_auto(self):
         """Model / pipeline parallel: the sharded step of parallel.build_semi_auto_step, built as placeholders and
         compiled first, so each rank then reads only the slices it holds (a 7B pair is 57 GB in float32; every rank
-        loading it whole would need that much host memory per process); MindSpore's strategy file is written next to
-        the checkpoints for tools/merge_slices.py."""
+        loading it whole would need that much host memory per process); MindSpore's strategy file goes to
+        `strategy/` with the first checkpoint, for tools/merge_slices.py."""
         from mindspore.nn.utils import no_init_parameters
-        strategy = os.path.join(self.out, "strategy", f"strategy_rank_{self.rank}.ckpt")
-        os.makedirs(os.path.dirname(strategy), exist_ok=True)
+        # written when the graph compiles, i.e. before output_dir is claimed: kept aside until the first checkpoint
+        self.strategy_file = os.path.join(tempfile.mkdtemp(prefix="youzhi_strategy_"),
+                                          f"strategy_rank_{self.rank}.ckpt")
         with no_init_parameters():
             self.parallel_net, self.pstep, self.student, self.teacher = build_semi_auto_step(
                 self.cfg, self.plan, self.student_cfg, self.teacher_cfg, self.rank, self.world,
-                strategy_file=strategy)
+                strategy_file=self.strategy_file)
         ids = ms.Tensor(np.zeros((self.micro_bs, self.seq_len), np.int32))
         self.parallel_net.compile(ids, ids, ms.Tensor(np.zeros((self.micro_bs, self.seq_len), np.float32)))
         self.layout = self.parallel_net.parameter_layout_dict
@@ -231,6 +233,14 @@ class Trainer:
         self.bad_in_a_row = 0
         self.allreduce = AllReduceSum() if self.world > 1 else None
         self.last_stage = self.rank // (self.world // self.plan.pipeline_stage) == self.plan.pipeline_stage - 1
+
+    def _publish_strategy(self) -> None:
+        """This rank's strategy file into `<output_dir>/strategy/` (once; after the first step output_dir is claimed)."""
+        dst = os.path.join(self.out, "strategy", os.path.basename(self.strategy_file))
+        if not os.path.isfile(dst):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copy2(self.strategy_file, dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
 
     def _held(self, params) -> list:
         """Parameters this rank holds: all of them, or under model / pipeline parallel its compiled slices."""
@@ -339,6 +349,8 @@ class Trainer:
         keep = (self._callback("CheckpointMonitor") or {}).get("keep_checkpoint_max", 2)
         state = {"data": self.sampler.state_dict(), "rng": rng_state_to_json(self.coin),
                  "signature": self._run_signature(), "world_size": self.world}
+        if self.sharded:
+            self._publish_strategy()
         return self.ckpt.save(step, self._held(self.student.get_parameters()), self._optimizer_params(), state, keep)
 
     def load_checkpoint(self, path: str) -> int:
