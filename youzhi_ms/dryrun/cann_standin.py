@@ -321,10 +321,25 @@ def ensure_standin(cache_dir: Optional[str] = None, log=print) -> StandIn:
         if not os.path.isfile(os.path.join(final, "manifest.json")):
             log(f"building the compile-only CANN stand-in for mindspore {version} in {final} (once; ~1 min)")
             _build(ms_dir, version, final)
+            _remove_stale(cache, keep=final)
     with open(os.path.join(final, "manifest.json")) as f:
         manifest = json.load(f)
     root = os.path.join(final, "latest")
     return StandIn(root, os.path.join(root, "lib64"), os.path.join(final, "python"), manifest)
+
+
+def _remove_stale(cache: str, keep: str) -> None:
+    """Earlier builds (another wheel or generator) in the cache: removed only if their manifest says we wrote them."""
+    for d in glob.glob(os.path.join(cache, "mindspore-*")):
+        if os.path.abspath(d) == os.path.abspath(keep):
+            continue
+        try:
+            with open(os.path.join(d, "manifest.json")) as f:
+                ours = json.load(f).get("label") == LABEL
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if ours:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _build(ms_dir: str, version: str, final: str) -> None:

@@ -152,6 +152,11 @@ def _start(job: dict, workdir: str, env: Dict[str, str]):
 
 def _collect(job: dict, proc, t0: float) -> dict:
     if not os.path.isfile(job["out"]):
+        if proc.returncode is not None and proc.returncode < 0:  # killed: the kernel's OOM killer sends SIGKILL
+            raise YouzhiError(f"the compile of rank {job['rank']} was killed (signal {-proc.returncode}) after "
+                              f"{int(time.time() - t0)} s; a full-depth compile holds the whole graph in host memory "
+                              "(7B: ~8 GB, 14B: more than 19 GB): free memory, or check the plan at its real widths "
+                              f"with --layers-per-stage 1; log {job['log']}")
         tail = open(job["log"], errors="replace").read()[-1500:]
         raise RuntimeError(f"the compile of rank {job['rank']} died (exit {proc.returncode}) without a result; "
                            f"log {job['log']}:\n{tail}")
