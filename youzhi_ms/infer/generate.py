@@ -38,7 +38,7 @@ class EagerRunner:
     """Prefill + decode cells of an in-memory MindSpore model (graph-compiled on first use)."""
 
     def __init__(self, model, cfg):
-        from youzhi_ms.models.gqa import DecodeCell, PrefillCell
+        from youzhi_ms.models.base import DecodeCell, PrefillCell
         self.cfg = cfg
         self.prefill_cell, self.decode_cell = PrefillCell(model), DecodeCell(model)
 
@@ -47,10 +47,9 @@ class EagerRunner:
         logits, a, b = self.prefill_cell(ms.Tensor(ids.astype(np.int32)))
         return logits.asnumpy(), a.asnumpy(), b.asnumpy()
 
-    def decode(self, ids: np.ndarray, pos: np.ndarray, cache_a, cache_b):
+    def decode(self, ids: np.ndarray, pos: np.ndarray, *caches):
         import mindspore as ms
-        logits, a, b = self.decode_cell(ms.Tensor(ids.astype(np.int32)), ms.Tensor(pos.astype(np.int32)),
-                                        cache_a, cache_b)
+        logits, a, b = self.decode_cell(ms.Tensor(ids.astype(np.int32)), ms.Tensor(pos.astype(np.int32)), *caches)
         return logits.asnumpy(), a, b
 
     def to_state(self, arr):

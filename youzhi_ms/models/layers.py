@@ -135,14 +135,7 @@ def apply_rope_interleaved(x, cos, sin):
     return x * cos + rotate_interleaved(x) * sin
 
 
-def causal_mask(q_len, kv_len, offset=0):
-    """Additive mask [q_len, kv_len]: query i (absolute position offset+i) sees keys 0..offset+i. Numpy constant."""
-    i = np.arange(q_len)[:, None] + offset
-    j = np.arange(kv_len)[None, :]
-    return np.where(j <= i, 0.0, -1e9).astype(np.float32)
-
-
-def attention_probs(scores, mask):
-    """softmax in float32 over the last axis after adding the additive mask."""
-    scores = scores.astype(ms.float32) + mask
-    return ops.softmax(scores, -1)
+def attention_probs(scores, mask, scale, dtype):
+    """The one masked softmax of every attention path: float32 scores * scale + additive mask, softmax over the keys,
+    cast back to the value dtype."""
+    return ops.softmax(scores.astype(ms.float32) * scale + mask, -1).astype(dtype)
