@@ -131,8 +131,7 @@ class CausalLMBase(nn.Cell):
         return h, entries_0, entries_1
 
     def construct(self, input_ids, attention_mask=None):
-        h, _, _ = self.hidden_states(input_ids, attention_mask)
-        return self.head(h)
+        return self.head(self.hidden_states(input_ids, attention_mask)[0])
 
     def prefill(self, input_ids, attention_mask=None):
         h, entries_0, entries_1 = self.hidden_states(input_ids, attention_mask)
