@@ -97,6 +97,8 @@ def export_mindir(model_dir: str, out_dir: str, batch: int = 1, max_seq_len: Opt
     from youzhi_ms.checkpoint.mindspore_ckpt import load_model
     from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
     from youzhi_ms.models.base import DecodeCell, PrefillCell
+    from youzhi_ms.progress import step
+    from youzhi_ms.runtime import quiet_known_warnings
 
     inputs = [("--model", model_dir)]
     check_output_dir(out_dir, overwrite, inputs)
@@ -112,19 +114,20 @@ def export_mindir(model_dir: str, out_dir: str, batch: int = 1, max_seq_len: Opt
     manifest = build_manifest(cfg, model_dir, batch, max_seq_len)
     _, shapes, _ = cache_layout(cfg, batch, max_seq_len)
     with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
-        t0 = time.time()
-        ms.export(PrefillCell(model), ms.Tensor(shape=[batch, None], dtype=ms.int32),
-                  file_name=os.path.join(tmp, PREFILL_FILE[:-len(".mindir")]), file_format="MINDIR")
-        log(f"prefill graph exported ({time.time() - t0:.1f} s)")
-        t0 = time.time()
-        ms.export(DecodeCell(model), ops.zeros((batch, 1), ms.int32), ops.zeros((batch,), ms.int32),
-                  ops.zeros(tuple(shapes[0]), ms.float32), ops.zeros(tuple(shapes[1]), ms.float32),
-                  file_name=os.path.join(tmp, DECODE_FILE[:-len(".mindir")]), file_format="MINDIR")
-        log(f"decode graph exported ({time.time() - t0:.1f} s)")
+        # ms.export compiles the graph first, which is most of its time (~20 s per graph for SmolLM2, load ~8)
+        with step("exporting the prefill graph (compiles it first)"), quiet_known_warnings():
+            ms.export(PrefillCell(model), ms.Tensor(shape=[batch, None], dtype=ms.int32),
+                      file_name=os.path.join(tmp, PREFILL_FILE[:-len(".mindir")]), file_format="MINDIR")
+        with step(f"exporting the decode graph (cache length {max_seq_len}; compiles it first)"), \
+                quiet_known_warnings():
+            ms.export(DecodeCell(model), ops.zeros((batch, 1), ms.int32), ops.zeros((batch,), ms.int32),
+                      ops.zeros(tuple(shapes[0]), ms.float32), ops.zeros(tuple(shapes[1]), ms.float32),
+                      file_name=os.path.join(tmp, DECODE_FILE[:-len(".mindir")]), file_format="MINDIR")
         for f in (PREFILL_FILE, DECODE_FILE):
             if not os.path.isfile(os.path.join(tmp, f)):
                 raise YouzhiError(f"MindSpore did not write {f} (models over 2 GB are split into external weight "
                                   "files by some versions); export a smaller model or report the MindSpore version")
+            _usual_permissions(os.path.join(tmp, f))
             manifest["graphs"]["prefill" if f == PREFILL_FILE else "decode"]["bytes"] = \
                 os.path.getsize(os.path.join(tmp, f))
         write_json(os.path.join(tmp, "config.json"), cfg.raw)
@@ -132,10 +135,19 @@ def export_mindir(model_dir: str, out_dir: str, batch: int = 1, max_seq_len: Opt
         manifest["exported_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         manifest["mindspore_version"] = ms.__version__
         if verify:
-            manifest["verify"] = verify_export(tmp, model, cfg, manifest)
+            with step("verifying the exported graphs against the eager model (compiles each graph once more)"), \
+                    quiet_known_warnings():
+                manifest["verify"] = verify_export(tmp, model, cfg, manifest)
             log(f"verify: {manifest['verify']}")
         write_json(os.path.join(tmp, MANIFEST), manifest)
     return manifest
+
+
+def _usual_permissions(path: str) -> None:
+    """ms.export leaves its files readable by their owner only (0400); give them the mode any new file gets here."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def verify_export(export_dir: str, model, cfg, manifest: dict, prompt_len: int = 6, steps: int = 3) -> dict:
