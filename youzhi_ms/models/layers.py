@@ -5,6 +5,8 @@ kernels, which compute the same math; the choice is made once per model from the
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
@@ -21,10 +23,24 @@ def fused_kernels_available() -> bool:
     return device_target() == "Ascend"
 
 
+_RANDOM_INIT = [True]
+
+
+@contextlib.contextmanager
+def weights_to_be_loaded():
+    """Build models whose every parameter is about to be overwritten from a checkpoint: "normal" parameters start as
+    zeros instead of random draws (drawing SmolLM2's 135M values took 3.6 s of a 4.4 s load)."""
+    _RANDOM_INIT[0] = False
+    try:
+        yield
+    finally:
+        _RANDOM_INIT[0] = True
+
+
 def _param(shape, name, dtype=ms.float32, init="normal"):
     if init == "ones":
         data = np.ones(shape, np.float32)
-    elif init == "zeros":
+    elif init == "zeros" or not _RANDOM_INIT[0]:
         data = np.zeros(shape, np.float32)
     else:
         data = (np.random.default_rng(0).standard_normal(shape) * 0.02).astype(np.float32)
