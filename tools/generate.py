@@ -5,8 +5,9 @@
   python tools/generate.py --model DIR --chat --prompt "What is a KV cache?" --temperature 0.7 --top-p 0.9 --seed 1
 Greedy when --temperature is 0 (the default). --chat wraps the prompt with the tokenizer's chat template; without
 --prompt, --chat reads turns from standard input. Tokens are printed as they are produced.
-The first run compiles the prefill and decode graphs (~5-10 s each for SmolLM2 on 2 CPU cores); later runs with the
-same model config load them from the compile cache (youzhi_ms/compile_cache.py; YOUZHI_COMPILE_CACHE=0 turns it off).
+The first run compiles the prefill and decode graphs (5-25 s each for SmolLM2 on 2 CPU cores, by machine load); later
+runs with the same model config load them from the compile cache (youzhi_ms/compile_cache.py; YOUZHI_COMPILE_CACHE=0
+turns it off).
 """
 import argparse
 import sys

@@ -9,8 +9,8 @@ shapes its graphs (the youzhi_ms sources, the MindSpore version and device, the 
 planned graphs in order), the cache is switched on only around the planned compiles, in plan order, and a graph
 outside the plan compiles with it switched off. A hit then always returns the graph this process would have compiled.
 
-Measured on SmolLM2-135M (CPU, 2 cores, docs/benchmarks.md): the prefill and decode graphs take ~5-10 s each to
-compile and ~1 s each to load from the cache. Weights are not in the cache (they are graph inputs), so one entry
+Measured on SmolLM2-135M (CPU, 2 cores, docs/benchmarks.md section 8): the prefill and decode graphs take 5-10 s each
+to compile at load average ~4 (15-25 s at ~9) and 0.9 s each to load from the cache (3-6 s at ~9). Weights are not in the cache (they are graph inputs), so one entry
 serves every checkpoint with the same config.
 
 `YOUZHI_COMPILE_CACHE=0` turns it off; `YOUZHI_COMPILE_CACHE=DIR` moves it (default: the data cache's `compile/`).
