@@ -120,7 +120,7 @@ def evaluate_dir(model_dir: str, text: str = "wiki-eval", seq_len: int = 512, ma
         raise YouzhiError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
                           f"{cfg.max_position_embeddings}")
     if train_checkpoint:
-        from youzhi_ms.train.trainer import STUDENT_FILE
+        from youzhi_ms.train.checkpointing import STUDENT_FILE
         if not os.path.isfile(os.path.join(train_checkpoint, STUDENT_FILE)):
             raise YouzhiError(f"{train_checkpoint} has no {STUDENT_FILE}; pass a step_* directory under the training "
                               "run's checkpoint/ directory")
