@@ -6,8 +6,8 @@
 #   4. GQA -> MLA with layer-adaptive FreqFold at a 2.67x smaller KV cache (kv_lora_rank 112 + rope 32 vs 2*3*64)
 #   5. MLA perplexity, a greedy completion through the absorbed latent-cache decode, and the concurrency plan
 # Outputs go to $OUT (default output/quickstart); a re-run replaces them (--overwrite replaces only earlier youzhi_ms
-# outputs, never other files). EVAL_TOKENS bounds each perplexity stream (default 16384 tokens, ~1 min per model on
-# 2 cores; EVAL_TOKENS=4096 takes a quarter of that and gives rougher figures).
+# outputs, never other files). EVAL_TOKENS bounds each perplexity stream (default 16384 tokens = 32 windows of 512;
+# EVAL_TOKENS=4096 scores a quarter of them in about a quarter of the time, with rougher figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-output/quickstart}

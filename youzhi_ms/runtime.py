@@ -37,7 +37,9 @@ KNOWN_HARMLESS = (
 # Runs in a child process: a filter thread inside this process would need the interpreter lock, which a compile can
 # hold while it writes to a full pipe.
 _FILTER = r"""
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the tool handles it, and
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # this filter ends when its input closes
 drop = [p.encode() for p in sys.argv[1:]]
 for line in sys.stdin.buffer:
     if not any(p in line for p in drop):
@@ -66,8 +68,20 @@ def quiet_known_warnings(patterns=KNOWN_HARMLESS):
     try:
         yield
     finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
+        from youzhi_ms import errors
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        if errors._saved_stderr is not None:
+            # an interrupt muted stderr inside this block and saved a copy of our pipe to restore later: make that
+            # copy the real stderr instead (the pipe's reader is about to end), and stay muted until the tool's line
+            os.dup2(saved, errors._saved_stderr)
+        else:
+            os.dup2(saved, 2)
         proc.stdin.close()
-        proc.wait()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
         os.close(saved)
