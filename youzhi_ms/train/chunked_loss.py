@@ -117,16 +117,34 @@ class _ChunkedHead(nn.Cell):
         log_m = shift + ops.log(ops.exp(a - shift) + ops.exp(b - shift))
         return (1.0 - self.beta) * (lp - log_m)
 
-    def finish_backward(self, dz, keep_c, coef, h_c, w, dw):
-        """dz [c, V] (d per-token loss / d z) -> dh_c, accumulated dw."""
-        dz = ops.masked_fill(dz * coef, ops.logical_not(ops.expand_dims(keep_c, -1)), 0.0)
-        dh_c = ops.matmul(dz, ops.cast(w, ms.float32))
-        if self.weight_grad:
-            dw = dw + ops.matmul(dz.T, ops.cast(h_c, ms.float32))
-        return dh_c, dw
+    def summed(self, h, w, teacher, mask, scale):
+        """scale * sum over scored rows of `chunk_loss`, one chunk after the other (bounded working set)."""
+        keep = ops.cast(mask, ms.float32) > 0.0
+        total = ops.zeros((), ms.float32)
+        for s, e in _chunks(h.shape[0], self.rows):
+            per_token = self.chunk_loss(ops.depend(h[s:e], total), w, teacher, s, e)
+            total = total + ops.sum(ops.where(keep[s:e], per_token, _zeros_like(per_token)))
+        return total * ops.cast(scale, ms.float32)
 
-    def coefficient(self, scale, dout):
-        return ops.cast(scale, ms.float32) * ops.cast(dout, ms.float32) * self.inv_tau
+    def backward(self, h, w, teacher, mask, scale, dout):
+        """(dL/dh, dL/dw or zeros) from `chunk_dz` (d per-token loss / d logits*1/tau) chunk by chunk."""
+        keep = ops.cast(mask, ms.float32) > 0.0
+        coef = ops.cast(scale, ms.float32) * ops.cast(dout, ms.float32) * self.inv_tau
+        w32 = ops.cast(w, ms.float32)
+        dw = ops.zeros(w.shape, ms.float32)
+        dhs = ()
+        prev = coef
+        for s, e in _chunks(h.shape[0], self.rows):
+            h_c = ops.depend(h[s:e], prev)
+            dz = self.chunk_dz(h_c, w, teacher, s, e) * coef
+            dz = ops.masked_fill(dz, ops.logical_not(ops.expand_dims(keep[s:e], -1)), 0.0)
+            dh_c = ops.matmul(dz, w32)
+            if self.weight_grad:
+                dw = dw + ops.matmul(dz.T, ops.cast(h_c, ms.float32))
+            dhs += (dh_c,)
+            prev = dh_c
+        dh = ops.cast(ops.concat(dhs, 0), h.dtype)
+        return dh, (ops.cast(dw, w.dtype) if self.weight_grad else _zeros_like(w))
 
 
 class ChunkedGKDLoss(_ChunkedHead):
@@ -134,38 +152,25 @@ class ChunkedGKDLoss(_ChunkedHead):
     P_S = softmax(h w^T / tau), P_T = softmax(t_h t_w^T / tau). h, t_h: [N, D] final-norm hidden states; w, t_w:
     [V, D] head weights; mask [N]. Gradient flows into h (and w when `weight_grad`); the teacher is a constant."""
 
+    def chunk_loss(self, h_c, w, teacher, s, e):
+        t_h, t_w = teacher
+        return jsd_from_logprobs(self.logp(h_c, w), self.logp(t_h[s:e], t_w), self.beta)
+
+    def chunk_dz(self, h_c, w, teacher, s, e):
+        t_h, t_w = teacher
+        lp = self.logp(h_c, w)
+        lq = self.logp(t_h[s:e], t_w)
+        p = ops.exp(lp)
+        if self.beta == 0.0:
+            return p - ops.exp(lq)
+        return _soft_grad(p, self.grad_p(lp, lq))
+
     def construct(self, h, w, t_h, t_w, mask, scale):
-        keep = ops.cast(mask, ms.float32) > 0.0
-        total = ops.zeros((), ms.float32)
-        for s, e in _chunks(h.shape[0], self.rows):
-            h_c = ops.depend(h[s:e], total)  # one chunk after the other: bounded working set
-            lp = self.logp(h_c, w)
-            lq = self.logp(t_h[s:e], t_w)
-            per_token = jsd_from_logprobs(lp, lq, self.beta)
-            total = total + ops.sum(ops.where(keep[s:e], per_token, _zeros_like(per_token)))
-        return total * ops.cast(scale, ms.float32)
+        return self.summed(h, w, (t_h, t_w), mask, scale)
 
     def bprop(self, h, w, t_h, t_w, mask, scale, out, dout):
-        keep = ops.cast(mask, ms.float32) > 0.0
-        coef = self.coefficient(scale, dout)
-        dw = ops.zeros(w.shape, ms.float32)
-        dhs = ()
-        prev = coef
-        for s, e in _chunks(h.shape[0], self.rows):
-            h_c = ops.depend(h[s:e], prev)
-            lp = self.logp(h_c, w)
-            lq = self.logp(t_h[s:e], t_w)
-            p = ops.exp(lp)
-            if self.beta == 0.0:
-                dz = p - ops.exp(lq)
-            else:
-                dz = _soft_grad(p, self.grad_p(lp, lq))
-            dh_c, dw = self.finish_backward(dz, keep[s:e], coef, h_c, w, dw)
-            dhs += (dh_c,)
-            prev = dh_c
-        dh = ops.cast(ops.concat(dhs, 0), h.dtype)
-        return (dh, ops.cast(dw, w.dtype) if self.weight_grad else _zeros_like(w), _zeros_like(t_h),
-                _zeros_like(t_w), _zeros_like(mask), _zeros_like(scale))
+        dh, dw = self.backward(h, w, (t_h, t_w), mask, scale, dout)
+        return dh, dw, _zeros_like(t_h), _zeros_like(t_w), _zeros_like(mask), _zeros_like(scale)
 
 
 class TopKGKDLoss(_ChunkedHead):
@@ -174,62 +179,45 @@ class TopKGKDLoss(_ChunkedHead):
     remaining mass. The generalized JSD over the k + 1 buckets (module docstring)."""
 
     def buckets(self, h_c, w, ids_c):
-        """Student log-probs: per word [c, V], on the stored words [c, k], of the tail bucket [c, 1]."""
+        """Student log-probs: per word [c, V], per bucket [c, k + 1] (the stored words, then the tail)."""
         z = ops.dense(ops.cast(h_c, ms.float32), ops.cast(w, ms.float32)) * self.inv_tau
         lse = _lse(z)
         lp = z - lse
-        lp_top = ops.gather_elements(lp, 1, ids_c)
         off = ops.tensor_scatter_elements(z, ids_c, _zeros_like(ops.cast(ids_c, ms.float32)) + NEG_LOGMASS, 1)
         lp_tail = ops.maximum(_lse(off) - lse, NEG_LOGMASS)
-        return lp, lp_top, lp_tail
+        return lp, ops.concat((ops.gather_elements(lp, 1, ids_c), lp_tail), -1)
 
     @staticmethod
-    def teacher(lq_top_c, lq_tail_c):
-        return ops.concat((ops.cast(lq_top_c, ms.float32),
-                           ops.maximum(ops.cast(ops.expand_dims(lq_tail_c, -1), ms.float32), NEG_LOGMASS)), -1)
+    def teacher_buckets(teacher, s, e):
+        _, lq_top, lq_tail = teacher
+        return ops.concat((ops.cast(lq_top[s:e], ms.float32),
+                           ops.maximum(ops.cast(ops.expand_dims(lq_tail[s:e], -1), ms.float32), NEG_LOGMASS)), -1)
+
+    def chunk_loss(self, h_c, w, teacher, s, e):
+        _, lp_b = self.buckets(h_c, w, teacher[0][s:e])
+        return jsd_from_logprobs(lp_b, self.teacher_buckets(teacher, s, e), self.beta)
+
+    def chunk_dz(self, h_c, w, teacher, s, e):
+        ids_c = teacher[0][s:e]
+        lp, lp_b = self.buckets(h_c, w, ids_c)
+        lq_b = self.teacher_buckets(teacher, s, e)
+        p = ops.exp(lp)
+        if self.beta == 0.0:
+            # p_i - q_b p_i / p_b: for a stored word p_i = p_b; for the tail, q_tail exp(lp_i - lp_tail)
+            q_word = ops.exp(lq_b[:, -1:] + lp - lp_b[:, -1:])
+            return p - ops.tensor_scatter_elements(q_word, ids_c, ops.exp(lq_b[:, :-1]), 1)
+        g = self.grad_p(lp_b, lq_b)  # per bucket [c, k + 1]
+        g_mean = _sum_keep(ops.exp(lp_b) * g, -1)
+        g_word = ops.tensor_scatter_elements(ops.broadcast_to(g[:, -1:], lp.shape), ids_c, g[:, :-1], 1)
+        return p * (g_word - g_mean)
 
     def construct(self, h, w, ids, lq_top, lq_tail, mask, scale):
-        keep = ops.cast(mask, ms.float32) > 0.0
-        total = ops.zeros((), ms.float32)
-        for s, e in _chunks(h.shape[0], self.rows):
-            h_c = ops.depend(h[s:e], total)
-            _, lp_top, lp_tail = self.buckets(h_c, w, ids[s:e])
-            per_token = jsd_from_logprobs(ops.concat((lp_top, lp_tail), -1), self.teacher(lq_top[s:e], lq_tail[s:e]),
-                                          self.beta)
-            total = total + ops.sum(ops.where(keep[s:e], per_token, _zeros_like(per_token)))
-        return total * ops.cast(scale, ms.float32)
+        return self.summed(h, w, (ids, lq_top, lq_tail), mask, scale)
 
     def bprop(self, h, w, ids, lq_top, lq_tail, mask, scale, out, dout):
-        keep = ops.cast(mask, ms.float32) > 0.0
-        coef = self.coefficient(scale, dout)
-        dw = ops.zeros(w.shape, ms.float32)
-        dhs = ()
-        prev = coef
-        for s, e in _chunks(h.shape[0], self.rows):
-            h_c = ops.depend(h[s:e], prev)
-            ids_c = ids[s:e]
-            lp, lp_top, lp_tail = self.buckets(h_c, w, ids_c)
-            lq = self.teacher(lq_top[s:e], lq_tail[s:e])
-            lq_top_c, lq_tail_c = lq[:, :-1], lq[:, -1:]
-            p = ops.exp(lp)
-            if self.beta == 0.0:
-                # p_i - q_b p_i / p_b: for a stored word p_i = p_b; for the tail, q_tail exp(lp_i - lp_tail)
-                q_word = ops.exp(lq_tail_c + lp - lp_tail)
-                q_word = ops.tensor_scatter_elements(q_word, ids_c, ops.exp(lq_top_c), 1)
-                dz = p - q_word
-            else:
-                g = self.grad_p(ops.concat((lp_top, lp_tail), -1), lq)  # per bucket [c, k + 1]
-                p_b = ops.exp(ops.concat((lp_top, lp_tail), -1))
-                g_mean = _sum_keep(p_b * g, -1)
-                g_word = ops.broadcast_to(g[:, -1:], lp.shape)
-                g_word = ops.tensor_scatter_elements(g_word, ids_c, g[:, :-1], 1)
-                dz = p * (g_word - g_mean)
-            dh_c, dw = self.finish_backward(dz, keep[s:e], coef, h_c, w, dw)
-            dhs += (dh_c,)
-            prev = dh_c
-        dh = ops.cast(ops.concat(dhs, 0), h.dtype)
-        return (dh, ops.cast(dw, w.dtype) if self.weight_grad else _zeros_like(w), _zeros_like(ids),
-                _zeros_like(lq_top), _zeros_like(lq_tail), _zeros_like(mask), _zeros_like(scale))
+        dh, dw = self.backward(h, w, (ids, lq_top, lq_tail), mask, scale, dout)
+        return (dh, dw, _zeros_like(ids), _zeros_like(lq_top), _zeros_like(lq_tail), _zeros_like(mask),
+                _zeros_like(scale))
 
 
 # ---------------------------------------------------------------------------------------------------- trainer nets
