@@ -94,7 +94,9 @@ def main():
         if (pm["student"], pm["source"], pm["eval_tokens"], pm["eval_seq_len"], pm["eval_text"]) != (
                 args.student, args.source, res["meta"]["eval_tokens"], args.eval_seq_len, args.eval_text):
             sys.exit(f"error: {args.reuse_ppl} was measured on other models or eval settings; drop --reuse-ppl")
-        res["ppl_teacher"], res["ppl_before"] = prev["ppl_teacher"], prev["ppl_before"]
+        res["ppl_before"] = prev["ppl_before"]
+        if "ppl_teacher" in prev:
+            res["ppl_teacher"] = prev["ppl_teacher"]
         res["meta"]["ppl_reused_from"] = args.reuse_ppl
     else:
         if not args.skip_teacher:

@@ -123,3 +123,17 @@ def test_topk_and_shrink_match_float64():
     # k = V: everything stored, the tail is empty
     f_ids, f_top, f_tail = topk_of_logits(logits, 40, tau)
     assert np.all(np.isneginf(f_tail)) and np.allclose(np.exp(f_top.astype(np.float64)).sum(-1), 1.0, atol=1e-5)
+
+
+def test_tool_never_replaces_a_file_and_says_so_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "x.topk"
+    out.write_bytes(b"not mine")
+    r = subprocess.run([sys.executable, "tools/make_teacher_topk.py", "--config", "yaml_configs/distill_smollm2_mla.yaml",
+                        "--k", "4", "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=120)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "already exists" in lines[0], r.stderr
+    assert out.read_bytes() == b"not mine"
