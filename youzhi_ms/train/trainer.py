@@ -1,6 +1,8 @@
 """The training loop: GKD recovery of a converted MLA student from its GQA teacher, or SFT of the student.
 
-One process (or one msrun worker) holds the frozen teacher and the trainable student. Per optimizer step:
+One process (or one msrun worker) holds the frozen teacher and the trainable student (or, with
+`distill.offline_teacher`, the teacher's stored top-k file instead of the teacher: `teacher_topk.py`). The distill
+loss is `chunked_loss.py`'s by default (`distill.loss=full`: the plain loss on full logits). Per optimizer step:
 
 1. `gradient_accumulation_steps` global micro-batches are drawn (`data.EpochSampler`, `batch_size * world` rows
    each; this rank keeps rows rank, rank + world, ...). In distill mode each micro-batch is replaced, with probability
@@ -213,7 +215,13 @@ class Trainer:
         stored top-k file), or the plain one on full logits (distill.loss=full); sft: cross entropy."""
         d = self.cfg["distill"]
         self.teacher_hidden = None
-        if self.run_mode == "distill" and d["loss"] == "chunked":
+        # model / pipeline parallel shards the head Linear cells; the chunked loss multiplies by the head weight itself,
+        # so that path keeps the plain loss (not run here: Ascend only)
+        chunked = d["loss"] == "chunked" and not self.plan.semi_auto
+        if self.offline and self.plan.semi_auto:
+            raise YouzhiError("distill.offline_teacher is implemented for data parallel only; drop it or set "
+                              "parallel_config.model_parallel=1 and pipeline_stage=1")
+        if self.run_mode == "distill" and chunked:
             head_trains = any(p is head_weight(self.student) for p in self.trainable)
             if self.offline:
                 self.loss_net = TopKGKDNet(self.student, d["beta"], d["temperature"], d["loss_chunk_tokens"],
