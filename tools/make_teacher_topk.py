@@ -17,28 +17,27 @@ import argparse
 
 import _bootstrap  # noqa: F401
 
-from youzhi_ms.errors import YouzhiError, cli_main
+from youzhi_ms.cli import POSITIVE, ArgumentParser
+from youzhi_ms.errors import cli_main
 
 
 @cli_main
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="the training yaml (yaml_configs/*.yaml)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    ap.add_argument("--k", type=int, required=True, help="stored words per token (e.g. 16, 64, 256)")
+    ap.add_argument("--k", type=POSITIVE, required=True, help="stored words per token (e.g. 16, 64, 256)")
     ap.add_argument("--out", required=True, help="the file to write (never replaced)")
-    ap.add_argument("--steps", type=int, default=None, help="windows of this many steps (default max_steps)")
-    ap.add_argument("--world", type=int, default=1, help="data-parallel workers of the training run")
+    ap.add_argument("--steps", type=POSITIVE, default=None, help="windows of this many steps (default max_steps)")
+    ap.add_argument("--world", type=POSITIVE, default=1, help="data-parallel workers of the training run")
     ap.add_argument("--all-windows", action="store_true", help="every window of the dataset")
     ap.add_argument("--from", dest="source", default=None, metavar="FILE",
                     help="derive from a top-k file with a larger k instead of running the teacher")
-    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--batch-size", type=POSITIVE, default=2)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     from youzhi_ms.train.run_config import load_run_config
     cfg = load_run_config(args.config, args.overrides)
-    if args.world < 1 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
-        raise YouzhiError("--world, --batch-size and --steps must be >= 1")
     from youzhi_ms.runtime import init_context
     init_context("graph")
     from youzhi_ms.train.teacher_topk import write_teacher_topk
