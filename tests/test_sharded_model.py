@@ -115,8 +115,8 @@ def test_sharded_sft_loss_and_parallel_step_update_equal_the_reference():
     ref_step = FusedStep(SFTNet(s_ref), UpdateCore(params_ref, groups, decays, (0.9, 0.95), 1e-8, 0.5, 1))
     sh_step = ShardedStep(net, ShardedUpdateCore(params_sh, groups, decays, (0.9, 0.95), 1e-8, 0.5), num_groups=2)
     scale, lrs, bc1, bc2 = 1.0 / float(mask.asnumpy().sum()), [1e-2, 5e-2], 0.1, 0.05
-    l_ref, n_ref = ref_step(ids, labels, mask, ms.Tensor(scale, ms.float32), ms.Tensor(np.asarray(lrs, np.float32)),
-                            ms.Tensor(bc1, ms.float32), ms.Tensor(bc2, ms.float32))
+    l_ref, n_ref = ref_step(ms.Tensor(np.asarray(lrs, np.float32)), ms.Tensor(bc1, ms.float32),
+                            ms.Tensor(bc2, ms.float32), ms.mutable((ids, labels, mask, ms.Tensor(scale, ms.float32))))
     sh_step.set_hyper(scale, bc1, bc2, lrs)
     l_sh, n_sh, ok = sh_step(ids, labels, mask)
     assert bool(ok.asnumpy())

@@ -222,6 +222,14 @@ def check_semi_auto(cfg: dict, plan: ParallelPlan) -> None:
         raise YouzhiError(f"distill.lmbda={cfg['distill']['lmbda']}: on-policy sampling needs the student's decode "
                           "graph, which the sharded model does not have; under model / pipeline parallel set "
                           "distill.lmbda: 0.0 (GKD on the dataset's sequences)")
+    d = cfg["distill"]
+    if cfg["run_mode"] == "distill" and d["offline_teacher"] is not None:
+        raise YouzhiError("distill.offline_teacher is implemented for data parallel only (the sharded step computes "
+                          "the teacher live, its head split over model_parallel); drop it, or set "
+                          "parallel_config.model_parallel=1 and pipeline_stage=1")
+    if cfg["run_mode"] == "distill" and d["teacher_graph"] != "joint":
+        raise YouzhiError(f"distill.teacher_graph={d['teacher_graph']} is implemented for data parallel only; under "
+                          "model / pipeline parallel the teacher runs inside the sharded step: set it to joint")
     if cfg["parallel"]["enable_parallel_optimizer"] and plan.data_parallel == 1:
         raise YouzhiError("parallel.enable_parallel_optimizer shards the optimizer over the data-parallel replicas, "
                           "and data_parallel is 1; set it to false or raise data_parallel")

@@ -21,8 +21,13 @@ Sections (MindFormers names where MindFormers has the concept):
                    {type: LossMonitor, per_print_times}
   train_dataset    data_path (wiki-calib | wiki-eval | .txt | .jsonl), format (auto | packed | chat), shuffle,
                    max_tokens (truncate a packed token stream)
-  distill          teacher (source GQA Hugging Face dir), beta, lmbda, temperature, max_new_tokens, top_p
-  recompute_config recompute (semi-auto: recompute every student decoder layer in the backward pass)
+  distill          teacher (source GQA Hugging Face dir), beta, lmbda, temperature, max_new_tokens, top_p,
+                   loss (chunked: vocabulary loss in token chunks with a hand-written backward | full: plain logits),
+                   loss_chunk_tokens, teacher_graph (joint: teacher forward inside the training graph | separate: in
+                   its own no-grad graph), offline_teacher (a tools/make_teacher_topk.py file: no live teacher).
+                   Model / pipeline parallel has its own sharded plain loss and needs the live, joint teacher.
+  recompute_config recompute (Cell.recompute on every student decoder layer: only the layer inputs are kept, the rest
+                   is recomputed in the backward; both the data-parallel and the model / pipeline parallel step)
   dry_run          student_config / teacher_config: a config.json (or its directory) giving the model shapes to
                    tools/dryrun.py when model.student / distill.teacher are not on the machine
 """
@@ -61,7 +66,8 @@ DEFAULTS: Dict[str, Any] = {
                     "warmup_ratio": 0.05, "warmup_steps": None, "min_lr_ratio": 0.1, "total_steps": None},
     "callbacks": [dict(type=k, **v) for k, v in CALLBACK_DEFAULTS.items()],
     "train_dataset": {"data_path": "wiki-calib", "format": "auto", "shuffle": True, "max_tokens": None},
-    "distill": {"teacher": None, "beta": 0.5, "lmbda": 0.5, "temperature": 0.9, "max_new_tokens": 128, "top_p": 1.0},
+    "distill": {"teacher": None, "beta": 0.5, "lmbda": 0.5, "temperature": 0.9, "max_new_tokens": 128, "top_p": 1.0,
+                "loss": "chunked", "loss_chunk_tokens": 128, "teacher_graph": "joint", "offline_teacher": None},
     "recompute_config": {"recompute": False},
     "dry_run": {"student_config": None, "teacher_config": None},
 }
@@ -84,7 +90,13 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+# keys that existed under another name on some branch's yamls / commands (docs/benchmarks.md section 6a)
+MOVED = {"model.recompute": "recompute_config.recompute"}
+
+
 def _unknown(key: str, valid: Sequence[str], where: str) -> YouzhiError:
+    if key in MOVED:
+        return YouzhiError(f"config key {key!r} in {where} is now {MOVED[key]!r} (MindFormers' name); rename it")
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(valid), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return YouzhiError(f"unknown config key {key!r} in {where}{hint}; valid keys here: {', '.join(sorted(valid))}")
@@ -290,6 +302,18 @@ def validate(cfg: Dict[str, Any]) -> None:
     _num(cfg, "distill", "temperature", 0.0)
     _num(cfg, "distill", "top_p", 0.0, 1.0)
     _int(cfg, "distill", "max_new_tokens", 1)
+    d = cfg["distill"]
+    _need(d["loss"] in ("chunked", "full"), f"distill.loss must be chunked or full, got {d['loss']!r}")
+    _int(cfg, "distill", "loss_chunk_tokens", 1)
+    _need(d["teacher_graph"] in ("joint", "separate"),
+          f"distill.teacher_graph must be joint or separate, got {d['teacher_graph']!r}")
+    _need(d["offline_teacher"] is None or (isinstance(d["offline_teacher"], str) and d["offline_teacher"]),
+          "distill.offline_teacher must be a file path (tools/make_teacher_topk.py) or null")
+    if cfg["run_mode"] == "distill" and d["offline_teacher"] is not None:
+        _need(d["lmbda"] == 0, f"distill.lmbda {d['lmbda']} > 0 needs the live teacher: on-policy batches are the "
+              "student's own samples, which no stored file can hold; set distill.lmbda=0 to distill from "
+              f"{d['offline_teacher']}, or drop distill.offline_teacher")
+        _need(d["loss"] == "chunked", "distill.offline_teacher works with distill.loss=chunked only")
     if cfg["run_mode"] == "distill" and cfg["distill"]["lmbda"] > 0:
         _need(cfg["distill"]["max_new_tokens"] < cfg["runner_config"]["seq_length"],
               f"distill.max_new_tokens ({cfg['distill']['max_new_tokens']}) must be smaller than "

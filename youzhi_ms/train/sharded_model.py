@@ -29,12 +29,14 @@ from __future__ import annotations
 import math
 
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.ops.auto_generate.gen_ops_prim import SiLU
 from mindspore.common.initializer import initializer
 
 from youzhi_ms.config import MLAConfig, SourceConfig
-from youzhi_ms.models.layers import RotaryTable, causal_mask
+from youzhi_ms.models.base import NEG_INF
+from youzhi_ms.models.layers import RotaryTable
 from youzhi_ms.models.mla import softmax_scale
 
 __all__ = ["ShardedCausalLM", "ShardedGKDNet", "ShardedSFTNet", "build_sharded"]
@@ -323,7 +325,7 @@ class ShardedCausalLM(nn.Cell):
         # training positions are 0..S-1 for every row: the rotary rows and the causal mask are constants
         self.cos = Tensor(table.cos.asnumpy()[:seq_length][None, None], ms.float32)
         self.sin = Tensor(table.sin.asnumpy()[:seq_length][None, None], ms.float32)
-        self.mask = Tensor(causal_mask(seq_length, seq_length)[None, None], ms.float32)
+        self.mask = Tensor(np.triu(np.full((seq_length, seq_length), NEG_INF, np.float32), 1)[None, None], ms.float32)
 
     def set_stages(self, pipeline_stage: int) -> None:
         """Layer i of L on stage i * pp // L (parallel.plan_parallel uses the same split); embedding on the first stage,

@@ -1,6 +1,8 @@
 """The training loop: GKD recovery of a converted MLA student from its GQA teacher, or SFT of the student.
 
-One process (or one msrun worker) holds the frozen teacher and the trainable student. Per optimizer step:
+One process (or one msrun worker) holds the frozen teacher and the trainable student (or, with
+`distill.offline_teacher`, the teacher's stored top-k file instead of the teacher: `teacher_topk.py`). The distill
+loss is `chunked_loss.py`'s by default (`distill.loss=full`: the plain loss on full logits). Per optimizer step:
 
 1. `gradient_accumulation_steps` global micro-batches are drawn (`data.EpochSampler`, `batch_size * world` rows
    each; this rank keeps rows rank, rank + world, ...). In distill mode each micro-batch is replaced, with probability
@@ -23,10 +25,11 @@ At `max_steps` the student is written as a Hugging Face directory `hf_model/` (t
 files, weights in `model.save_dtype`) that `load_model` and `tools/eval_ppl.py` read, plus `loss_curve.png`.
 
 Model / pipeline parallel (Ascend only; refused on CPU): the step is `parallel.build_semi_auto_step` (sharded models
-with explicit operator strategies, pipeline micro-batches as the accumulation, one graph per step, the same guard
-applied inside the graph), compiled by tools/dryrun.py on CPU; it has not run on hardware here. Every rank checkpoints
-its parameter slices (`step_N/rank_R/`) and MindSpore's strategy file (`strategy/`);
-tools/merge_slices.py turns them into the Hugging Face directory.
+with explicit operator strategies and the plain GKD loss on the vocabulary-split logits, the live teacher in the same
+graph, pipeline micro-batches as the accumulation, one graph per step, the same guard applied inside the graph),
+compiled by tools/dryrun.py on CPU; it has not run on hardware here. Every rank checkpoints its parameter slices
+(`step_N/rank_R/`) and MindSpore's strategy file (`strategy/`); tools/merge_slices.py turns them into the Hugging Face
+directory.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import atomic_output_dir, check_not_input, check_output_dir, claim_run_dir
 from youzhi_ms.runtime import init_context
 from youzhi_ms.train.checkpointing import RunCheckpoints, rng_from_json, rng_state_to_json
+from youzhi_ms.train.chunked_loss import ChunkedGKDNet, TeacherHidden, TopKGKDNet, head_weight
 from youzhi_ms.train.data import (EpochSampler, StudentContinuation, build_dataset, collate, row_rngs,
                                   shard_rows)
 from youzhi_ms.train.loss_log import LOSS_LOG, append_row, plot_loss_curve, truncate_loss_log
@@ -62,6 +66,7 @@ from youzhi_ms.train.optim import (AllReduceSum, ApplyStep, FusedStep, MicroStep
 from youzhi_ms.train.parallel import (build_semi_auto_step, check_device, check_semi_auto, check_world,
                                       held_parameters, load_sharded_weights, local_rows, plan_parallel)
 from youzhi_ms.train.run_config import callback
+from youzhi_ms.train.teacher_topk import TopKStore
 
 log = logging.getLogger("youzhi_ms.train")
 
@@ -104,7 +109,8 @@ class Trainer:
         if cfg["model"]["student"] is None:
             raise YouzhiError("model.student is not set; pass the converted MLA directory, e.g. "
                               "--set model.student=output/smollm2_mla")
-        if self.run_mode == "distill" and cfg["distill"]["teacher"] is None:
+        self.offline = self.run_mode == "distill" and cfg["distill"]["offline_teacher"] is not None
+        if self.run_mode == "distill" and not self.offline and cfg["distill"]["teacher"] is None:
             raise YouzhiError("distill.teacher is not set; pass the source (GQA) model directory, e.g. "
                               "--set distill.teacher=output/smollm2_hf")
         self._read_model_configs()
@@ -124,7 +130,7 @@ class Trainer:
         self.student_cfg = load_any_config(read_config(self.student_dir),
                                            os.path.join(self.student_dir, "config.json"))
         self.teacher_cfg = None
-        if self.run_mode == "distill":
+        if self.run_mode == "distill" and not self.offline:
             self.teacher_dir = self.cfg["distill"]["teacher"]
             self.teacher_cfg = load_any_config(read_config(self.teacher_dir),
                                                os.path.join(self.teacher_dir, "config.json"))
@@ -165,8 +171,14 @@ class Trainer:
     def _load_models(self):
         self.student, _ = load_model(self.student_dir)
         self.student.set_train(True)
-        self.teacher = None
-        if self.run_mode == "distill":
+        if self.cfg["recompute_config"]["recompute"]:
+            for layer in self.student.decoder.layers:  # keep layer inputs only; recompute the rest in the backward
+                layer.recompute()
+        self.teacher = self.topk = None
+        if self.offline:
+            self.topk = TopKStore(self.cfg["distill"]["offline_teacher"])
+            self.topk.check_compatible(self.student_cfg.vocab_size, self.seq_len, self.cfg["distill"]["temperature"])
+        elif self.run_mode == "distill":
             self.teacher, _ = load_model(self.teacher_dir)
             for p in self.teacher.get_parameters():  # distinct names: both models live in one graph
                 p.name = "teacher." + p.name
@@ -208,6 +220,11 @@ class Trainer:
         loading it whole would need that much host memory per process); MindSpore's strategy file goes to
         `strategy/` with the first checkpoint, for tools/merge_slices.py."""
         from mindspore.nn.utils import no_init_parameters
+        if self.run_mode == "distill" and self.cfg["distill"]["loss"] == "chunked" and self.is_main:
+            # the chunked loss multiplies by the head weight itself and would bypass the sharded head cells; with
+            # the vocabulary split over model_parallel the full-logit tensors are 1/mp per rank anyway
+            log.info("model / pipeline parallel: the sharded step's plain GKD loss (distill.loss=chunked applies to "
+                     "data-parallel runs)")
         # written when the graph compiles, i.e. before output_dir is claimed: kept aside until the first checkpoint
         self.strategy_file = os.path.join(tempfile.mkdtemp(prefix="youzhi_strategy_"),
                                           f"strategy_rank_{self.rank}.ckpt")
@@ -230,6 +247,7 @@ class Trainer:
                                                                              else [])
         self.loss_bound = jsd_upper_bound(self.cfg["distill"]["beta"]) if self.run_mode == "distill" else None
         self.fused = None
+        self.teacher_hidden = self.topk = None  # offline / separate teacher: refused by check_semi_auto
         self.bad_in_a_row = 0
         self.allreduce = AllReduceSum() if self.world > 1 else None
         self.last_stage = self.rank // (self.world // self.plan.pipeline_stage) == self.plan.pipeline_stage - 1
@@ -247,8 +265,21 @@ class Trainer:
         return held_parameters(params, self.layout) if self.plan.semi_auto else list(params)
 
     def _build_loss_net(self):
-        if self.run_mode == "distill":
-            d = self.cfg["distill"]
+        """distill: the chunked vocabulary loss (from the live teacher, in or out of the training graph, or from the
+        stored top-k file), or the plain one on full logits (distill.loss=full); sft: cross entropy."""
+        d = self.cfg["distill"]
+        self.teacher_hidden = None
+        if self.run_mode == "distill" and d["loss"] == "chunked":
+            head_trains = any(p is head_weight(self.student) for p in self.trainable)
+            if self.offline:
+                self.loss_net = TopKGKDNet(self.student, d["beta"], d["temperature"], d["loss_chunk_tokens"],
+                                           head_trains)
+            else:
+                separate = d["teacher_graph"] == "separate"
+                self.loss_net = ChunkedGKDNet(self.student, self.teacher, d["beta"], d["temperature"],
+                                              d["loss_chunk_tokens"], head_trains, teacher_outside=separate)
+                self.teacher_hidden = TeacherHidden(self.teacher) if separate else None
+        elif self.run_mode == "distill":
             self.loss_net = GKDNet(self.student, self.teacher, d["beta"], d["temperature"])
         else:
             self.loss_net = SFTNet(self.student)
@@ -307,6 +338,7 @@ class Trainer:
         global_rows = self.sampler.take(self.micro_bs * self.dp_world)
         local = shard_rows(np.arange(len(global_rows)), self.dp_rank, self.dp_world)
         batch = collate([self.dataset[int(global_rows[i])] for i in local])
+        batch["rows"] = [int(global_rows[i]) for i in local]  # dataset windows (the offline teacher's key)
         on_policy = False
         if self.run_mode == "distill":
             on_policy = bool(self.coin.random() < self.cfg["distill"]["lmbda"])
@@ -426,21 +458,32 @@ class Trainer:
         b1, b2 = self.cfg["optimizer"]["betas"]
         update_args = (ms.Tensor(np.asarray(lrs, np.float32)), ms.Tensor(1.0 - float(b1) ** (step + 1), ms.float32),
                        ms.Tensor(1.0 - float(b2) ** (step + 1), ms.float32))
-        inputs = [(ms.Tensor(b["input_ids"], ms.int32), ms.Tensor(b["labels"], ms.int32),
-                   ms.Tensor(b["loss_mask"], ms.float32), scale) for b in batches]
+        inputs = [self._net_inputs(b, scale) for b in batches]
         row = {"step": step + 1, "loss": None, "lr": lrs[0], "grad_norm": None, "tokens": int(count),
                "on_policy": [b["on_policy"] for b in batches]}
-        if self.plan.semi_auto:
+        if self.plan.semi_auto:  # one sharded graph per step; its loss takes (ids, labels, mask) only
             self._semi_auto_update(step, inputs[0][:3], (float(scale.asnumpy()), *[float(a.asnumpy()) for a in
                                                                                    update_args[1:]], lrs), row)
         elif self.fused is not None:
-            loss, norm = self.fused(*inputs[0], *update_args)
+            loss, norm = self.fused(*update_args, ms.mutable(inputs[0]))
             row["loss"] = float(loss.asnumpy())
             row["grad_norm"] = float(norm.asnumpy())
         else:
             self._guarded_update(step, inputs, update_args, row)
         row["seconds"] = round(time.time() - t0, 4)
         return row
+
+    def _net_inputs(self, b: dict, scale) -> tuple:
+        """The loss net's inputs for micro-batch `b`: ids, labels, mask, scale, then the teacher's part when it is
+        not computed inside the training graph (its hidden states from its own graph, or the stored top-k)."""
+        ids = ms.Tensor(b["input_ids"], ms.int32)
+        x = (ids, ms.Tensor(b["labels"], ms.int32), ms.Tensor(b["loss_mask"], ms.float32), scale)
+        if self.teacher_hidden is not None:
+            x += (self.teacher_hidden(ids),)
+        elif self.topk is not None:
+            t = self.topk.batch(b["rows"], b["input_ids"])
+            x += (ms.Tensor(t["ids"]), ms.Tensor(t["lq_top"]), ms.Tensor(t["lq_tail"]))
+        return x
 
     def _guarded_update(self, step: int, inputs: list, update_args: tuple, row: dict) -> None:
         """Accumulate the micro-batches' gradients, check the step's loss, then apply (fills `row`).
@@ -449,7 +492,7 @@ class Trainer:
         steps of some runs, with corrupted gradients that ruined a run). Its gradients are dropped and the
         micro-batches computed again; a step that stays corrupted is skipped, never applied."""
         for attempt in range(1 + CORRUPT_RETRIES):
-            loss_local = sum(float(self.micro(*x).asnumpy()) for x in inputs)
+            loss_local = sum(float(self.micro(ms.mutable(x)).asnumpy()) for x in inputs)
             row["loss"] = float(self._sum_over_ranks([loss_local])[0]) if self.world > 1 else loss_local
             if not self._out_of_range(row["loss"]):
                 row["grad_norm"] = float(self.apply(*update_args).asnumpy())
