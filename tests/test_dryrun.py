@@ -110,6 +110,8 @@ def test_shipped_ascend_plans_compile_and_their_memory_is_the_plans(name, tmp_pa
     (["distill.lmbda=0.5"], "on-policy sampling needs the student's decode graph"),
     (["runner_config.gradient_accumulation_steps=4"], "the pipeline micro-batches are the accumulation"),
     (["parallel_config.model_parallel=1", "parallel_config.pipeline_stage=1"], "that is a data-parallel run"),
+    (["distill.offline_teacher=/nonexistent/topk", "distill.loss=chunked"], "offline_teacher is implemented for data parallel only"),
+    (["distill.teacher_graph=separate"], "teacher_graph=separate is implemented for data parallel only"),
 ])
 def test_refused_plans_exit_2_before_compiling(overrides, expect):
     args = ["--config", os.path.join(YAMLS, "distill_qwen2_5_7b_mla.yaml")]

@@ -145,6 +145,8 @@ def test_overrides_parse_as_yaml_scalars():
     (["run_mode=pretrain"], "run_mode must be one of"),
     (["distill.lmbda=0.5", "distill.max_new_tokens=256"], "must be smaller than runner_config.seq_length"),
     (["callbacks.LossMonitor.every=3"], "unknown config key 'callbacks.LossMonitor.every'"),
+    (["model.recompute=true"], "'model.recompute' in --set is now 'recompute_config.recompute'"),
+    (["recompute_config.recompute=1"], "recompute_config.recompute must be true or false"),
 ])
 def test_bad_overrides_one_clear_error(overrides, expect):
     with pytest.raises(YouzhiError) as e:
