@@ -41,6 +41,10 @@ def main(argv=None):
     ap.add_argument("--pca-metric", choices=["attn", "bkv"], default="attn",
                     help="latent PCA: attn = attention-aware (queries and o_proj weight the error; default), "
                          "bkv = TransMLA's balanced K/V activation PCA")
+    ap.add_argument("--stats", choices=["cascaded", "standard"], default="cascaded",
+                    help="where the RoRoPE and latent-PCA statistics come from: cascaded = each layer's inputs in the "
+                         "converted model (default); standard = TransMLA's (source-model keys for RoRoPE, the "
+                         "partial-RoPE model's inputs for the latent PCA)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -56,7 +60,7 @@ def main(argv=None):
     opt = ConvertOptions(kv_lora_rank=args.kv_lora_rank, qk_rope_dim=args.qk_rope_dim, freqfold=args.freqfold,
                          calib_text=args.calib_text, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
                          proxy_seqs=args.proxy_seqs, export=args.export, seed=args.seed, plan=plan,
-                         out_dtype=args.out_dtype, pca_metric=args.pca_metric,
+                         out_dtype=args.out_dtype, pca_metric=args.pca_metric, stats=args.stats,
                          progress=not args.quiet)
     rep = convert(args.hf_dir, args.output_dir, opt)
     print(f"converted to MLA r={rep['kv_lora_rank']}+{rep['qk_rope_head_dim']} ({rep['cache_ratio']:.2f}x smaller KV "

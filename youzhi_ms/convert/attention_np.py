@@ -1,7 +1,11 @@
-"""Reference attention in numpy, used by the converter's calibration statistics and proxies.
+"""The numpy reference forward of the source and converted decoder layers: the converter's statistics and proxies, and
+the tests' independent checks, all use these functions.
 
-Kept deliberately plain (float32 matmuls, float64 where statistics accumulate) so every proxy error is computed the
-same way for every candidate. Shapes: X [N, S, D] (already input-layernormed), heads-first inside.
+Why not the MindSpore model: the converter holds one layer's weights at a time in float32/float64 and needs the
+intermediate quantities (pre-RoPE keys, attention probabilities, second moments) that a compiled graph does not
+expose; and a check of the MindSpore model should not run through the MindSpore model. Kept deliberately plain
+(float32 matmuls, float64 where statistics accumulate) so every candidate is computed the same way.
+Shapes: X [N, S, D] (already input-layernormed), heads-first inside.
 """
 from __future__ import annotations
 
@@ -81,3 +85,15 @@ def mla_attention(X, m, n_heads, nope, rope, vdim, rank, cos_r, sin_r, kv_norm=N
     p = causal_softmax(scores / np.sqrt(nope + rope))
     o = (p @ up[..., nope:]).transpose(0, 2, 1, 3).reshape(N, S, -1)
     return linear(o, m["o_proj.weight"], m.get("o_proj.bias"))
+
+
+def mlp(x, w):
+    """SwiGLU MLP from layer weights w (gate, up, down)."""
+    g = x @ w["gate"].T
+    return ((g / (1 + np.exp(-g))) * (x @ w["up"].T)) @ w["down"].T
+
+
+def block_output(h, attn, w, eps):
+    """The decoder layer's output from its input h and its attention output (pre-norm residual block)."""
+    h = h + attn
+    return h + mlp(rms_norm(h, w["ln2"], eps), w)

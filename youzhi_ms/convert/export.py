@@ -15,6 +15,18 @@ import numpy as np
 
 
 
+def attention_token_weights(probs: np.ndarray, n_windows: int) -> np.ndarray:
+    """Per-token weights [n_windows * S] for the refit: 1 plus the attention each key token receives (mean over heads
+    and queries, normalised to mean 1) in the source attention `probs` [n, H, S, S] of the first n windows; the other
+    windows get the same per-position profile (the sink at position 0 dominates it)."""
+    recv = probs.sum(2).mean(1)  # [n, S]
+    recv = recv / recv.mean()
+    wts = np.ones((n_windows, probs.shape[-1]))
+    wts[:len(recv)] += recv
+    wts[len(recv):] += recv.mean(0)
+    return wts.reshape(-1)
+
+
 def refit_kv_b(c: np.ndarray, target_w: np.ndarray, weights: Optional[np.ndarray], eps: float,
                ridge: float = 1e-6):
     """c [T, r] latent (pre-norm); target_w [out, r] the exact kv_b; weights [T] token weights.
