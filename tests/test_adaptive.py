@@ -153,3 +153,18 @@ def test_chosen_plan_is_reported_and_reproduced_by_freqfold_plan(tmp_path):
     assert sorted(a.names()) == sorted(b.names())
     for n in a.names():  # same bands, same balances, same statistics: the same weights, bit for bit
         np.testing.assert_array_equal(a.get(n), b.get(n))
+
+
+def test_strided_query_attention_equals_the_full_attention_at_those_positions():
+    from youzhi_ms.convert import attention_np as A
+    rng = np.random.default_rng(3)
+    H, nope, rope, r, D, S = 3, 8, 4, 6, 16, 12
+    m = {"q_proj.weight": rng.normal(size=(H * (nope + rope), D)), "kv_a_proj_with_mqa.weight": rng.normal(
+        size=(r + rope, D)), "kv_b_proj.weight": rng.normal(size=(H * 2 * nope, r)), "o_proj.weight": rng.normal(
+        size=(D, H * nope))}
+    X = rng.normal(size=(2, S, D))
+    ang = np.arange(S)[:, None] * 0.3 ** np.arange(rope // 2)[None, :]
+    full = A.mla_attention(X, m, H, nope, rope, nope, r, np.cos(ang), np.sin(ang))
+    pos = np.arange(2, S, 3)
+    part = A.mla_attention(X, m, H, nope, rope, nope, r, np.cos(ang), np.sin(ang), q_pos=pos)
+    np.testing.assert_allclose(part, full[:, pos], rtol=1e-6, atol=1e-9)

@@ -56,6 +56,7 @@ class Geometry:
     eps: float
     cos: np.ndarray  # [S, d/2] source RoPE tables
     sin: np.ndarray
+    inv_freq: Optional[np.ndarray] = None  # [d/2] source frequencies (for the spectral rope-pair matching)
 
     @property
     def c(self) -> int:
@@ -69,8 +70,9 @@ class Geometry:
     def sin_r(self):
         return self.sin[:, ::self.c]
 
-    def mla(self, x: np.ndarray, m: Dict[str, np.ndarray], rank: Optional[int] = None) -> np.ndarray:
-        return mla_attention(x, m, self.n_heads, self.d, self.rope, self.d, rank or self.rank, self.cos_r, self.sin_r)
+    def mla(self, x: np.ndarray, m: Dict[str, np.ndarray], rank: Optional[int] = None, q_pos=None) -> np.ndarray:
+        return mla_attention(x, m, self.n_heads, self.d, self.rope, self.d, rank or self.rank, self.cos_r, self.sin_r,
+                             q_pos=q_pos)
 
     def gqa(self, x: np.ndarray, src: Dict[str, np.ndarray], return_probs: bool = False):
         return gqa_attention(x, src, self.n_heads, self.n_kv, self.d, self.cos, self.sin, return_probs=return_probs)
@@ -82,8 +84,8 @@ class LayerStats:
     keys_x: normed layer inputs [T, D] the RoRoPE keys come from; pca_x: normed inputs [T, D] of the latent PCA."""
 
     def __init__(self, geo: Geometry, src: Dict[str, np.ndarray], keys_x: np.ndarray, pca_x: np.ndarray,
-                 pca_metric: str, rorope_metric: str = "k", damping: float = 0.01):
-        self.geo, self.src, self.damping = geo, src, damping
+                 pca_metric: str, rorope_metric: str = "k", damping: float = 0.01, rope_match: str = "order"):
+        self.geo, self.src, self.damping, self.rope_match = geo, src, damping, rope_match
         self.pca_metric, self.rorope_metric = pca_metric, rorope_metric
         self.K = linear(keys_x, src["wk"], src.get("bk"))  # [T, L] pre-RoPE keys
         self.SX = input_moments(pca_x)
@@ -100,8 +102,9 @@ class LayerStats:
     def rotation(self, bands: Sequence[Band]) -> np.ndarray:
         key = tuple(tuple(b) for b in bands)
         if key not in self._rotations:
+            inv = self.geo.inv_freq if self.rope_match == "spectral" else None
             self._rotations[key] = rotation(self.geo.n_kv, self.geo.d, self.geo.c, key, self.moments(key),
-                                            self.damping)[0]
+                                            self.damping, inv)[0]
         return self._rotations[key]
 
     def build(self, bands: Sequence[Band], beta: float = 1.0, rank: Optional[int] = None,
@@ -118,28 +121,32 @@ SCORES = ("residual", "normed", "local")
 class ResidualScore:
     """The budget-aware objective: squared error of the residual stream after the attention block of the converted
     model, h + attn_MLA(norm(h)) with h from the converted layers before, against h0 + attn_GQA(norm(h0)) of the
-    original model, on the proxy windows; relative to the energy of the original attention output.
+    original model, on the scoring windows at every `stride`-th query position (keys at every position); relative to
+    the energy of the original attention output there.
 
     kind 'normed' measures the same error after the layer's post-attention RMSNorm (what the MLP reads, so a few
     massive residual channels do not dominate); 'local' is the layer's own attention error on the converted inputs
     (no upstream drift): attn_MLA(norm(h)) against attn_GQA(norm(h))."""
 
     def __init__(self, geo: Geometry, w: Dict[str, np.ndarray], h_conv: np.ndarray, h_orig: np.ndarray,
-                 a_orig: np.ndarray, kind: str = "residual", a_local: Optional[np.ndarray] = None):
+                 a_orig: np.ndarray, kind: str = "residual", a_local: Optional[np.ndarray] = None, stride: int = 1):
         self.geo, self.kind, self.w = geo, kind, w
-        self.h = h_conv.astype(np.float64)
+        S = h_conv.shape[1]
+        self.q_pos = np.arange(stride - 1, S, stride)
+        self.h = h_conv[:, self.q_pos].astype(np.float64)
         self.x = rms_norm(h_conv, w["ln1"], geo.eps)
-        self.ref_energy = float((a_orig.astype(np.float64) ** 2).sum())
+        a_orig = a_orig[:, self.q_pos].astype(np.float64)
+        self.ref_energy = float((a_orig ** 2).sum())
         if kind == "local":
-            self.target = a_local.astype(np.float64)
+            self.target = a_local[:, self.q_pos].astype(np.float64)
         elif kind == "normed":
-            self.target = rms_norm(h_orig + a_orig, w["ln2"], geo.eps).astype(np.float64)
+            self.target = rms_norm(h_orig[:, self.q_pos] + a_orig, w["ln2"], geo.eps).astype(np.float64)
             self.ref_energy = float((self.target ** 2).sum())
         else:
-            self.target = (h_orig + a_orig).astype(np.float64)
+            self.target = h_orig[:, self.q_pos] + a_orig
 
     def __call__(self, m: Dict[str, np.ndarray]) -> float:
-        a = self.geo.mla(self.x, m)
+        a = self.geo.mla(self.x, m, q_pos=self.q_pos)
         if self.kind == "local":
             y = a
         elif self.kind == "normed":

@@ -57,6 +57,8 @@ class ConvertOptions:
     max_candidates: int = 48  # above this, the band proxy shortlists the adaptive candidates
     finalists: int = 3  # candidates re-scored over the key/value balances
     score: str = "residual"  # residual | normed | local: the error the FreqFold and balance decisions minimise
+    score_stride: int = 1  # the score reads every score_stride-th query position of the proxy windows
+    rope_match: str = "order"  # order | spectral: which kept component of a band gets which of its rope pairs
 
 
 @dataclass
@@ -160,7 +162,7 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
 
     inv, att = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
     cos, sin = rope_tables(inv, S, att)
-    geo = Geometry(n_heads=H, n_kv=kv, d=d, rope=rope, rank=r, eps=cfg.rms_norm_eps, cos=cos, sin=sin)
+    geo = Geometry(n_heads=H, n_kv=kv, d=d, rope=rope, rank=r, eps=cfg.rms_norm_eps, cos=cos, sin=sin, inv_freq=inv)
     has_q_bias = any(n.endswith("self_attn.q_proj.bias") for n in ck.names())
     has_kv_bias = any(n.endswith(("self_attn.k_proj.bias", "self_attn.v_proj.bias")) for n in ck.names())
     npx = min(opt.proxy_seqs, N)
@@ -195,9 +197,10 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
         flat = {k: v.reshape(-1, D) for k, v in x.items()}
         stats = LayerStats(geo, src, keys_x=flat["orig" if standard else "conv"],
                            pca_x=flat["stage1" if standard else "conv"], pca_metric=opt.pca_metric,
-                           rorope_metric=opt.rorope_metric, damping=opt.damping)
+                           rorope_metric=opt.rorope_metric, damping=opt.damping, rope_match=opt.rope_match)
         a_loc, probs = geo.gqa(x["conv"][:npx], src, return_probs=True)
-        score = ResidualScore(geo, w, h["conv"][:npx], h["orig"][:npx], a_orig[:npx], opt.score, a_loc)
+        score = ResidualScore(geo, w, h["conv"][:npx], h["orig"][:npx], a_orig[:npx], opt.score, a_loc,
+                              opt.score_stride)
 
         def band_proxy():
             from youzhi_ms.convert.attention_np import gqa_qkv
@@ -249,7 +252,7 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
         "kv_lora_rank": r, "qk_rope_head_dim": rope, "collapse_c": c, "freqfold_mode": mode,
         "pca_metric": opt.pca_metric, "stats": opt.stats,
         "calibration": {"text": opt.calib_text, "tokens": int(N * S), "seq_len": S, "seed": opt.seed,
-                        "proxy_tokens": int(npx * S)},
+                        "proxy_tokens": int(npx * S), "score_stride": opt.score_stride},
         "cache_values_per_token_per_layer": {"gqa": 2 * L, "mla": r + rope},
         "cache_ratio": 2 * L / (r + rope),
         "layers": [rec.__dict__ for rec in records],
