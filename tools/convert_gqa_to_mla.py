@@ -5,10 +5,11 @@
       [--freqfold adaptive|adaptive-layer|auto|N] [--calib-text wiki-calib|FILE] [--calib-tokens N] \
       [--export exact|deepseek] [--seed S]
 
-Stages (one module each in youzhi_ms/convert): latent.py (GQA as a shared latent, exact) -> rorope.py (RoRoPE with
-FreqFold bands) -> adaptive.py (per-layer / per-band FreqFold choice) -> bkv_pca.py (balanced K/V PCA to the rank)
--> export.py (exact or stock DeepSeek-V3). OUT gets config.json (with a `youzhi` block), model.safetensors, tokenizer
-files, conversion_report.{json,md} and freqfold.png; it appears only when the conversion completes.
+The five stages, one module each in youzhi_ms/convert: 1 latent.py (GQA as a shared latent, exact) -> 2 rorope.py
+(RoRoPE with FreqFold bands) -> 3 adaptive.py (the per-layer band choice) -> 4 latent_pca.py (joint K/V compression to
+the rank) -> 5 export.py (exact or stock DeepSeek-V3); calibrate.py feeds them, pipeline.py runs them layer by layer.
+OUT gets config.json (with a `youzhi` block), model.safetensors, tokenizer files, conversion_report.{json,md} and
+freqfold.png; it appears only when the conversion completes.
 """
 import argparse
 import json

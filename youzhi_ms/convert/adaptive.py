@@ -1,4 +1,4 @@
-"""Layer-adaptive FreqFold: choose the RoRoPE bands of every layer by the budget-aware residual-stream error.
+"""Stage 3 of 5, layer-adaptive FreqFold: choose the RoRoPE bands of every layer by the budget-aware residual-stream error.
 
 Candidates (per layer):
   * 'adaptive': every monotone tiling of the d/2 frequencies into contiguous bands whose sizes are fold sizes

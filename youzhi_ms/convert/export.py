@@ -1,4 +1,4 @@
-"""Export: the exact MLA checkpoint (youzhi extensions) or a stock DeepSeek-V3 checkpoint, plus the deployment checks.
+"""Stage 5 of 5, export: the exact MLA checkpoint (youzhi extensions) or a stock DeepSeek-V3 checkpoint, plus the deployment checks.
 
 Stock DeepSeek-V3 (transformers, vLLM / vLLM-Ascend, MindFormers) always applies kv_a_layernorm to the latent and has
 no q_proj / kv_a bias. The exact conversion has neither a latent norm nor (for bias-free sources) any bias, so the stock

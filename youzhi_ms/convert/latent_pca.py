@@ -1,4 +1,4 @@
-"""Stage 2: the joint K/V latent compression to kv_lora_rank, and assembly of one MLA layer's weights.
+"""Stage 4 of 5: the joint K/V latent compression to kv_lora_rank, and assembly of one MLA layer's weights.
 
 After RoRoPE the key latent splits into rope dims (kept exactly, they become k_pe) and NoPE dims. The NoPE keys are
 scaled by 1/alpha so keys and values carry equal per-dimension norms (alpha = mean per-dim L2 norm of K_nope / that of

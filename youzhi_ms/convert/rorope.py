@@ -1,4 +1,4 @@
-"""Stage 1: RoRoPE with FreqFold bands: rotate the key latent per frequency band, keep RoPE on qk_rope_dim dims.
+"""Stage 2 of 5: RoRoPE with FreqFold bands: rotate the key latent per frequency band, keep RoPE on qk_rope_dim dims.
 
 A *band* is a run of F contiguous frequencies (F a multiple of c = d / qk_rope_dim, starting at a multiple of c). One
 PCA per band over its n_kv*F complex features (x and y halves as samples, the same real orthogonal U for both, so the
