@@ -53,7 +53,8 @@ def main():
     from youzhi_ms.data.tokenizer import Tokenizer
     from youzhi_ms.eval.ppl import perplexity, token_stream
     from youzhi_ms.train.run_config import load_run_config
-    from youzhi_ms.train.trainer import Trainer, read_loss_log
+    from youzhi_ms.train.loss_log import read_loss_log
+    from youzhi_ms.train.trainer import Trainer
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config_path = args.config if os.path.isfile(args.config) else os.path.join(root, args.config)

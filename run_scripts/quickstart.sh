@@ -5,7 +5,8 @@
 #   3. source perplexity on wiki-eval and a greedy completion (MindSpore, KV-cache decode)
 #   4. GQA -> MLA with layer-adaptive FreqFold at a 2.67x smaller KV cache (kv_lora_rank 112 + rope 32 vs 2*3*64)
 #   5. MLA perplexity, a greedy completion through the absorbed latent-cache decode, and the concurrency plan
-# Outputs go to $OUT (default output/quickstart). EVAL_TOKENS bounds the perplexity stream (default 16384 tokens).
+# Outputs go to $OUT (default output/quickstart); a re-run replaces them (--overwrite replaces only earlier youzhi_ms
+# outputs, never other files). EVAL_TOKENS bounds the perplexity stream (default 16384 tokens).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-output/quickstart}
@@ -13,13 +14,15 @@ EVAL_TOKENS=${EVAL_TOKENS:-16384}
 bash run_scripts/setup_env.sh
 . .venv/bin/activate
 mkdir -p "$OUT"
-python tools/gguf_to_hf.py --gguf smollm2 --output-dir "$OUT/smollm2-hf"
-python tools/convert_hf_weights.py --input-dir "$OUT/smollm2-hf" --output-dir "$OUT/smollm2-ms"
-python tools/eval_ppl.py --model "$OUT/smollm2-ms" --text wiki-eval --max-tokens "$EVAL_TOKENS" --json "$OUT/ppl_source.json"
+python tools/gguf_to_hf.py --gguf smollm2 --output-dir "$OUT/smollm2-hf" --overwrite
+python tools/convert_hf_weights.py --input-dir "$OUT/smollm2-hf" --output-dir "$OUT/smollm2-ms" --overwrite
+python tools/eval_ppl.py --model "$OUT/smollm2-ms" --text wiki-eval --max-tokens "$EVAL_TOKENS" --json "$OUT/ppl_source.json" \
+  --overwrite
 python tools/generate.py --model "$OUT/smollm2-hf" --prompt "The capital of France is" --max-new-tokens 24
 python tools/convert_gqa_to_mla.py --hf-dir "$OUT/smollm2-hf" --output-dir "$OUT/smollm2-mla" \
-  --kv-lora-rank 112 --qk-rope-dim 32 --freqfold adaptive --export exact
-python tools/eval_ppl.py --model "$OUT/smollm2-mla" --text wiki-eval --max-tokens "$EVAL_TOKENS" --json "$OUT/ppl_mla.json"
+  --kv-lora-rank 112 --qk-rope-dim 32 --freqfold adaptive --export exact --overwrite
+python tools/eval_ppl.py --model "$OUT/smollm2-mla" --text wiki-eval --max-tokens "$EVAL_TOKENS" --json "$OUT/ppl_mla.json" \
+  --overwrite
 python tools/generate.py --model "$OUT/smollm2-mla" --prompt "The capital of France is" --max-new-tokens 24
 python tools/plan_concurrency.py --model "$OUT/smollm2-hf" --compare "$OUT/smollm2-mla" --device-memory-gib 8 \
   --max-model-len 2048

@@ -41,5 +41,5 @@ def smollm2_hf_dir() -> str:
 
     path = os.path.join(cache_dir(), "smollm2-135m-instruct-hf")
     if not _smollm2_dir_is_current(path):
-        gguf_to_hf("smollm2", path, dtype="fp32", progress=False)
+        gguf_to_hf("smollm2", path, dtype="fp32", progress=False, overwrite=True)
     return path

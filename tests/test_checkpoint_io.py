@@ -194,7 +194,7 @@ def test_unsupported_architecture_is_refused(kind, tmp_path):
         expect = "mixture-of-experts"
     else:
         cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
-        expect = "unsupported architecture"
+        expect = "unsupported model_type 'gpt2'"
     json.dump(cfg, open(tmp_path / "config.json", "w"))
     out = tmp_path.parent / (tmp_path.name + "_out")
     msg = _one_error_line(run_tool("tools/convert_hf_weights.py", "--input-dir", str(tmp_path),

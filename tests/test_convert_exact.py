@@ -297,7 +297,12 @@ def test_interrupted_conversion_resumes_to_the_same_result(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         _convert(tmp_path / "src", tmp_path / "resumed", kv_lora_rank=40)
     assert not (tmp_path / "resumed").exists()
-    assert (tmp_path / ".resumed.partial" / "records.jsonl").exists()
+    work = tmp_path / ".resumed.partial"
+    assert (work / "records.jsonl").exists()
+    # a kill while appending layer 1's record: its hidden states are saved, its record line is torn
+    (work / "hidden_00002.npz").write_bytes((work / "hidden_00001.npz").read_bytes())
+    with open(work / "records.jsonl", "a") as f:
+        f.write('{"layer": 1, "bands": [[0, 2], [2')
     monkeypatch.setattr(attention_np, "mlp", real)
     _convert(tmp_path / "src", tmp_path / "resumed", kv_lora_rank=40)
     assert not (tmp_path / ".resumed.partial").exists()

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from youzhi_ms.contract import mla_config
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.infer import planner as P
 
@@ -89,11 +90,11 @@ def test_qwen2_5_14b_gqa_and_mla_by_hand():
     assert round(90.71875 / 37.125, 3) == 2.444
 
 
-def test_shipped_mla_configs_are_the_planned_conversions():
+def test_shipped_mla_configs_are_the_contracts_conversions():
     for src, dst, r in ((Q7, Q7_MLA, 320), (Q14, Q14_MLA, 736)):
         with open(os.path.join(dst, "config.json")) as f:
             shipped = json.load(f)
-        assert shipped == P.mla_config_dict(P.read_config_file(src), r, 64)
+        assert shipped == mla_config(P.read_config_file(src), r, 64)  # the contract's stock export, bf16
         assert shipped["model_type"] == "deepseek_v3" and shipped["architectures"] == ["DeepseekV3ForCausalLM"]
         assert shipped["num_key_value_heads"] == shipped["num_attention_heads"]
         assert shipped["first_k_dense_replace"] == shipped["num_hidden_layers"] and shipped["n_routed_experts"] is None

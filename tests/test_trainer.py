@@ -24,7 +24,8 @@ from youzhi_ms.errors import YouzhiError  # noqa: E402
 from youzhi_ms.checkpoint.hf import HFCheckpoint, save_safetensors, write_json  # noqa: E402
 from youzhi_ms.checkpoint.mindspore_ckpt import load_model  # noqa: E402
 from youzhi_ms.train.run_config import load_run_config  # noqa: E402
-from youzhi_ms.train.trainer import Trainer, read_loss_log  # noqa: E402
+from youzhi_ms.train.loss_log import read_loss_log  # noqa: E402
+from youzhi_ms.train.trainer import Trainer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 128

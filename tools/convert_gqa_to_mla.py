@@ -12,30 +12,51 @@ OUT gets config.json (with a `youzhi` block), model.safetensors, tokenizer files
 freqfold.png; it appears only when the conversion completes.
 """
 import argparse
-import json
 import logging
 
 import _bootstrap  # noqa: F401
 
+from youzhi_ms.cli import NONNEGATIVE, POSITIVE, ArgumentParser, int_at_least
+from youzhi_ms.contract import read_config_json
 from youzhi_ms.errors import YouzhiError, cli_main
+from youzhi_ms.fsutil import OVERWRITE_HELP, check_output_dir
+
+
+def read_plan(path: str) -> list:
+    """Per-layer FreqFold bands [[start, F], ...] from an earlier conversion's config.json or conversion_report.json
+    (each band is checked against the model when the conversion reaches its layer)."""
+    src = read_config_json(path)
+    try:
+        plan = src["youzhi"]["freqfold"] if "youzhi" in src else [L["bands"] for L in src["layers"]]
+        if not isinstance(plan, list) or not plan or not all(
+                isinstance(layer, list) and layer and all(
+                    isinstance(b, list) and len(b) == 2 and all(type(x) is int and x >= 0 for x in b)
+                    for b in layer) for layer in plan):
+            raise TypeError("not a list of per-layer [[start, F], ...] bands")
+    except (KeyError, TypeError) as exc:
+        raise YouzhiError(f"--freqfold-plan {path} holds no FreqFold plan ({exc}); pass the config.json or "
+                          "conversion_report.json of an earlier conversion") from None
+    return plan
 
 
 @cli_main
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf-dir", required=True, help="source Hugging Face GQA model directory")
     ap.add_argument("--output-dir", required=True, help="destination (Hugging Face DeepSeek-V3 directory)")
-    ap.add_argument("--kv-lora-rank", type=int, required=True, help="latent rank r; cache = r + qk_rope_dim per layer")
-    ap.add_argument("--qk-rope-dim", type=int, default=None, help="decoupled rope head dim (default head_dim/2)")
+    ap.add_argument("--kv-lora-rank", type=POSITIVE, required=True,
+                    help="latent rank r; cache = r + qk_rope_dim per layer")
+    ap.add_argument("--qk-rope-dim", type=int_at_least(2), default=None,
+                    help="decoupled rope head dim (default head_dim/2)")
     ap.add_argument("--freqfold", default="adaptive",
                     help="adaptive (per layer and per band), adaptive-layer (one F per layer), auto (TransMLA's "
                          "uniform doubling search), or an integer F for every layer (default adaptive)")
     ap.add_argument("--freqfold-plan", default=None,
                     help="reuse the per-layer bands of an earlier conversion (its config.json or report)")
     ap.add_argument("--calib-text", default="wiki-calib", help="wiki-calib or a .txt / .jsonl file")
-    ap.add_argument("--calib-tokens", type=int, default=16384)
-    ap.add_argument("--calib-seq-len", type=int, default=256)
-    ap.add_argument("--proxy-seqs", type=int, default=4, help="calibration windows used by the FreqFold proxies")
+    ap.add_argument("--calib-tokens", type=POSITIVE, default=16384)
+    ap.add_argument("--calib-seq-len", type=int_at_least(2), default=256)
+    ap.add_argument("--proxy-seqs", type=POSITIVE, default=4, help="calibration windows used by the FreqFold proxies")
     ap.add_argument("--export", choices=["exact", "deepseek"], default="exact")
     ap.add_argument("--out-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="dtype of the written checkpoint (the math runs in fp32/fp64 either way)")
@@ -46,24 +67,21 @@ def main(argv=None):
                     help="where the RoRoPE and latent-PCA statistics come from: cascaded = each layer's inputs in the "
                          "converted model (default); standard = TransMLA's (source-model keys for RoRoPE, the "
                          "partial-RoPE model's inputs for the latent PCA)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=NONNEGATIVE, default=0)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args(argv)
+    check_output_dir(args.output_dir, args.overwrite, [("--hf-dir", args.hf_dir), ("--calib-text", args.calib_text),
+                                                       ("--freqfold-plan", args.freqfold_plan)])
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from youzhi_ms.convert.pipeline import ConvertOptions, convert
-    plan = None
-    if args.freqfold_plan:
-        try:
-            src = json.load(open(args.freqfold_plan))
-        except (OSError, ValueError) as e:
-            raise YouzhiError(f"cannot read --freqfold-plan {args.freqfold_plan}: {e}")
-        plan = src["youzhi"]["freqfold"] if "youzhi" in src else [L["bands"] for L in src["layers"]]
+    plan = read_plan(args.freqfold_plan) if args.freqfold_plan else None
     opt = ConvertOptions(kv_lora_rank=args.kv_lora_rank, qk_rope_dim=args.qk_rope_dim, freqfold=args.freqfold,
                          calib_text=args.calib_text, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
                          proxy_seqs=args.proxy_seqs, export=args.export, seed=args.seed, plan=plan,
                          out_dtype=args.out_dtype, pca_metric=args.pca_metric, stats=args.stats,
                          progress=not args.quiet)
-    rep = convert(args.hf_dir, args.output_dir, opt)
+    rep = convert(args.hf_dir, args.output_dir, opt, overwrite=args.overwrite)
     print(f"converted to MLA r={rep['kv_lora_rank']}+{rep['qk_rope_head_dim']} ({rep['cache_ratio']:.2f}x smaller KV "
           f"cache), export={rep['export']}, freqfold={rep['freqfold_mode']}, {rep['seconds']} s -> {args.output_dir}")
     for w in rep["warnings"]:

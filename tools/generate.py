@@ -7,12 +7,13 @@ Greedy when --temperature is 0 (the default). --chat wraps the prompt with the t
 --prompt, --chat reads turns from standard input. Tokens are printed as they are produced.
 """
 import argparse
-import json
 import sys
 
 import _bootstrap  # noqa: F401
 
+from youzhi_ms.cli import NONNEGATIVE, POSITIVE, ArgumentParser, nonempty, number
 from youzhi_ms.errors import YouzhiError, cli_main
+from youzhi_ms.fsutil import OVERWRITE_HELP, check_output_file, write_json_output
 
 
 class Streamer:
@@ -32,19 +33,23 @@ class Streamer:
 
 @cli_main
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model directory (source or converted)")
     ap.add_argument("--mindir", help="directory written by tools/export_mindir.py (instead of --model)")
-    ap.add_argument("--prompt", default=None)
+    ap.add_argument("--prompt", default=None, type=nonempty("the text to continue"))
     ap.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=POSITIVE, default=32)
+    ap.add_argument("--temperature", type=number(0), default=0.0, help="0: greedy (default)")
+    ap.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0)
+    ap.add_argument("--seed", type=NONNEGATIVE, default=0)
     ap.add_argument("--json", default=None, help='write {"prompt_ids", "output_ids", "text"} here')
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args(argv)
     if not args.model and not args.mindir:
         raise YouzhiError("give --model DIR or --mindir DIR")
+    inputs = [("--model", args.model), ("--mindir", args.mindir)]
+    if args.json is not None:
+        check_output_file(args.json, args.overwrite, inputs)  # now, not after the generation
     from youzhi_ms.runtime import init_context
     init_context("graph")
     from youzhi_ms.data.tokenizer import Tokenizer
@@ -59,7 +64,13 @@ def main(argv=None):
         model, cfg = load_model(args.model)
         runner = EagerRunner(model, cfg)
         tok = Tokenizer.from_dir(args.model)
-    turns = [args.prompt] if args.prompt is not None else ([ln.rstrip("\n") for ln in sys.stdin] if args.chat else [])
+    try:
+        turns = [args.prompt] if args.prompt is not None else \
+            ([ln.rstrip("\n") for ln in sys.stdin] if args.chat else [])
+    except UnicodeDecodeError:
+        raise YouzhiError("standard input is not UTF-8 text; give the messages as UTF-8") from None
+    # the decode cache and the RoPE table end at the model's context (MindIR: the exported cache length)
+    limit = getattr(runner, "max_seq_len", None) or runner.cfg.max_position_embeddings
     if not turns:
         raise YouzhiError("give --prompt TEXT (or --chat with the message on standard input)")
     messages, results = [], []
@@ -70,6 +81,11 @@ def main(argv=None):
         else:
             text = turn
         ids = tok.encode(text)
+        if not ids:
+            raise YouzhiError("the prompt encodes to no tokens; give some text the tokenizer knows")
+        if len(ids) + args.max_new_tokens > limit:
+            raise YouzhiError(f"the prompt ({len(ids)} tokens) plus --max-new-tokens {args.max_new_tokens} exceed the "
+                              f"model's context of {limit} tokens; shorten the prompt or lower --max-new-tokens")
         stop = {i for i in (tok.eos_id, tok.eot_id) if i is not None}
         sys.stdout.write(("" if args.chat else text))
         out = generate(runner, ids, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop,
@@ -78,9 +94,8 @@ def main(argv=None):
         reply = tok.decode(out)
         messages.append({"role": "assistant", "content": reply})
         results.append({"prompt_ids": ids, "output_ids": out, "text": reply})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results[0] if len(results) == 1 else results, f, indent=1)
+    if args.json is not None:
+        write_json_output(args.json, results[0] if len(results) == 1 else results, args.overwrite, inputs)
 
 
 if __name__ == "__main__":

@@ -15,48 +15,53 @@ import json
 import os
 import sys
 
-try:
-    import youzhi_ms  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _bootstrap  # noqa: F401  (this checkout's youzhi_ms, even when another copy is installed)
 
+from youzhi_ms.cli import POSITIVE, ArgumentParser, int_at_least, number  # noqa: E402
+from youzhi_ms.contract import mla_config  # noqa: E402
 from youzhi_ms.errors import YouzhiError, cli_main  # noqa: E402
+from youzhi_ms.fsutil import (OVERWRITE_HELP, atomic_output_dir, check_output_dir, check_output_file,  # noqa: E402
+                              write_json_output)
 from youzhi_ms.infer import planner as P  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         description="KV-cache concurrency planner: weights, KV bytes/token, paged blocks and vLLM's "
                     "'maximum concurrency' for one card, side by side for two models.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", required=True, help="model directory, config.json or yaml config (the base model)")
     ap.add_argument("--compare", help="a second model (directory or config) to compare against --model")
-    ap.add_argument("--kv-lora-rank", type=int,
+    ap.add_argument("--kv-lora-rank", type=POSITIVE,
                     help="plan a hypothetical GQA->MLA conversion of --model with this kv_lora_rank")
-    ap.add_argument("--qk-rope-dim", type=int, help="qk_rope_head_dim of the hypothetical conversion "
+    ap.add_argument("--qk-rope-dim", type=int_at_least(2), help="qk_rope_head_dim of the hypothetical conversion "
                     "(default: head_dim / 2)")
-    ap.add_argument("--target-ratio", type=float,
+    ap.add_argument("--target-ratio", type=number(0, lo_open=True),
                     help="search the kv_lora_rank whose max-concurrency gain over --model is closest to this")
-    ap.add_argument("--rank-multiple", type=int, default=16, help="ranks tried by --target-ratio are multiples of this")
+    ap.add_argument("--rank-multiple", type=POSITIVE, default=16,
+                    help="ranks tried by --target-ratio are multiples of this")
     ap.add_argument("--rank-mode", choices=("closest", "reach"), default="closest",
                     help="closest: ratio nearest the target; reach: largest rank whose ratio is still >= target")
-    ap.add_argument("--device-memory-gib", type=float, default=64.0, help="memory of one card (Ascend 910B: 64)")
-    ap.add_argument("--memory-utilization", type=float, default=0.9, help="vLLM --gpu-memory-utilization")
-    ap.add_argument("--max-model-len", type=int, default=4096, help="tokens per request")
-    ap.add_argument("--block-size", type=int, default=128, help="tokens per KV block (vLLM-Ascend: 128)")
+    ap.add_argument("--device-memory-gib", type=number(0, lo_open=True), default=64.0,
+                    help="memory of one card (Ascend 910B: 64)")
+    ap.add_argument("--memory-utilization", type=number(0, 1, lo_open=True), default=0.9,
+                    help="vLLM --gpu-memory-utilization")
+    ap.add_argument("--max-model-len", type=POSITIVE, default=4096, help="tokens per request")
+    ap.add_argument("--block-size", type=POSITIVE, default=128, help="tokens per KV block (vLLM-Ascend: 128)")
     ap.add_argument("--dtype", default="bf16", help="weight and activation dtype: bf16, fp16, fp32")
     ap.add_argument("--kv-cache-dtype", help="KV-cache dtype (default: --dtype; also int8/fp8)")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192,
+    ap.add_argument("--max-num-batched-tokens", type=POSITIVE, default=8192,
                     help="tokens in vLLM's profile forward (activation reserve estimate)")
-    ap.add_argument("--max-num-seqs", type=int, default=256,
+    ap.add_argument("--max-num-seqs", type=POSITIVE, default=256,
                     help="sequences in vLLM's sampler profile run (fp32 logits in the activation reserve)")
-    ap.add_argument("--runtime-overhead-gib", type=float, default=1.0,
+    ap.add_argument("--runtime-overhead-gib", type=number(0), default=1.0,
                     help="fixed allowance for runtime workspaces and communication buffers")
-    ap.add_argument("--activation-reserve-gib", type=float,
+    ap.add_argument("--activation-reserve-gib", type=number(0),
                     help="use this activation reserve instead of the estimate (e.g. from a vLLM start-up log)")
     ap.add_argument("--write-mla-config", metavar="DIR",
                     help="with --kv-lora-rank/--target-ratio: write the converted model's DeepSeek-V3 config.json here")
     ap.add_argument("--json", metavar="OUT", help="also write all figures, warnings and the ratio to this JSON file")
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return ap
 
 
@@ -97,16 +102,6 @@ def _settings_line(s: P.PlanSettings) -> str:
             f"{s.kv_dtype} KV cache, block {s.block_size}, max-model-len {s.max_model_len}\n{reserve}")
 
 
-def _write_json(path: str, obj) -> None:
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
@@ -119,6 +114,11 @@ def main(argv=None) -> int:
         raise YouzhiError("--qk-rope-dim only applies with --kv-lora-rank or --target-ratio")
     if args.write_mla_config and not hypothetical:
         raise YouzhiError("--write-mla-config needs --kv-lora-rank or --target-ratio (the conversion to describe)")
+    inputs = [("--model", args.model), ("--compare", args.compare)]
+    if args.write_mla_config:
+        check_output_dir(args.write_mla_config, args.overwrite, inputs, "--write-mla-config")
+    if args.json:
+        check_output_file(args.json, args.overwrite, inputs)
     settings = P.PlanSettings(
         device_memory_gib=args.device_memory_gib, memory_utilization=args.memory_utilization,
         max_model_len=args.max_model_len, block_size=args.block_size, dtype=args.dtype,
@@ -158,8 +158,13 @@ def main(argv=None) -> int:
             print(f"warning [{p.name}]: {w}")
 
     if args.write_mla_config:
-        cfg = P.mla_config_dict(P.read_config_file(args.model), shapes[1].kv_lora_rank, shapes[1].qk_rope_head_dim)
-        _write_json(os.path.join(args.write_mla_config, "config.json"), cfg)
+        cfg = mla_config(P.normalize_config(P.read_config_file(args.model)), shapes[1].kv_lora_rank,
+                         shapes[1].qk_rope_head_dim, export="deepseek", torch_dtype=settings.dtype.lower())
+        with atomic_output_dir(args.write_mla_config, args.overwrite, inputs, "--write-mla-config",
+                               kind="config") as tmp:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(cfg, f, indent=2)
+                f.write("\n")
         print(f"\nwrote {os.path.join(args.write_mla_config, 'config.json')}")
     if args.json:
         base = plans[0].max_concurrency
@@ -178,7 +183,7 @@ def main(argv=None) -> int:
                                   "multiple": args.rank_multiple, "kv_lora_rank": search.kv_lora_rank,
                                   "qk_rope_head_dim": search.qk_rope_head_dim, "ratio": search.ratio,
                                   "candidates": search.candidates}
-        _write_json(args.json, out)
+        write_json_output(args.json, out, args.overwrite, inputs)
         print(f"\nwrote {args.json}")
     return 0
 

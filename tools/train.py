@@ -19,19 +19,25 @@ import json
 
 import _bootstrap  # noqa: F401
 
-from youzhi_ms.errors import cli_main
+from youzhi_ms.cli import ArgumentParser
+from youzhi_ms.errors import YouzhiError, cli_main
 
 
 @cli_main
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="yaml file (yaml_configs/*.yaml)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override one config key (repeatable)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start over in an output_dir that holds an earlier youzhi_ms run (it is replaced; a "
+                         "directory youzhi_ms did not create never is)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (LossMonitor lines only)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as json and exit")
     args = ap.parse_args(argv)
+    if args.resume and args.overwrite:
+        raise YouzhiError("pass either --resume (continue the run in output_dir) or --overwrite (start it over)")
     from youzhi_ms.train.run_config import load_run_config
     cfg = load_run_config(args.config, args.overrides)
     if args.print_config:
@@ -40,7 +46,7 @@ def main(argv=None):
     import logging
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from youzhi_ms.train.trainer import train
-    res = train(cfg, resume=args.resume, progress=False if args.no_progress else None)
+    res = train(cfg, resume=args.resume, progress=False if args.no_progress else None, overwrite=args.overwrite)
     if res["rank"] == 0:
         losses = res["losses"]
         tail = f", loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""

@@ -1,6 +1,8 @@
-"""Model configs: Hugging Face config.json <-> dataclasses for the source GQA models and the MLA (DeepSeek-V3) models.
+"""Model configs: Hugging Face config.json -> dataclasses for the source GQA models and the MLA (DeepSeek-V3) models,
+and the RoPE frequencies.
 
-Validation lives here so every tool refuses unsupported checkpoints the same way, before any weight is read.
+The fields are validated by `contract.parse_config` / `check_runnable` (the one place every tool, the planner included,
+reads a model config), so every tool refuses unsupported or broken checkpoints the same way, before any weight is read.
 """
 from __future__ import annotations
 
@@ -11,35 +13,10 @@ from typing import Optional
 
 import numpy as np
 
+from youzhi_ms.contract import MLA_MODEL_TYPE, check_runnable, parse_config, rope_type
 from youzhi_ms.errors import YouzhiError
 
-SOURCE_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
-MLA_ARCHS = {"DeepseekV3ForCausalLM": "deepseek_v3"}
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-
-
-def _rope_type(scaling: Optional[dict]) -> str:
-    if not scaling:
-        return "default"
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in ROPE_TYPES:
-        raise YouzhiError(f"rope_scaling type {kind!r} is not supported (supported: none, linear, llama3, yarn); "
-                          "dynamic/longrope checkpoints need a static rope_scaling to be converted")
-    return kind
-
-
-def _refuse_unsupported(cfg: dict) -> None:
-    """Architectural features the conversion cannot represent, each with the reason and what to do."""
-    mt = cfg.get("model_type", "")
-    arch = (cfg.get("architectures") or ["?"])[0]
-    if mt in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "cohere2") or "Qwen3" in arch:
-        raise YouzhiError(f"{arch} ({mt}) applies a per-head q/k RMSNorm before RoPE, which the RoRoPE rotation and the "
-                          "MLA latent cannot absorb; only Llama, Qwen2/Qwen2.5 and Mistral (no q/k norm) are supported")
-    moe_keys = [k for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
-                if cfg.get(k)]
-    if moe_keys or "moe" in mt.lower():
-        raise YouzhiError(f"{arch} is a mixture-of-experts model ({', '.join(moe_keys) or mt}); youzhi_ms converts "
-                          "dense models only")
+_rope_type = rope_type  # the rope_scaling check lives in contract.py (pure Python, shared with the planner)
 
 
 @dataclass
@@ -70,45 +47,19 @@ class SourceConfig:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "SourceConfig":
-        _refuse_unsupported(cfg)
-        arch = (cfg.get("architectures") or [None])[0]
-        mt = cfg.get("model_type")
-        if arch in MLA_ARCHS or mt == "deepseek_v3":
+    def from_hf(cls, cfg: dict, where: str = "config.json") -> "SourceConfig":
+        f = parse_config(cfg, where)
+        if f["model_type"] == MLA_MODEL_TYPE:
             raise YouzhiError("this is already an MLA (deepseek_v3) checkpoint; load it with youzhi_ms.models.mla")
-        if arch not in SOURCE_ARCHS and mt not in SOURCE_ARCHS.values():
-            raise YouzhiError(f"unsupported architecture {arch} (model_type {mt}); supported sources: "
-                              f"{', '.join(SOURCE_ARCHS)}")
-        kind = SOURCE_ARCHS.get(arch, mt)
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise YouzhiError(f"hidden_act {cfg.get('hidden_act')!r} is not supported; only SwiGLU (silu) MLPs are")
-        if cfg.get("mlp_bias"):
-            raise YouzhiError("mlp_bias=true is not supported (no Llama/Qwen2 release uses it)")
-        if kind == "qwen2" and cfg.get("use_sliding_window"):
-            raise YouzhiError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported; "
-                              "set use_sliding_window=false if the checkpoint was trained without it")
-        if kind == "mistral" and cfg.get("sliding_window") not in (None, 0) and \
-                cfg.get("sliding_window") < cfg.get("max_position_embeddings", 0):
-            raise YouzhiError("Mistral sliding-window attention is not supported; use a checkpoint with "
-                              "sliding_window null")
-        if cfg.get("partial_rotary_factor", 1.0) != 1.0:
-            raise YouzhiError("partial_rotary_factor != 1 is not supported")
-        heads = cfg["num_attention_heads"]
-        kv = cfg.get("num_key_value_heads") or heads
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-        if heads % kv:
-            raise YouzhiError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
-        _rope_type(cfg.get("rope_scaling"))
-        attn_bias = bool(cfg.get("attention_bias", False))
+        check_runnable(cfg, f, where)
         return cls(
-            arch=kind, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
-            num_kv_heads=kv, head_dim=head_dim, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0), rope_scaling=cfg.get("rope_scaling"),
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=True if kind == "qwen2" else attn_bias, o_bias=attn_bias if kind != "qwen2" else False,
-            bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"), raw=dict(cfg))
+            arch=f["model_type"], vocab_size=f["vocab_size"], hidden_size=f["hidden_size"],
+            intermediate_size=f["intermediate_size"], num_layers=f["num_hidden_layers"],
+            num_heads=f["num_attention_heads"], num_kv_heads=f["num_key_value_heads"], head_dim=f["head_dim"],
+            rms_norm_eps=f["rms_norm_eps"], rope_theta=f["rope_theta"], rope_scaling=f["rope_scaling"],
+            max_position_embeddings=f["max_position_embeddings"] or 2048,
+            tie_word_embeddings=f["tie_word_embeddings"], qkv_bias=f["qkv_bias"], o_bias=f["o_bias"],
+            bos_token_id=f["bos_token_id"], eos_token_id=f["eos_token_id"], raw=dict(cfg))
 
 
 @dataclass
@@ -149,36 +100,29 @@ class MLAConfig:
         return self.kv_lora_rank + self.qk_rope_head_dim
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "MLAConfig":
-        arch = (cfg.get("architectures") or [None])[0]
-        if cfg.get("model_type") != "deepseek_v3" and arch not in MLA_ARCHS:
+    def from_hf(cls, cfg: dict, where: str = "config.json") -> "MLAConfig":
+        f = parse_config(cfg, where)
+        if f["model_type"] != MLA_MODEL_TYPE:
             raise YouzhiError(f"expected a deepseek_v3 config, got model_type {cfg.get('model_type')!r}")
-        if cfg.get("n_routed_experts") or cfg.get("first_k_dense_replace", cfg["num_hidden_layers"]) < \
-                cfg["num_hidden_layers"]:
-            raise YouzhiError("MoE DeepSeek-V3 layers are not supported: youzhi_ms models dense MLA conversions "
-                              "(n_routed_experts null, first_k_dense_replace = num_hidden_layers)")
-        _rope_type(cfg.get("rope_scaling"))
-        yz = cfg.get("youzhi") or {}
+        check_runnable(cfg, f, where)
         return cls(
-            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
-            kv_lora_rank=cfg["kv_lora_rank"], qk_nope_head_dim=cfg["qk_nope_head_dim"],
-            qk_rope_head_dim=cfg["qk_rope_head_dim"], v_head_dim=cfg["v_head_dim"],
-            q_lora_rank=cfg.get("q_lora_rank"), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0), rope_scaling=cfg.get("rope_scaling"),
-            rope_interleave=cfg.get("rope_interleave", True),
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", False)),
-            q_bias=bool(yz.get("q_proj_bias", False)), kv_layernorm=not yz.get("no_kv_layernorm", False),
-            bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"), raw=dict(cfg))
+            vocab_size=f["vocab_size"], hidden_size=f["hidden_size"], intermediate_size=f["intermediate_size"],
+            num_layers=f["num_hidden_layers"], num_heads=f["num_attention_heads"], kv_lora_rank=f["kv_lora_rank"],
+            qk_nope_head_dim=f["qk_nope_head_dim"], qk_rope_head_dim=f["qk_rope_head_dim"],
+            v_head_dim=f["v_head_dim"], q_lora_rank=f["q_lora_rank"], rms_norm_eps=f["rms_norm_eps"],
+            rope_theta=f["rope_theta"], rope_scaling=f["rope_scaling"],
+            rope_interleave=f["rope_interleave"],
+            max_position_embeddings=f["max_position_embeddings"] or 2048,
+            tie_word_embeddings=f["tie_word_embeddings"], attention_bias=f["qkv_bias"], q_bias=f["q_bias"],
+            kv_layernorm=f["kv_layernorm"], bos_token_id=f["bos_token_id"], eos_token_id=f["eos_token_id"],
+            raw=dict(cfg))
 
 
-def load_any_config(cfg: dict):
+def load_any_config(cfg: dict, where: str = "config.json"):
     """SourceConfig or MLAConfig, by model_type."""
-    if cfg.get("model_type") == "deepseek_v3" or (cfg.get("architectures") or [None])[0] in MLA_ARCHS:
-        return MLAConfig.from_hf(cfg)
-    return SourceConfig.from_hf(cfg)
+    if parse_config(cfg, where)["model_type"] == MLA_MODEL_TYPE:
+        return MLAConfig.from_hf(cfg, where)
+    return SourceConfig.from_hf(cfg, where)
 
 
 # ----------------------------------------------------------------------------------------------------------- RoPE

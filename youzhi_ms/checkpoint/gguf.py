@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import math
 import os
 import struct
 from typing import Any, Dict, Iterator, List, Tuple
@@ -24,11 +25,14 @@ from typing import Any, Dict, Iterator, List, Tuple
 import numpy as np
 
 from youzhi_ms.checkpoint.hf import ShardedWriter, write_json
+from youzhi_ms.contract import check_runnable, parse_config
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.fsutil import atomic_output_dir
+from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NESTING = 8  # arrays of arrays: real files nest at most once
 # Bumped whenever gguf_to_hf's output changes; written into the safetensors metadata so caches can be invalidated.
 CONVERTER_VERSION = "1"
 
@@ -125,7 +129,7 @@ def dequantize(raw: np.ndarray, type_id: int, shape: Tuple[int, ...]) -> np.ndar
                           f"{', '.join(SUPPORTED_TYPES)}); re-quantize the model to one of these types with "
                           "llama.cpp's llama-quantize, or use the original Hugging Face checkpoint")
     block, nbytes, fn = _DEQUANT[type_id]
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n = math.prod(shape)
     if n % block:
         raise YouzhiError(f"GGUF tensor of type {ggml_type_name(type_id)} has {n} elements, not a multiple of its "
                           f"block size {block}; the file is corrupt")
@@ -152,7 +156,7 @@ class GGUFTensor:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
 
 class _Cursor:
@@ -224,13 +228,17 @@ class GGUFFile:
             key = cur.string()
             vtype = cur.u32()
             self.metadata[key], self.metadata_types[key] = self._value(cur, vtype)
-        self.alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-        if self.alignment <= 0 or self.alignment & (self.alignment - 1):
+        self.alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if isinstance(self.alignment, bool) or not isinstance(self.alignment, int) or self.alignment <= 0 or \
+                self.alignment & (self.alignment - 1):
             raise YouzhiError(f"{path}: general.alignment = {self.alignment} is not a power of two; the file is corrupt")
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
             n_dims = cur.u32()
+            if n_dims > MAX_DIMS:
+                raise YouzhiError(f"{path}: tensor {name} claims {n_dims} dimensions (GGUF allows {MAX_DIMS}); the "
+                                  "file is corrupt")
             dims = [cur.u64() for _ in range(n_dims)]
             type_id = cur.u32()
             rel = cur.u64()
@@ -239,18 +247,22 @@ class GGUFFile:
         self.tensors: Dict[str, GGUFTensor] = {}
         size = self._buf.size
         for name, shape, type_id, rel in infos:
-            n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            n = math.prod(shape)
             if type_id in _DEQUANT:
                 block, bsize, _ = _DEQUANT[type_id]
                 nbytes = -(-n // block) * bsize
             else:
                 nbytes = -1  # unknown layout: refused when read
             t = GGUFTensor(name, shape, type_id, self.data_offset + rel, nbytes)
+            if name in self.tensors:
+                raise YouzhiError(f"{path}: tensor {name} is listed twice; the file is corrupt")
             if nbytes >= 0 and t.offset + nbytes > size:
                 raise YouzhiError(f"{path}: tensor {name} extends past the end of the file (truncated download?)")
             self.tensors[name] = t
 
-    def _value(self, cur: _Cursor, vtype: int):
+    def _value(self, cur: _Cursor, vtype: int, depth: int = 0):
+        if depth > MAX_NESTING:
+            raise YouzhiError(f"{self.path}: metadata arrays nested more than {MAX_NESTING} deep; the file is corrupt")
         if vtype in _SCALAR_TYPES:
             tname, dt = _SCALAR_TYPES[vtype]
             v = cur.array(dt, 1)[0].item()
@@ -266,7 +278,7 @@ class GGUFFile:
             if etype == _STRING:
                 return [cur.string() for _ in range(count)], "ARRAY[STRING]"
             if etype == _ARRAY:
-                return [self._value(cur, _ARRAY)[0] for _ in range(count)], "ARRAY[ARRAY]"
+                return [self._value(cur, _ARRAY, depth + 1)[0] for _ in range(count)], "ARRAY[ARRAY]"
         raise YouzhiError(f"{self.path}: unknown GGUF metadata value type {vtype}; the file is corrupt or newer than "
                           "this reader")
 
@@ -291,6 +303,23 @@ class GGUFFile:
         if name not in self.tensors:
             raise YouzhiError(f"{self.path}: tensor {name} is missing from the GGUF file")
         return self.tensors[name]
+
+    def meta_int(self, key: str, default=None) -> int:
+        """A positive integer metadata value (or `default` when absent)."""
+        v = self.metadata.get(key, default)
+        if v is None:
+            return self.require(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise YouzhiError(f"{self.path}: metadata {key} = {v!r} must be a positive integer; the GGUF file is "
+                              "corrupt or not a supported model")
+        return v
+
+    def meta_float(self, key: str, default: float) -> float:
+        v = self.metadata.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise YouzhiError(f"{self.path}: metadata {key} = {v!r} must be a positive number; the GGUF file is "
+                              "corrupt or not a supported model")
+        return float(v)
 
     def require(self, key: str):
         if key not in self.metadata:
@@ -368,36 +397,34 @@ def _llama_config(g: GGUFFile) -> dict:
         raise YouzhiError(f"{g.path}: the file has a rope_freqs.weight table (Llama-3.1-style rope scaling), whose "
                           "parameters GGUF does not store; use the original Hugging Face checkpoint for this model")
     p = "llama."
-    hidden = int(g.require(p + "embedding_length"))
-    n_heads = int(g.require(p + "attention.head_count"))
-    n_kv = int(g.metadata.get(p + "attention.head_count_kv", n_heads))
-    head_dim = int(g.metadata.get(p + "attention.key_length", hidden // n_heads))
-    if int(g.metadata.get(p + "attention.value_length", head_dim)) != head_dim:
+    hidden = g.meta_int(p + "embedding_length")
+    n_heads = g.meta_int(p + "attention.head_count")
+    n_kv = g.meta_int(p + "attention.head_count_kv", n_heads)
+    head_dim = g.meta_int(p + "attention.key_length", hidden // n_heads or None)
+    if g.meta_int(p + "attention.value_length", head_dim) != head_dim:
         raise YouzhiError(f"{g.path}: key and value head sizes differ, which LlamaForCausalLM cannot express")
-    rope_dim = int(g.metadata.get(p + "rope.dimension_count", head_dim))
+    rope_dim = g.meta_int(p + "rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise YouzhiError(f"{g.path}: partial rotary embedding (rope.dimension_count {rope_dim} < head size "
                           f"{head_dim}) is not a Llama layout; use the original Hugging Face checkpoint")
     if "token_embd.weight" not in g:
         raise YouzhiError(f"{g.path}: token_embd.weight is missing; the GGUF file is incomplete")
     tokens = g.metadata.get("tokenizer.ggml.tokens")
-    vocab = g.metadata.get(p + "vocab_size")
-    if vocab is None:
-        vocab = len(tokens) if tokens is not None else g.tensors["token_embd.weight"].shape[0]
-    vocab = int(vocab)
+    vocab = g.meta_int(p + "vocab_size", (len(tokens) if isinstance(tokens, list) else None) or
+                       g.tensors["token_embd.weight"].shape[0])
     cfg = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hidden,
-        "intermediate_size": int(g.require(p + "feed_forward_length")),
-        "num_hidden_layers": int(g.require(p + "block_count")),
+        "intermediate_size": g.meta_int(p + "feed_forward_length"),
+        "num_hidden_layers": g.meta_int(p + "block_count"),
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": float(np.float32(g.metadata.get(p + "attention.layer_norm_rms_epsilon", 1e-5))),
-        "rope_theta": float(g.metadata.get(p + "rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(g.metadata.get(p + "context_length", 2048)),
+        "rms_norm_eps": float(np.float32(g.meta_float(p + "attention.layer_norm_rms_epsilon", 1e-5))),
+        "rope_theta": g.meta_float(p + "rope.freq_base", 10000.0),
+        "max_position_embeddings": g.meta_int(p + "context_length", 2048),
         "vocab_size": vocab,
         "tie_word_embeddings": "output.weight" not in g,
         "attention_bias": False,
@@ -412,17 +439,22 @@ def _llama_config(g: GGUFFile) -> dict:
                       ("pad_token_id", "padding_token_id")):
         v = g.metadata.get("tokenizer.ggml." + gkey)
         if v is not None:
-            cfg[key] = int(v)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab:
+                raise YouzhiError(f"{g.path}: metadata tokenizer.ggml.{gkey} = {v!r} is not a token id below the "
+                                  f"vocabulary size {vocab}; the GGUF file is corrupt")
+            cfg[key] = v
     stype = g.metadata.get(p + "rope.scaling.type")
     factor = g.metadata.get(p + "rope.scaling.factor")
-    if stype not in (None, "none") and factor is not None and float(factor) != 1.0:
+    if stype not in (None, "none") and factor is not None and g.meta_float(p + "rope.scaling.factor", 1.0) != 1.0:
         scaling = {"rope_type": str(stype), "factor": float(factor)}
         orig = g.metadata.get(p + "rope.scaling.original_context_length")
         if orig is not None:
-            scaling["original_max_position_embeddings"] = int(orig)
+            scaling["original_max_position_embeddings"] = g.meta_int(p + "rope.scaling.original_context_length")
         if stype not in ("linear", "yarn"):
             raise YouzhiError(f"{g.path}: rope scaling type {stype!r} is not supported (linear, yarn)")
         cfg["rope_scaling"] = scaling
+    where = f"{g.path} (metadata as config.json)"
+    check_runnable(cfg, parse_config(cfg, where), where)  # the same rules as for any Hugging Face config
     return cfg
 
 
@@ -481,17 +513,29 @@ def _build_tokenizer(g: GGUFFile):
     else:
         raise YouzhiError(f"{g.path}: tokenizer pre-tokenizer {pre!r} is not supported (smollm, gpt-2); use the "
                           "model's original tokenizer.json")
-    tokens: List[str] = list(g.require("tokenizer.ggml.tokens"))
-    merges = [tuple(m.split(" ", 1)) for m in g.require("tokenizer.ggml.merges")]
+    tokens = g.require("tokenizer.ggml.tokens")
+    merges = g.require("tokenizer.ggml.merges")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens) or \
+            not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges):
+        raise YouzhiError(f"{g.path}: tokenizer.ggml.tokens / merges are not lists of strings ('a b' merges); the "
+                          "GGUF file is corrupt")
+    merges = [tuple(m.split(" ", 1)) for m in merges]
     vocab: Dict[str, int] = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    except Exception as exc:  # the tokenizers library raises its own exception types
+        raise YouzhiError(f"{g.path}: the GGUF vocabulary does not form a BPE tokenizer ({exc}); the file is "
+                          "corrupt") from None
     tok.pre_tokenizer = pre_tok
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     types = g.metadata.get("tokenizer.ggml.token_type")
     types = np.ones(len(tokens), np.int32) if types is None else np.asarray(types)
+    if types.shape != (len(tokens),) or types.dtype.kind not in "iu":
+        raise YouzhiError(f"{g.path}: tokenizer.ggml.token_type does not give one integer type per token; the GGUF "
+                          "file is corrupt")
     special = [AddedToken(tokens[i], special=True, normalized=False)
                for i in np.flatnonzero(types == _TOKEN_CONTROL)]
     user = [AddedToken(tokens[i], special=False, normalized=False)
@@ -500,8 +544,11 @@ def _build_tokenizer(g: GGUFFile):
     if user:
         tok.add_tokens(user)
     if g.metadata.get("tokenizer.ggml.add_bos_token") and g.metadata.get("tokenizer.ggml.bos_token_id") is not None:
-        bos = tokens[int(g.metadata["tokenizer.ggml.bos_token_id"])]
-        bos_id = int(g.metadata["tokenizer.ggml.bos_token_id"])
+        bos_id = g.metadata["tokenizer.ggml.bos_token_id"]
+        if isinstance(bos_id, bool) or not isinstance(bos_id, int) or not 0 <= bos_id < len(tokens):
+            raise YouzhiError(f"{g.path}: tokenizer.ggml.bos_token_id = {bos_id!r} is not a token id; the GGUF file "
+                              "is corrupt")
+        bos = tokens[bos_id]
         tok.post_processor = processors.Sequence([
             processors.ByteLevel(trim_offsets=False),
             processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]),
@@ -515,7 +562,7 @@ def _write_tokenizer_files(g: GGUFFile, out: str, cfg: dict) -> None:
 
     def tok_str(key):
         v = g.metadata.get("tokenizer.ggml." + key)
-        return tokens[int(v)] if v is not None and 0 <= int(v) < len(tokens) else None
+        return tokens[v] if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(tokens) else None
 
     specials = {"bos_token": tok_str("bos_token_id"), "eos_token": tok_str("eos_token_id"),
                 "unk_token": tok_str("unknown_token_id"), "pad_token": tok_str("padding_token_id")}
@@ -560,17 +607,20 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
 SOURCE_FILE = "youzhi_source.json"  # provenance of a converted directory (GGUF name, sha256, converter version)
 
 
-def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "fp32", progress: bool = True) -> dict:
+def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "fp32", progress: bool = True,
+               overwrite: bool = False) -> dict:
     """Convert a Llama GGUF file (or 'smollm2') into a Hugging Face LlamaForCausalLM directory, atomically.
 
     Writes config.json, model.safetensors (sharded above 2 GiB), tokenizer.json, tokenizer_config.json,
     special_tokens_map.json, generation_config.json and youzhi_source.json (provenance). Tensors are dequantized one at
     a time. Returns a summary dict: path, gguf, n_tensors, n_params, tensor_types (GGUF type name -> count), dtype,
-    config.
+    config. `overwrite`: replace an earlier output at `output_dir` (see fsutil for the rule).
     """
     if dtype not in ("fp32", "bf16", "fp16"):
         raise YouzhiError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
     path = resolve_gguf(gguf_path)
+    inputs = [("--gguf", path)]
+    check_output_dir(output_dir, overwrite, inputs, legacy_marker=SOURCE_FILE)
     g = GGUFFile(path)
     cfg = _llama_config(g)
     pairs = _hf_tensors(g, cfg)
@@ -578,7 +628,7 @@ def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "fp32", progress: b
     H, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     type_counts: Dict[str, int] = {}
     n_params = 0
-    with atomic_output_dir(output_dir) as tmp:
+    with atomic_output_dir(output_dir, overwrite, inputs, legacy_marker=SOURCE_FILE) as tmp:
         _write_tokenizer_files(g, tmp, cfg)
         writer = ShardedWriter(tmp, dtype=dtype)
         it = pairs

@@ -6,6 +6,7 @@ Writing goes through `atomic_output_dir` so an interrupted job never leaves a ha
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -13,6 +14,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 
+from youzhi_ms.contract import MLA_MODEL_TYPE, expected_tensors, parse_config, read_config_json
 from youzhi_ms.errors import YouzhiError
 
 SINGLE_FILE = "model.safetensors"
@@ -29,8 +31,15 @@ SIDE_FILES = (
     "merges.txt",
 )
 
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed, never read
+HEADER_MAX_BYTES = 100_000_000  # the safetensors library's own limit
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
               "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _more(names: list) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
 def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
@@ -51,32 +60,92 @@ def read_config(model_dir: str) -> dict:
     if not os.path.isfile(path):
         raise YouzhiError(f"{model_dir} has no config.json; pass a Hugging Face model directory "
                           "(tools/gguf_to_hf.py makes one from a GGUF file)")
-    with open(path) as f:
-        return json.load(f)
+    return read_config_json(path)
+
+
+def _damaged(path: str, what: str) -> YouzhiError:
+    return YouzhiError(f"{path}: {what}; the file is not a valid safetensors file (damaged or not a checkpoint): "
+                       "replace it with a complete copy")
 
 
 def _read_header(path: str) -> Tuple[dict, int]:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise YouzhiError(f"{path} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
+    """The tensor table of a safetensors file, checked as hostile input: a sane header length, a JSON object, every
+    entry with a known dtype, a shape of non-negative integers and data_offsets inside the file that match the shape
+    and do not overlap another tensor's bytes."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise _damaged(path, f"only {size} bytes")
+            (n,) = struct.unpack("<Q", raw)
+            if n > HEADER_MAX_BYTES or 8 + n > size:
+                raise _damaged(path, f"the header claims {n} bytes (the file has {size})")
+            text = f.read(n)
+    except OSError as exc:
+        raise YouzhiError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise _damaged(path, "the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _damaged(path, "the header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not isinstance(meta, dict):
+        raise _damaged(path, "__metadata__ is not an object")
+    body = size - 8 - n
+    spans = []
+    for name, m in header.items():
+        if not isinstance(m, dict) or not {"dtype", "shape", "data_offsets"} <= set(m):
+            raise _damaged(path, f"tensor {name!r} lacks dtype / shape / data_offsets")
+        dt, shape, offs = m["dtype"], m["shape"], m["data_offsets"]
+        if dt not in _ST_DTYPES:
+            raise YouzhiError(f"{path}: tensor {name} has unsupported dtype {dt!r} (supported: "
+                              f"{', '.join(_ST_DTYPES)}); convert the checkpoint to float32/bfloat16/float16")
+        if not isinstance(shape, list) or not all(type(x) is int and x >= 0 for x in shape):
+            raise _damaged(path, f"tensor {name!r} has shape {shape!r}")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(type(x) is int for x in offs) or \
+                not 0 <= offs[0] <= offs[1] <= body:
+            raise _damaged(path, f"tensor {name!r} has data_offsets {offs!r} outside the {body}-byte data area")
+        if offs[1] - offs[0] != math.prod(shape) * np.dtype(_ST_DTYPES[dt]).itemsize:
+            raise _damaged(path, f"tensor {name!r} has {offs[1] - offs[0]} bytes for shape {shape} in {dt}")
+        spans.append((offs[0], offs[1], name))
+    spans.sort()
+    for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise _damaged(path, f"tensors {an!r} and {bn!r} share bytes (overlapping data_offsets)")
     return header, 8 + n
+
+
+def _read_index(model_dir: str) -> Dict[str, str]:
+    """weight_map of model.safetensors.index.json: tensor name -> shard file, the shard inside `model_dir`."""
+    path = os.path.join(model_dir, INDEX_FILE)
+    index = read_config_json(path)
+    wm = index.get("weight_map")
+    if not isinstance(wm, dict) or not wm or \
+            not all(isinstance(k, str) and isinstance(v, str) and v for k, v in wm.items()):
+        raise YouzhiError(f"{path}: weight_map must be a non-empty object of tensor name -> shard file; the index is "
+                          "damaged: replace it (or remove it when the directory holds a single model.safetensors)")
+    root = os.path.realpath(model_dir)
+    for shard in sorted(set(wm.values())):
+        real = os.path.realpath(os.path.join(root, shard))
+        if os.path.isabs(shard) or not real.startswith(root + os.sep):
+            raise YouzhiError(f"{path}: shard {shard!r} lies outside {model_dir}; an index may only name files in "
+                              "its own directory, so it is not followed: fix the index")
+    return wm
 
 
 class HFCheckpoint:
     """Lazy view of a HF model directory's tensors: `names()`, `shape(name)`, `dtype(name)`, `get(name)` (float32)."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, check: bool = True):
+        """`check`: compare the tensors with config.json (see `_check_against_config`)."""
         self.dir = model_dir
         self.config = read_config(model_dir)
         index_path = os.path.join(model_dir, INDEX_FILE)
         single = os.path.join(model_dir, SINGLE_FILE)
         if os.path.isfile(index_path):
-            with open(index_path) as f:
-                weight_map: Dict[str, str] = json.load(f)["weight_map"]
+            weight_map: Optional[Dict[str, str]] = _read_index(model_dir)
             missing = sorted({s for s in weight_map.values() if not os.path.isfile(os.path.join(model_dir, s))})
             if missing:
                 raise YouzhiError(f"{model_dir}: shard(s) {', '.join(missing)} listed in {INDEX_FILE} are missing; "
@@ -92,12 +161,48 @@ class HFCheckpoint:
             fpath = os.path.join(model_dir, fname)
             header, offset = _read_header(fpath)
             for name, meta in header.items():
+                if name in self._entries:
+                    raise YouzhiError(f"{model_dir}: tensor {name} is stored twice ({self._entries[name][0]} and "
+                                      f"{fpath}); the shards are from different checkpoints")
                 self._entries[name] = (fpath, meta, offset)
         if weight_map:
             absent = sorted(set(weight_map) - set(self._entries))
             if absent:
                 raise YouzhiError(f"{model_dir}: tensor {absent[0]} is listed in {INDEX_FILE} but not found in its "
                                   f"shard {weight_map[absent[0]]}; the shard is corrupt or from another checkpoint")
+        if check:
+            self._check_against_config()
+
+    def _check_against_config(self) -> None:
+        """Every tensor the config implies is there with its shape and a floating-point dtype, and nothing else
+        (contract.expected_tensors), before any weight is read or any model is built."""
+        from youzhi_ms.models.names import ms_to_hf
+        f = parse_config(self.config, os.path.join(self.dir, "config.json"))
+        want = expected_tensors(f)
+        kind = "mla" if f["model_type"] == MLA_MODEL_TYPE else "gqa"
+        ms_layout = any(n.startswith(("decoder.", "embedding.")) for n in self._entries)
+        have = {ms_to_hf(n, kind) if ms_layout else n: n for n in self._entries if not n.endswith(IGNORED_SUFFIXES)}
+        if f["tie_word_embeddings"] and "lm_head.weight" in have:  # some tied checkpoints store the head anyway
+            want["lm_head.weight"] = want["model.embed_tokens.weight"]
+        missing = [n for n in want if n not in have]
+        if missing:
+            raise YouzhiError(f"{self.dir}: tensor {missing[0]} is missing{_more(missing)}; the checkpoint is "
+                              "incomplete or does not match config.json")
+        extra = [have[n] for n in have if n not in want]
+        if extra:
+            raise YouzhiError(f"{self.dir}: tensor {extra[0]}{_more(extra)} is not part of the {f['model_type']} model "
+                              "config.json describes; the architecture has parts youzhi_ms does not support (e.g. "
+                              "q/k norms) or config.json is wrong")
+        for hf_name in want:
+            name = have[hf_name]
+            meta = self._entries[name][1]
+            if tuple(meta["shape"]) != tuple(want[hf_name]):
+                raise YouzhiError(f"{self.dir}: tensor {name} has shape {tuple(meta['shape'])}, expected "
+                                  f"{tuple(want[hf_name])} from config.json; the weights and config.json do not "
+                                  "belong to the same model")
+            if meta["dtype"] not in FLOAT_DTYPES:
+                raise YouzhiError(f"{self.dir}: tensor {name} is stored as {meta['dtype']}, not a floating-point "
+                                  "type; model weights are never integers: the checkpoint is damaged or mislabelled")
 
     @classmethod
     def from_file(cls, path: str) -> "HFCheckpoint":

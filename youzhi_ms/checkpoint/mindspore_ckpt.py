@@ -12,13 +12,11 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from youzhi_ms.checkpoint.hf import HFCheckpoint, ShardedWriter, copy_side_files, write_json
+from youzhi_ms.checkpoint.hf import IGNORED_SUFFIXES, HFCheckpoint, ShardedWriter, copy_side_files, write_json
 from youzhi_ms.config import MLAConfig, load_any_config
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.fsutil import atomic_output_dir
+from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
 from youzhi_ms.models.names import hf_to_ms, ms_to_hf
-
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def model_kind(cfg) -> str:
@@ -30,17 +28,20 @@ def is_ms_layout(ckpt: HFCheckpoint) -> bool:
 
 
 def convert_dir(input_dir: str, output_dir: str, dtype: str = "keep", reverse: bool = False,
-                progress: bool = True) -> int:
-    """HF -> MindSpore names (or back with reverse=True); dtype 'keep' copies the stored bits (bit-exact round trip)."""
+                progress: bool = True, overwrite: bool = False) -> int:
+    """HF -> MindSpore names (or back with reverse=True); dtype 'keep' copies the stored bits (bit-exact round trip).
+    `overwrite`: replace an earlier output at `output_dir` (see fsutil for the rule)."""
+    inputs = [("--input-dir", input_dir)]
+    check_output_dir(output_dir, overwrite, inputs)
     ckpt = HFCheckpoint(input_dir)
-    cfg = load_any_config(ckpt.config)
+    cfg = load_any_config(ckpt.config, os.path.join(ckpt.dir, "config.json"))
     kind = model_kind(cfg)
     if is_ms_layout(ckpt) != reverse:
         want = "MindSpore (decoder.*)" if reverse else "Hugging Face (model.*)"
         raise YouzhiError(f"{input_dir} does not hold {want} tensor names; "
                           f"{'drop' if not reverse else 'add'} --reverse")
     mapper = ms_to_hf if reverse else hf_to_ms
-    with atomic_output_dir(output_dir) as tmp:
+    with atomic_output_dir(output_dir, overwrite, inputs) as tmp:
         writer = ShardedWriter(tmp, dtype="fp32" if dtype == "keep" else dtype)
         names = [n for n in ckpt.names() if not n.endswith(IGNORED_SUFFIXES)]
         for name in tqdm(names, desc="convert", unit="tensor", disable=not progress):
@@ -94,7 +95,7 @@ def load_weights(model, ckpt: HFCheckpoint, kind: str, progress: bool = False) -
 def load_model(model_dir: str, dtype=None, table_len: Optional[int] = None, progress: bool = False):
     """(model, cfg) for a HF or MindSpore-layout directory, source (GQA) or converted (MLA)."""
     ckpt = HFCheckpoint(model_dir)
-    cfg = load_any_config(ckpt.config)
+    cfg = load_any_config(ckpt.config, os.path.join(ckpt.dir, "config.json"))
     model = build_model(cfg, dtype=dtype, table_len=table_len)
     load_weights(model, ckpt, model_kind(cfg), progress=progress)
     model.set_train(False)

@@ -1,4 +1,6 @@
-"""Stage 5 of 5, export: the exact MLA checkpoint (youzhi extensions) or a stock DeepSeek-V3 checkpoint, plus the deployment checks.
+"""Stage 5 of 5, export: the exact MLA checkpoint (youzhi extensions) or a stock DeepSeek-V3 checkpoint. The
+config.json both write and the deployment warnings are the contract's (youzhi_ms/contract.py: `mla_config`,
+`deployment_warnings`).
 
 Stock DeepSeek-V3 (transformers, vLLM / vLLM-Ascend, MindFormers) always applies kv_a_layernorm to the latent and has
 no q_proj / kv_a bias. The exact conversion has neither a latent norm nor (for bias-free sources) any bias, so the stock
@@ -9,10 +11,9 @@ than other tokens, so the norm distorts it most and every query attends to it.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Optional
 
 import numpy as np
-
 
 
 def attention_token_weights(probs: np.ndarray, n_windows: int) -> np.ndarray:
@@ -55,41 +56,3 @@ def refit_kv_b(c: np.ndarray, target_w: np.ndarray, weights: Optional[np.ndarray
         return float(np.sqrt((w[:, None] * d * d).sum() / (w[:, None] * Y * Y).sum()))
 
     return norm_w.astype(np.float32), new_w.astype(np.float32), err(target_w * g), err(new_w)
-
-
-def deployment_warnings(n_heads: int, n_kv_src: int, rank: int, rope: int) -> List[str]:
-    out = []
-    if n_heads not in (32, 64, 128):
-        out.append(f"vLLM-Ascend MLA graph mode needs num_attention_heads per latent head in {{32, 64, 128}}; this model "
-                   f"has {n_heads} (eager mode still works)")
-    if rank % 16:
-        out.append(f"kv_lora_rank {rank} is not a multiple of 16 (vLLM-Ascend reshapes the latent by 16)")
-    if rank + rope != 576:
-        out.append(f"kv_lora_rank + qk_rope_head_dim = {rank + rope} != 576: vLLM's CUDA MLA kernels (FlashMLA) only "
-                   "accept 512+64; other sizes need another attention backend")
-    return out
-
-
-def mla_config(src_cfg: dict, n_heads: int, d: int, rope: int, rank: int, export: str, has_q_bias: bool,
-               has_kv_bias: bool, youzhi: Dict) -> dict:
-    keep = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings",
-            "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range"]
-    cfg = {k: src_cfg[k] for k in keep if k in src_cfg}
-    exact = export == "exact"
-    cfg.update({
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-        "num_key_value_heads": n_heads, "q_lora_rank": None, "kv_lora_rank": rank,
-        "qk_nope_head_dim": d, "qk_rope_head_dim": rope, "v_head_dim": d, "head_dim": rope,
-        "rope_interleave": True, "hidden_act": "silu", "n_routed_experts": None, "n_shared_experts": None,
-        "first_k_dense_replace": src_cfg["num_hidden_layers"], "moe_intermediate_size": src_cfg["intermediate_size"],
-        "num_experts_per_tok": None, "attention_bias": bool(exact and has_kv_bias), "attention_dropout": 0.0,
-        "torch_dtype": "float32", "use_cache": True,
-    })
-    yz = dict(youzhi)
-    yz["export"] = export
-    if exact:
-        yz["no_kv_layernorm"] = True
-        yz["q_proj_bias"] = bool(has_q_bias)
-    cfg["youzhi"] = yz
-    return cfg

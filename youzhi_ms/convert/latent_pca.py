@@ -18,25 +18,12 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from youzhi_ms.contract import check_rank, max_rank  # noqa: F401  (the contract's; imported from here too)
 from youzhi_ms.convert.latent import kv_group
 from youzhi_ms.convert.rorope import pca
 from youzhi_ms.errors import YouzhiError
 
 BALANCES = (0.25, 0.5, 1.0, 2.0, 4.0)  # key/value balance multipliers tried per layer with metric "attn"
-
-
-def max_rank(n_kv: int, d: int, rope: int) -> int:
-    return 2 * n_kv * d - rope
-
-
-def check_rank(rank: int, n_kv: int, d: int, rope: int, tokens: Optional[int] = None) -> None:
-    top = max_rank(n_kv, d, rope)
-    if rank < 1 or rank > top:
-        raise YouzhiError(f"--kv-lora-rank {rank} is out of range: at most 2*n_kv*head_dim - qk_rope_dim = "
-                          f"2*{n_kv}*{d} - {rope} = {top} for this model (that is the lossless latent)")
-    if tokens is not None and tokens < top:
-        raise YouzhiError(f"{tokens} calibration tokens are too few for a {top}-dimensional PCA (need at least {top}); "
-                          "raise --calib-tokens")
 
 
 def input_moments(X: np.ndarray) -> np.ndarray:

@@ -24,11 +24,12 @@ from youzhi_ms.config import SourceConfig, _rope_type, rope_inv_freq, rope_table
 from youzhi_ms.convert import adaptive, calibrate
 from youzhi_ms.convert.attention_np import block_output, rms_norm
 from youzhi_ms.convert.calibrate import STATS, Geometry, LayerStats, ResidualScore
-from youzhi_ms.convert.export import attention_token_weights, deployment_warnings, mla_config, refit_kv_b
+from youzhi_ms.contract import check_rope_dim, deployment_warnings, mla_config
+from youzhi_ms.convert.export import attention_token_weights, refit_kv_b
 from youzhi_ms.convert.latent_pca import BALANCES, check_rank, max_rank
 from youzhi_ms.convert.rorope import describe_bands, uniform_bands, validate_bands
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.fsutil import atomic_output_dir
+from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
 
 log = logging.getLogger("youzhi_ms.convert")
 
@@ -92,9 +93,7 @@ def calibration_windows(src_dir: str, text: str, tokens: int, seq_len: int, seed
 
 def _check_options(cfg: SourceConfig, opt: ConvertOptions):
     d = cfg.head_dim
-    rope = opt.qk_rope_dim or d // 2
-    if d % rope or rope % 2 or rope > d:
-        raise YouzhiError(f"--qk-rope-dim {rope} must be even and divide head_dim {d} (e.g. {d // 2} or {d // 4})")
+    rope = check_rope_dim(d // 2 if opt.qk_rope_dim is None else opt.qk_rope_dim, d)
     c = d // rope
     if _rope_type(cfg.rope_scaling) == "yarn":
         raise YouzhiError("yarn rope_scaling is not supported by the converter (DeepSeek-V3's yarn differs from the "
@@ -138,14 +137,47 @@ def _decide(opt: ConvertOptions, i: int, stats: LayerStats, score: ResidualScore
     return adaptive.choose(cands, score_of, betas, opt.finalists)
 
 
-def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
-    """Convert; returns the report dict. `out_dir` appears only when complete."""
+def _inputs(src_dir: str, opt: ConvertOptions) -> list:
+    return [("--hf-dir", src_dir), ("--calib-text", opt.calib_text)]
+
+
+def _work_dir(out_dir: str) -> str:
+    out = os.path.abspath(out_dir)
+    return os.path.join(os.path.dirname(out), "." + os.path.basename(out) + ".partial")
+
+
+def convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool = False) -> dict:
+    """Convert; returns the report dict. `out_dir` appears only when complete; `overwrite` lets it replace an earlier
+    youzhi_ms output (see fsutil for the rule).
+
+    The work directory (finished layers, for resuming) is kept after a failure only if it holds a finished layer, and
+    the error says so; otherwise nothing is left behind."""
+    check_output_dir(out_dir, overwrite, _inputs(src_dir, opt))
+    work = _work_dir(out_dir)
+    try:
+        return _convert(src_dir, out_dir, opt, overwrite)
+    except BaseException as exc:
+        done = len(_read_records(work)[0]) if os.path.isfile(os.path.join(work, "meta.json")) else 0
+        if done == 0:
+            if os.path.isfile(os.path.join(work, "meta.json")):
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        note = (f"{done} converted layer(s) are kept in {work}: run the same command again to resume there, or "
+                "delete that directory")
+        if isinstance(exc, YouzhiError):
+            raise YouzhiError(f"{exc} ({note})") from None
+        log.warning("stopped: %s", note)
+        exc.add_note(note)
+        raise
+
+
+def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -> dict:
     t0 = time.time()
     ck = HFCheckpoint(src_dir)
     cfg = SourceConfig.from_hf(ck.config)
     rope, c = _check_options(cfg, opt)
     if opt.freqfold == "auto":
-        return _auto(src_dir, out_dir, opt, cfg)
+        return _auto(src_dir, out_dir, opt, cfg, c, overwrite)
     H, kv, d, D, r = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, opt.kv_lora_rank
     if opt.calib_ids is not None:
         ids = np.asarray(opt.calib_ids)
@@ -170,8 +202,7 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
 
     # Per-layer results go to a work directory next to the output, so an interrupted conversion resumes at the first
     # unfinished layer (same options and source); the output directory itself appears only when complete.
-    work = os.path.join(os.path.dirname(os.path.abspath(out_dir)), "." + os.path.basename(os.path.abspath(out_dir))
-                        + ".partial")
+    work = _work_dir(out_dir)
     fingerprint = {"source": os.path.abspath(src_dir), "options": {k: v for k, v in opt.__dict__.items()
                                                                    if k not in ("progress", "calib_ids")},
                    "calib_sha": hashlib.sha256(np.ascontiguousarray(ids, np.int64).tobytes()).hexdigest()}
@@ -256,7 +287,6 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
         "cache_values_per_token_per_layer": {"gqa": 2 * L, "mla": r + rope},
         "cache_ratio": 2 * L / (r + rope),
         "layers": [rec.__dict__ for rec in records],
-        "warnings": deployment_warnings(H, kv, r, rope),
         "seconds": round(time.time() - t0, 1),
     }
     youzhi = {"freqfold_mode": mode, "freqfold": [rec.bands for rec in records],
@@ -264,10 +294,12 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions) -> dict:
               "kv_lora_rank": r, "qk_rope_head_dim": rope, "source_model": os.path.abspath(src_dir),
               "source_architecture": ck.config.get("architectures", ["?"])[0],
               "calibration": report["calibration"], "stats": opt.stats, "pca_metric": opt.pca_metric}
-    config = mla_config(ck.config, H, d, rope, r, opt.export, has_q_bias, has_kv_bias, youzhi)
+    config = mla_config(ck.config, r, rope, opt.export, torch_dtype=opt.out_dtype, q_bias=has_q_bias,
+                        kv_bias=has_kv_bias, youzhi=youzhi)
+    report["warnings"] = deployment_warnings(H, r, rope, attention_bias=config["attention_bias"])
     for wmsg in report["warnings"]:
         log.warning(wmsg)
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, overwrite, _inputs(src_dir, opt)) as tmp:
         writer = ShardedWriter(tmp, dtype=opt.out_dtype, max_shard_bytes=1 << 30)
         _write_tensors(writer, ck, cfg, work, opt.progress)
         writer.close()
@@ -289,27 +321,65 @@ def _layer_line(rec: LayerRecord, bands: str) -> str:
             f"{beta}, attention error {rec.attn_rel_err:.4f}")
 
 
+def _read_records(work: str):
+    """(records, lines): the longest prefix of records.jsonl that parses. A process killed while appending leaves a
+    torn last line; like a database log tail it is dropped, and that layer is converted again."""
+    path = os.path.join(work, "records.jsonl")
+    recs, lines = [], []
+    if not os.path.isfile(path):
+        return recs, lines
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                if not raw.endswith(b"\n"):
+                    raise ValueError("torn line")
+                rec = LayerRecord(**json.loads(raw.decode("utf-8")))
+                if rec.layer != len(recs):
+                    raise ValueError("out of order")
+            except (ValueError, TypeError):
+                break
+            recs.append(rec)
+            lines.append(raw)
+    return recs, lines
+
+
 def _resume(work: str, fingerprint: dict):
     """(records, hidden-state streams) of a matching unfinished conversion, else a fresh work dir and ([], None)."""
     meta = os.path.join(work, "meta.json")
     if os.path.isfile(meta):
         try:
-            same = json.load(open(meta)) == json.loads(json.dumps(fingerprint))
-        except ValueError:
+            with open(meta, encoding="utf-8") as f:
+                same = json.load(f) == json.loads(json.dumps(fingerprint))
+        except (OSError, ValueError):
             same = False
         if same:
-            recs = []
-            if os.path.isfile(os.path.join(work, "records.jsonl")):
-                recs = [LayerRecord(**json.loads(ln)) for ln in open(os.path.join(work, "records.jsonl")) if ln.strip()]
+            recs, lines = _read_records(work)
             hid = os.path.join(work, f"hidden_{len(recs):05d}.npz")
             if recs and os.path.isfile(hid):
-                with np.load(hid, allow_pickle=False) as z:
-                    return recs, {k: z[k] for k in z.files}
+                try:
+                    with np.load(hid, allow_pickle=False) as z:
+                        h = {k: z[k] for k in z.files}
+                except (OSError, ValueError):
+                    h = None
+                if h is not None:
+                    _rewrite_records(work, lines)
+                    return recs, h
         log.info("discarding an unfinished conversion with other options in %s", work)
+    elif os.path.isdir(work) and os.listdir(work):
+        raise YouzhiError(f"{work} exists but is not a youzhi_ms conversion work directory (no meta.json); the "
+                          "conversion keeps its resumable state there: move that directory away")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     write_json(meta, fingerprint)
     return [], None
+
+
+def _rewrite_records(work: str, lines: list) -> None:
+    """records.jsonl cut back to its valid prefix (through a temp file), so later appends follow a whole line."""
+    path = os.path.join(work, "records.jsonl")
+    with open(path + ".tmp", "wb") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
 
 
 def _commit_layer(work: str, i: int, h: Dict[str, np.ndarray], rec: "LayerRecord") -> None:
@@ -351,15 +421,12 @@ def _copy(writer, ck: HFCheckpoint, name: str) -> None:
         writer.add_blocks(name, ck.shape(name), ck.row_blocks(name))
 
 
-def _auto(src_dir: str, out_dir: str, opt: ConvertOptions, cfg: SourceConfig) -> dict:
+def _auto(src_dir: str, out_dir: str, opt: ConvertOptions, cfg: SourceConfig, c: int, overwrite: bool) -> dict:
     """TransMLA's uniform search: F = c, 2c, ... while calibration perplexity of the converted model improves."""
     import dataclasses
-    import shutil
     import tempfile
     from youzhi_ms.checkpoint.mindspore_ckpt import load_model
     from youzhi_ms.eval.ppl import perplexity
-    rope = opt.qk_rope_dim or cfg.head_dim // 2
-    c = cfg.head_dim // rope
     if opt.calib_ids is not None:
         ids = np.asarray(opt.calib_ids)[:8]
     else:
@@ -390,7 +457,7 @@ def _auto(src_dir: str, out_dir: str, opt: ConvertOptions, cfg: SourceConfig) ->
         write_json(cfg_path, conf)
         from youzhi_ms.convert.report import write_markdown
         write_markdown(report, os.path.join(best_dir, "conversion_report.md"))
-        with atomic_output_dir(out_dir) as tmp:
+        with atomic_output_dir(out_dir, overwrite, _inputs(src_dir, opt)) as tmp:
             os.rmdir(tmp)
             shutil.move(best_dir, tmp)
     finally:

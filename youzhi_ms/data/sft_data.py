@@ -7,12 +7,12 @@ format `train_dataset.format: chat` reads.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from typing import Dict, Iterator, List
 
 from youzhi_ms.errors import YouzhiError
+from youzhi_ms.fsutil import atomic_output_file, check_output_file
 
 PROMPT = "Continue this encyclopedia passage in the same style:\n\n{}"
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
@@ -44,16 +44,18 @@ def continuation_examples(docs: List[str], n: int, seed: int = 0, prompt_sentenc
             return
 
 
-def write_chat_jsonl(path: str, source: str = "wiki-calib", n: int = 2000, seed: int = 0) -> int:
-    """Write the examples to `path` (via a temp file, so an interrupted run leaves no partial file); returns count."""
+def write_chat_jsonl(path: str, source: str = "wiki-calib", n: int = 2000, seed: int = 0,
+                     overwrite: bool = False) -> int:
+    """Write the examples to `path` (via a temp file, so an interrupted run leaves no partial file); returns count.
+    An existing `path` is replaced only with `overwrite` (see fsutil for the rule)."""
     from youzhi_ms.data.text import load_documents
+    inputs = [("--source", source)]
+    check_output_file(path, overwrite, inputs, "--out")
     rows = list(continuation_examples(load_documents(source), n, seed))
     if not rows:
         raise YouzhiError(f"{source} has no paragraph with four sentences; pass a longer text")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    with atomic_output_file(path, overwrite, inputs, "--out") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return len(rows)

@@ -333,8 +333,12 @@ def wiki_splits() -> Dict[str, List[str]]:
 
 def iter_jsonl(path: str, kind: str = "a .jsonl file"):
     """(line number, parsed object) for every non-blank line; a malformed line is one clear error."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise YouzhiError(f"{path}:{lineno}: not UTF-8 text; {kind} must be UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -35,6 +35,8 @@ def _read_json(path: str) -> dict:
     except json.JSONDecodeError as exc:
         raise YouzhiError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix or re-create the file") \
             from None
+    except UnicodeDecodeError:
+        raise YouzhiError(f"{path} is not UTF-8 text; fix or re-create the file") from None
     return obj if isinstance(obj, dict) else {}
 
 
@@ -151,9 +153,14 @@ class Tokenizer:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
+        cfg = _read_json(os.path.join(model_dir, "config.json"))
+        n, model_vocab = backend.vocab_size(), cfg.get("vocab_size")
+        if isinstance(model_vocab, int) and not isinstance(model_vocab, bool) and n > model_vocab:
+            # its ids past the model's embedding table would be looked up out of range
+            raise YouzhiError(f"{path} has {n} tokens but the model's vocab_size is {model_vocab}; the tokenizer "
+                              "belongs to another model: copy the source model's tokenizer files")
         return cls(backend, model_dir, _read_json(os.path.join(model_dir, "tokenizer_config.json")),
-                   _read_json(os.path.join(model_dir, "generation_config.json")),
-                   _read_json(os.path.join(model_dir, "config.json")), h.hexdigest(), kind)
+                   _read_json(os.path.join(model_dir, "generation_config.json")), cfg, h.hexdigest(), kind)
 
     def _special_id(self, which: str, tcfg: dict, gcfg: dict, cfg: dict) -> Optional[int]:
         s = _token_str(tcfg.get(f"{which}_token"))

@@ -443,7 +443,7 @@ def evaluate_mcq(model_dir: str, data: str, fmt: Optional[str] = None, shots: in
         from youzhi_ms.checkpoint.hf import read_config
         from youzhi_ms.checkpoint.mindspore_ckpt import load_model
         from youzhi_ms.config import load_any_config
-        cfg = load_any_config(read_config(model_dir))
+        cfg = load_any_config(read_config(model_dir), os.path.join(model_dir, "config.json"))
         max_len = max_len or cfg.max_position_embeddings
         model, _ = load_model(model_dir, table_len=max_len)
     if tok is None:

@@ -94,7 +94,7 @@ def evaluate_dir(model_dir: str, text: str = "wiki-eval", seq_len: int = 512, ma
         import os
         from youzhi_ms.checkpoint.hf import HFCheckpoint
         from youzhi_ms.checkpoint.mindspore_ckpt import load_weights, model_kind
-        from youzhi_ms.train.trainer import STUDENT_FILE
+        from youzhi_ms.train.checkpointing import STUDENT_FILE
         path = os.path.join(train_checkpoint, STUDENT_FILE)
         if not os.path.isfile(path):
             raise YouzhiError(f"{train_checkpoint} has no {STUDENT_FILE}; pass a step_* directory under the training "

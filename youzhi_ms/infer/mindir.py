@@ -16,7 +16,6 @@ batches smaller than the exported B are padded with copies of the first row whos
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Optional
@@ -24,6 +23,7 @@ from typing import Optional
 import numpy as np
 
 from youzhi_ms.config import MLAConfig, load_any_config
+from youzhi_ms.contract import read_config_json
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.infer.generate import cache_shapes
 
@@ -89,17 +89,19 @@ def build_manifest(cfg, model_dir: str, batch: int, max_seq_len: int) -> dict:
 
 
 def export_mindir(model_dir: str, out_dir: str, batch: int = 1, max_seq_len: Optional[int] = None,
-                  verify: bool = False, log=print) -> dict:
+                  verify: bool = False, log=print, overwrite: bool = False) -> dict:
     """Export prefill + decode graphs of a source (GQA) or converted (MLA) model directory; returns the manifest."""
     import mindspore as ms
     from mindspore import ops
 
     from youzhi_ms.checkpoint.hf import copy_side_files, read_config, write_json
     from youzhi_ms.checkpoint.mindspore_ckpt import load_model
-    from youzhi_ms.fsutil import atomic_output_dir
+    from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
     from youzhi_ms.models.gqa import DecodeCell, PrefillCell
 
-    cfg = load_any_config(read_config(model_dir))
+    inputs = [("--model", model_dir)]
+    check_output_dir(out_dir, overwrite, inputs)
+    cfg = load_any_config(read_config(model_dir), os.path.join(model_dir, "config.json"))
     if max_seq_len is None:
         max_seq_len = min(DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings)
     if batch < 1 or max_seq_len < 2:
@@ -110,7 +112,7 @@ def export_mindir(model_dir: str, out_dir: str, batch: int = 1, max_seq_len: Opt
     model, cfg = load_model(model_dir, table_len=max_seq_len)
     manifest = build_manifest(cfg, model_dir, batch, max_seq_len)
     _, shapes, _ = cache_layout(cfg, batch, max_seq_len)
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
         t0 = time.time()
         ms.export(PrefillCell(model), ms.Tensor(shape=[batch, None], dtype=ms.int32),
                   file_name=os.path.join(tmp, PREFILL_FILE[:-len(".mindir")]), file_format="MINDIR")
@@ -175,6 +177,12 @@ def _place(arr, shape, axis):
     return out
 
 
+def _pos(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{v!r} is not a positive integer")
+    return v
+
+
 class MindIRRunner:
     """Generation from an export directory through `ms.load` + `nn.GraphCell` (same interface as EagerRunner)."""
 
@@ -188,11 +196,7 @@ class MindIRRunner:
             if not os.path.isfile(path):
                 raise YouzhiError(f"{export_dir} has no {MANIFEST}; it is not a directory written by "
                                   "tools/export_mindir.py (run that first)")
-            try:
-                with open(path) as f:
-                    manifest = json.load(f)
-            except ValueError as exc:
-                raise YouzhiError(f"{path} is not valid JSON ({exc}); re-run tools/export_mindir.py") from None
+            manifest = read_config_json(path)
         if manifest.get("format") != FORMAT:
             raise YouzhiError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; re-export with this "
                               "version of tools/export_mindir.py")
@@ -200,14 +204,20 @@ class MindIRRunner:
         cfg_path = os.path.join(self.dir, "config.json")
         if not os.path.isfile(cfg_path):
             raise YouzhiError(f"{export_dir} has no config.json; re-run tools/export_mindir.py")
-        with open(cfg_path) as f:
-            self.cfg = load_any_config(json.load(f))
-        self.batch, self.max_seq_len = int(manifest["batch"]), int(manifest["max_seq_len"])
-        self.seq_axis = int(manifest["cache_seq_axis"])
+        self.cfg = load_any_config(read_config_json(cfg_path), cfg_path)
+        try:
+            self.batch, self.max_seq_len = _pos(manifest["batch"]), _pos(manifest["max_seq_len"])
+            self.seq_axis = _pos(manifest["cache_seq_axis"])
+            files = {key: manifest["graphs"][key]["file"] for key in ("prefill", "decode")}
+            if not all(isinstance(f, str) and os.path.basename(f) == f and f not in ("", ".", "..")
+                       for f in files.values()):
+                raise ValueError(f"graph files {files} must be plain file names in the export directory")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise YouzhiError(f"{path} is damaged ({exc!r}); re-run tools/export_mindir.py") from None
         self.tokenizer_dir = self.dir
         self.graphs = {}
         for key in ("prefill", "decode"):
-            f = os.path.join(self.dir, manifest["graphs"][key]["file"])
+            f = os.path.join(self.dir, files[key])
             if not os.path.isfile(f):
                 raise YouzhiError(f"{f} is missing; the export is incomplete — re-run tools/export_mindir.py")
             try:

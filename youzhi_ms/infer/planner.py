@@ -25,11 +25,11 @@ figure (e.g. the "activation memory" a real vLLM start-up logged).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
+from youzhi_ms import contract
 from youzhi_ms.errors import YouzhiError
 
 GIB = 1 << 30
@@ -42,10 +42,6 @@ _DTYPE_BYTES = {
 }
 _KV_ONLY_DTYPE_BYTES = {"fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1}
 
-GQA_MODEL_TYPES = ("llama", "qwen2", "mistral")
-MLA_MODEL_TYPES = ("deepseek_v3",)
-_MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "dbrx", "olmoe", "jamba", "granitemoe")
-
 # MindFormers-style (legacy) key names that map onto the Hugging Face ones.
 _KEY_ALIASES = {
     "num_layers": "num_hidden_layers",
@@ -56,9 +52,6 @@ _KEY_ALIASES = {
 _TYPE_ALIASES = {"LlamaConfig": "llama", "Qwen2Config": "qwen2", "MistralConfig": "mistral",
                  "DeepseekV3Config": "deepseek_v3"}
 
-# vLLM-Ascend's MLA graph mode (torchair) supports these query-head counts per latent KV head (vllm-ascend #1451).
-ASCEND_MLA_GRAPH_HEADS = (32, 64, 128)
-FLASHMLA_CACHE_WIDTH = 576  # vLLM CUDA MLA backends: kv_lora_rank + qk_rope_head_dim must be 512 + 64
 
 
 def dtype_bytes(dtype: str, kv_only_ok: bool = False) -> int:
@@ -170,83 +163,26 @@ def kv_bytes_per_token(shape: ModelShape, dtype: str = "bf16") -> int:
     return shape.num_hidden_layers * shape.kv_elements_per_token_per_layer() * dtype_bytes(dtype, kv_only_ok=True)
 
 
-def _req_int(cfg: Mapping[str, Any], key: str, where: str) -> int:
-    val = cfg.get(key)
-    if val is None:
-        raise YouzhiError(f"{where}: config has no {key!r}; pass a complete Hugging Face config.json")
-    if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-        raise YouzhiError(f"{where}: {key} must be a positive integer, got {val!r}; fix the config")
-    return val
-
-
-def _opt_int(cfg: Mapping[str, Any], key: str, where: str) -> Optional[int]:
-    if cfg.get(key) is None:
-        return None
-    return _req_int(cfg, key, where)
-
-
-def shape_from_config(cfg: Mapping[str, Any], name: str = "") -> ModelShape:
-    """A `ModelShape` from a Hugging Face config.json dict (Llama/Qwen2/Mistral GQA or DeepSeek-V3 dense MLA)."""
-    where = name or "config"
+def normalize_config(cfg: Mapping[str, Any], where: str = "config") -> Dict[str, Any]:
+    """Hugging Face key names for a config that may use MindFormers-style ones (num_layers, num_heads, n_kv_heads,
+    qkv_has_bias, and `type: LlamaConfig` instead of model_type)."""
     if not isinstance(cfg, Mapping):
         raise YouzhiError(f"{where}: expected a JSON/YAML mapping of config keys, got {type(cfg).__name__}")
     cfg = {_KEY_ALIASES.get(k, k): v for k, v in cfg.items()}
-    mtype = cfg.get("model_type") or _TYPE_ALIASES.get(str(cfg.get("type", "")), None)
-    if not mtype:
-        raise YouzhiError(f"{where}: config has no 'model_type'; supported: "
-                          f"{', '.join(GQA_MODEL_TYPES + MLA_MODEL_TYPES)}")
-    mtype = str(mtype)
-    if mtype in _MOE_MODEL_TYPES or any(cfg.get(k) for k in ("num_local_experts", "num_experts")):
-        raise YouzhiError(f"{where}: model_type {mtype!r} is a mixture-of-experts model; the planner handles dense "
-                          "models only (Llama/Qwen2/Mistral GQA, DeepSeek-V3 with n_routed_experts null)")
-    if mtype not in GQA_MODEL_TYPES + MLA_MODEL_TYPES:
-        raise YouzhiError(f"{where}: unsupported model_type {mtype!r}; supported: "
-                          f"{', '.join(GQA_MODEL_TYPES + MLA_MODEL_TYPES)}")
+    if not cfg.get("model_type") and str(cfg.get("type", "")) in _TYPE_ALIASES:
+        cfg["model_type"] = _TYPE_ALIASES[str(cfg["type"])]
+    return cfg
 
-    layers = _req_int(cfg, "num_hidden_layers", where)
-    hidden = _req_int(cfg, "hidden_size", where)
-    heads = _req_int(cfg, "num_attention_heads", where)
-    inter = _req_int(cfg, "intermediate_size", where)
-    vocab = _req_int(cfg, "vocab_size", where)
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    bias = bool(cfg.get("attention_bias", False))
-    max_pos = _opt_int(cfg, "max_position_embeddings", where)
-    common = dict(model_type=mtype, num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                  intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=tied,
-                  max_position_embeddings=max_pos, name=name)
 
-    if mtype in MLA_MODEL_TYPES:
-        n_routed = cfg.get("n_routed_experts")
-        first_dense = cfg.get("first_k_dense_replace")
-        if n_routed and (first_dense is None or first_dense < layers):
-            raise YouzhiError(f"{where}: DeepSeek-V3 config with n_routed_experts={n_routed} and "
-                              f"first_k_dense_replace={first_dense} < num_hidden_layers={layers} is a mixture-of-"
-                              "experts model; the planner handles dense MLA only (set n_routed_experts null or "
-                              "first_k_dense_replace = num_hidden_layers)")
-        r = _req_int(cfg, "kv_lora_rank", where)
-        rope = _req_int(cfg, "qk_rope_head_dim", where)
-        nope = _req_int(cfg, "qk_nope_head_dim", where)
-        v = _req_int(cfg, "v_head_dim", where)
-        rq = _opt_int(cfg, "q_lora_rank", where)
-        return ModelShape(num_key_value_heads=heads, head_dim=rope, qkv_bias=bias, o_bias=bias,
-                          kv_lora_rank=r, qk_rope_head_dim=rope, qk_nope_head_dim=nope, v_head_dim=v,
-                          q_lora_rank=rq, **common)
-
-    kv = _opt_int(cfg, "num_key_value_heads", where) or heads
-    if heads % kv:
-        raise YouzhiError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
-    head_dim = _opt_int(cfg, "head_dim", where)
-    if head_dim is None:
-        if hidden % heads:
-            raise YouzhiError(f"{where}: hidden_size={hidden} is not divisible by num_attention_heads={heads} and "
-                              "the config has no head_dim; add head_dim to the config")
-        head_dim = hidden // heads
-    if mtype == "qwen2":
-        qkv_bias, o_bias = True, False  # Qwen2 attention: bias on q/k/v always, never on o_proj
-    else:
-        qkv_bias, o_bias = bias, bias  # Llama: attention_bias applies to all four; Mistral: the key is absent
-    return ModelShape(num_key_value_heads=kv, head_dim=head_dim, qkv_bias=qkv_bias, o_bias=o_bias,
-                      mlp_bias=bool(cfg.get("mlp_bias", False)), **common)
+def shape_from_config(cfg: Mapping[str, Any], name: str = "") -> ModelShape:
+    """A `ModelShape` from a Hugging Face config.json dict (Llama/Qwen2/Mistral GQA or DeepSeek-V3 dense MLA), validated
+    by `contract.parse_config`; MindFormers-style key names are accepted (`normalize_config`)."""
+    where = name or "config"
+    f = contract.parse_config(normalize_config(cfg, where), where)
+    return ModelShape(**{k: f.get(k) for k in (
+        "model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "intermediate_size", "vocab_size", "tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "kv_lora_rank",
+        "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "q_lora_rank", "max_position_embeddings")}, name=name)
 
 
 def read_config_file(path: str) -> Dict[str, Any]:
@@ -262,30 +198,28 @@ def read_config_file(path: str) -> Dict[str, Any]:
             raise YouzhiError(f"{path} has no config.json; pass a Hugging Face model directory or a config file")
         path = cfg_path
     ext = os.path.splitext(path)[1].lower()
+    if ext not in (".yaml", ".yml"):
+        return contract.read_config_json(path)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as exc:
         raise YouzhiError(f"cannot read {path}: {exc.strerror}; check the path and permissions") from None
-    if ext in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise YouzhiError("reading yaml configs needs pyyaml; pip install pyyaml or pass a config.json") from None
-        try:
-            cfg = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise YouzhiError(f"{path} is not valid YAML ({exc}); fix the file") from None
-        if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and \
-                isinstance(cfg["model"].get("model_config"), dict):
-            cfg = cfg["model"]["model_config"]
-        elif isinstance(cfg, dict) and isinstance(cfg.get("model_config"), dict):
-            cfg = cfg["model_config"]
-    else:
-        try:
-            cfg = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise YouzhiError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
+    except UnicodeDecodeError:
+        raise YouzhiError(f"{path} is not UTF-8 text; fix the file") from None
+    try:
+        import yaml
+    except ImportError:
+        raise YouzhiError("reading yaml configs needs pyyaml; pip install pyyaml or pass a config.json") from None
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise YouzhiError(f"{path} is not valid YAML ({exc}); fix the file") from None
+    if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and \
+            isinstance(cfg["model"].get("model_config"), dict):
+        cfg = cfg["model"]["model_config"]
+    elif isinstance(cfg, dict) and isinstance(cfg.get("model_config"), dict):
+        cfg = cfg["model_config"]
     if not isinstance(cfg, dict):
         raise YouzhiError(f"{path} does not contain a mapping of config keys")
     return cfg
@@ -310,19 +244,7 @@ def load_model_shape(path: str) -> ModelShape:
 # GQA -> MLA shape
 # --------------------------------------------------------------------------------------------------------------------
 def _check_conversion_args(source: ModelShape, kv_lora_rank: int, qk_rope_head_dim: Optional[int]) -> int:
-    if source.is_mla:
-        raise YouzhiError(f"{source.name or 'model'} is already MLA (kv_lora_rank={source.kv_lora_rank}); "
-                          "plan a conversion from a GQA model")
-    d = source.head_dim
-    rope = d // 2 if qk_rope_head_dim is None else qk_rope_head_dim
-    if isinstance(rope, bool) or not isinstance(rope, int) or rope <= 0 or rope % 2 or rope > d:
-        raise YouzhiError(f"qk_rope_head_dim must be an even integer in [2, head_dim={d}], got {rope!r}")
-    max_rank = 2 * source.num_key_value_heads * d - rope
-    if isinstance(kv_lora_rank, bool) or not isinstance(kv_lora_rank, int) or not 0 < kv_lora_rank <= max_rank:
-        raise YouzhiError(f"kv_lora_rank must be an integer in [1, {max_rank}] for this model (the joint K/V latent "
-                          f"is 2·num_key_value_heads·head_dim − qk_rope_head_dim = {max_rank} wide), "
-                          f"got {kv_lora_rank!r}")
-    return rope
+    return contract.conversion_dims(dataclasses.asdict(source), kv_lora_rank, qk_rope_head_dim)
 
 
 def mla_shape_from_source(source: ModelShape, kv_lora_rank: int, qk_rope_head_dim: Optional[int] = None,
@@ -341,49 +263,6 @@ def mla_shape_from_source(source: ModelShape, kv_lora_rank: int, qk_rope_head_di
         qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=False,
         kv_lora_rank=kv_lora_rank, qk_rope_head_dim=rope, qk_nope_head_dim=d, v_head_dim=d, q_lora_rank=None,
         name=f"{source.name or 'model'}_mla_r{kv_lora_rank}" + ("" if rope == 64 else f"_rope{rope}"))
-
-
-def mla_config_dict(source_config: Mapping[str, Any], kv_lora_rank: int,
-                    qk_rope_head_dim: Optional[int] = None) -> Dict[str, Any]:
-    """A DeepSeek-V3 dense config.json dict for the conversion of a GQA `source_config` (stock contract: no attention
-    bias, interleaved rope, no experts). Non-shape fields (rope_theta, rope_scaling, eps, token ids, ...) are copied."""
-    src = shape_from_config(source_config)
-    rope = _check_conversion_args(src, kv_lora_rank, qk_rope_head_dim)
-    s = dict(source_config)
-    out: Dict[str, Any] = {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": "deepseek_v3",
-        "vocab_size": src.vocab_size,
-        "hidden_size": src.hidden_size,
-        "intermediate_size": src.intermediate_size,
-        "num_hidden_layers": src.num_hidden_layers,
-        "num_attention_heads": src.num_attention_heads,
-        "num_key_value_heads": src.num_attention_heads,
-        "kv_lora_rank": kv_lora_rank,
-        "q_lora_rank": None,
-        "qk_nope_head_dim": src.head_dim,
-        "qk_rope_head_dim": rope,
-        "v_head_dim": src.head_dim,
-        "n_routed_experts": None,
-        "n_shared_experts": None,
-        "first_k_dense_replace": src.num_hidden_layers,
-        "moe_layer_freq": 1,
-        "hidden_act": s.get("hidden_act", "silu"),
-        "max_position_embeddings": s.get("max_position_embeddings"),
-        "rms_norm_eps": s.get("rms_norm_eps", 1e-6),
-        "rope_theta": s.get("rope_theta", 10000.0),
-        "rope_scaling": s.get("rope_scaling"),
-        "rope_interleave": True,
-        "attention_bias": False,
-        "attention_dropout": s.get("attention_dropout", 0.0),
-        "tie_word_embeddings": src.tie_word_embeddings,
-        "initializer_range": s.get("initializer_range", 0.02),
-        "bos_token_id": s.get("bos_token_id"),
-        "eos_token_id": s.get("eos_token_id"),
-        "torch_dtype": s.get("torch_dtype", "bfloat16"),
-        "use_cache": True,
-    }
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -524,21 +403,8 @@ def deployment_warnings(shape: ModelShape, settings: PlanSettings = PlanSettings
     """Things that will stop or slow a vLLM / vLLM-Ascend deployment. Strings, not exceptions: a plan is still useful."""
     out: List[str] = []
     if shape.is_mla:
-        heads = shape.num_attention_heads
-        if heads not in ASCEND_MLA_GRAPH_HEADS:
-            out.append(f"vLLM-Ascend MLA graph mode needs num_attention_heads per latent KV head (per card) in "
-                       f"{{32, 64, 128}}; this model has {heads}: serve it in eager mode, or shard it so each card "
-                       "holds a supported head count")
-        if shape.kv_lora_rank % 16:
-            out.append(f"kv_lora_rank={shape.kv_lora_rank} is not a multiple of 16; vLLM-Ascend's fused MLA cache "
-                       "kernels reshape the latent by 16: pick a multiple of 16")
-        width = shape.kv_lora_rank + shape.qk_rope_head_dim
-        if width != FLASHMLA_CACHE_WIDTH:
-            out.append(f"kv_lora_rank + qk_rope_head_dim = {width} != 576; vLLM's CUDA MLA kernels (FlashMLA) accept "
-                       "only 512 + 64, other widths fall back to a slower attention backend on GPUs")
-        if shape.qkv_bias or shape.o_bias:
-            out.append("attention_bias is set: stock vLLM DeepSeek-V2/V3 attention has no biases and its loader "
-                       "silently skips .bias tensors; export without biases (recover the loss by distillation)")
+        out += contract.deployment_warnings(shape.num_attention_heads, shape.kv_lora_rank, shape.qk_rope_head_dim,
+                                            attention_bias=shape.qkv_bias or shape.o_bias)
     if plan is not None:
         if plan.kv_budget_bytes <= 0:
             out.append(f"does not fit: weights {plan.weight_bytes / GIB:.2f} GiB + activation reserve "
@@ -601,7 +467,7 @@ def rank_for_ratio(source: ModelShape, target_ratio: float, settings: PlanSettin
     if src_plan.max_concurrency <= 0:
         raise YouzhiError(f"{source.name or 'the source model'} does not fit under these settings, so no ratio "
                           "exists; use a larger card or lower --max-model-len")
-    max_rank = 2 * source.num_key_value_heads * source.head_dim - rope
+    max_rank = contract.max_rank(source.num_key_value_heads, source.head_dim, rope)
     plans: Dict[int, ConcurrencyPlan] = {}
     candidates = []
     for r in range(multiple, max_rank + 1, multiple):

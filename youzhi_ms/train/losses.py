@@ -42,7 +42,8 @@ from mindspore import nn, ops
 
 from youzhi_ms.errors import YouzhiError
 
-__all__ = ["generalized_jsd", "jsd_upper_bound", "GKDLoss", "sft_cross_entropy", "SFTLoss", "build_sft_labels"]
+__all__ = ["generalized_jsd", "jsd_upper_bound", "GKDLoss", "sft_cross_entropy", "SFTLoss", "build_sft_labels",
+           "GKDNet", "SFTNet"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -199,6 +200,32 @@ class SFTLoss(nn.Cell):
 
     def construct(self, logits, labels, loss_mask):
         return sft_cross_entropy(logits, labels, loss_mask, self.reduction)
+
+
+class GKDNet(nn.Cell):
+    """The trainer's distill loss: student and teacher logits of the same ids -> sum of per-token generalized JSD over
+    scored tokens * scale (scale = 1 / scored tokens of the global batch)."""
+
+    def __init__(self, student, teacher, beta, temperature):
+        super().__init__(auto_prefix=False)
+        self.student = student
+        self.teacher = teacher
+        self.loss = GKDLoss(beta, temperature, "sum")
+
+    def construct(self, input_ids, labels, loss_mask, scale):
+        return self.loss(self.student(input_ids), self.teacher(input_ids), loss_mask) * scale
+
+
+class SFTNet(nn.Cell):
+    """The trainer's SFT loss: student logits -> sum of masked next-token cross entropy * scale."""
+
+    def __init__(self, student):
+        super().__init__(auto_prefix=False)
+        self.student = student
+        self.loss = SFTLoss("sum")
+
+    def construct(self, input_ids, labels, loss_mask, scale):
+        return self.loss(self.student(input_ids), labels, loss_mask) * scale
 
 
 def build_sft_labels(prompt_ids, response_ids, max_len, pad_id):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import re
 from typing import Any, Dict, List, Optional, Sequence
@@ -163,6 +164,8 @@ def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[
                 data = yaml.load(f, Loader=_Loader) or {}
         except yaml.YAMLError as exc:
             raise YouzhiError(f"{path} is not valid yaml: {exc}") from None
+        except UnicodeDecodeError:
+            raise YouzhiError(f"{path} is not UTF-8 text; save the yaml as UTF-8") from None
         if not isinstance(data, dict):
             raise YouzhiError(f"{path} must be a yaml mapping of sections (seed, output_dir, model, "
                               "runner_config, ...)")
@@ -195,14 +198,34 @@ def _num(cfg, section, key, lo=None, hi=None, allow_none=False):
     name = f"{section}.{key}"
     if v is None and allow_none:
         return
-    _need(isinstance(v, (int, float)) and not isinstance(v, bool), f"{name} must be a number, got {v!r}")
+    _need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+          f"{name} must be a number (finite), got {v!r}")
     _need(lo is None or v >= lo, f"{name} must be >= {lo}, got {v}")
     _need(hi is None or v <= hi, f"{name} must be <= {hi}, got {v}")
+
+
+def _flag(cfg, section, key):
+    v = cfg[section][key] if section else cfg[key]
+    _need(isinstance(v, bool), f"{f'{section}.' if section else ''}{key} must be true or false, got {v!r}")
+
+
+def _path(cfg, section, key):
+    v = cfg[section][key]
+    _need(v is None or (isinstance(v, str) and v.strip()),
+          f"{section}.{key} must be a directory path, got {v!r}")
 
 
 def validate(cfg: Dict[str, Any]) -> None:
     """Types and ranges of everything that is not a path (paths are checked when they are opened)."""
     _int(cfg, None, "seed", 0)
+    _flag(cfg, None, "resume_training")
+    for section, key in (("runner_config", "progress"), ("train_dataset", "shuffle"),
+                         ("parallel_config", "use_seq_parallel"), ("parallel_config", "vocab_emb_dp")):
+        _flag(cfg, section, key)
+    _path(cfg, "model", "student")
+    _path(cfg, "distill", "teacher")
+    mem = cfg["context"]["max_device_memory"]
+    _need(mem is None or isinstance(mem, str), f"context.max_device_memory must be a size such as '58GB', got {mem!r}")
     _need(cfg["run_mode"] in RUN_MODES, f"run_mode must be one of {RUN_MODES}, got {cfg['run_mode']!r}")
     _need(isinstance(cfg["output_dir"], str) and cfg["output_dir"], "output_dir must be a directory path")
     _need(cfg["context"]["mode"] in ("GRAPH_MODE", "PYNATIVE_MODE", 0, 1),
@@ -224,8 +247,8 @@ def validate(cfg: Dict[str, Any]) -> None:
     _int(cfg, "runner_config", "stop_at_step", 1, allow_none=True)
     _need(cfg["optimizer"]["type"] == "AdamW", f"optimizer.type must be AdamW, got {cfg['optimizer']['type']!r}")
     betas = cfg["optimizer"]["betas"]
-    _need(isinstance(betas, (list, tuple)) and len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
-                                                                       for b in betas),
+    _need(isinstance(betas, (list, tuple)) and len(betas) == 2 and
+          all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas),
           f"optimizer.betas must be two numbers in [0, 1), got {betas!r}")
     _num(cfg, "optimizer", "eps", 0.0)
     _num(cfg, "optimizer", "weight_decay", 0.0)

@@ -14,11 +14,10 @@ One process (or one msrun worker) holds the frozen teacher and the trainable stu
    against the largest value the generalized JSD can take before anything is applied: above it, the computation was
    corrupted (observed on CPU), so the gradients are dropped and the step computed once more, then skipped;
    `CORRUPT_STEPS_MAX` skipped steps in a row save the state and stop with a --resume hint.
-3. Rank 0 appends a line to `loss_log.jsonl`, updates the progress bar, and every `save_checkpoint_steps` writes
-   `checkpoint/step_XXXXXXXX/` atomically: `student.safetensors` (all student weights, MindSpore names),
-   `optimizer.safetensors` (AdamW moments), `trainer_state.json` (step, data position, the lambda coin's numpy RNG
-   state as uint64 words; no pickle). `resume_training` restores all of it and truncates the loss log to the
-   checkpoint, so an interrupted-and-resumed run reproduces the uninterrupted one.
+3. Rank 0 appends a row to `loss_log.jsonl` (`loss_log.py`), updates the progress bar, and every
+   `save_checkpoint_steps` writes `checkpoint/step_XXXXXXXX/` atomically (`checkpointing.py`: student weights, AdamW
+   moments, data position and the lambda coin's RNG state; no pickle). `resume_training` restores all of it and
+   truncates the loss log to the checkpoint, so an interrupted-and-resumed run reproduces the uninterrupted one.
 
 At `max_steps` the student is written as a Hugging Face directory `hf_model/` (the student's config.json and tokenizer
 files, weights in `model.save_dtype`) that `load_model` and `tools/eval_ppl.py` read, plus `loss_curve.png`.
@@ -30,31 +29,44 @@ final Hugging Face export needs the slices merged first.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
+import mindspore as ms
 import numpy as np
+from tqdm import tqdm
 
+from youzhi_ms.checkpoint.hf import ShardedWriter, copy_side_files, read_config
+from youzhi_ms.checkpoint.mindspore_ckpt import hf_state_dict_from_model, load_model, model_kind
+from youzhi_ms.config import load_any_config
+from youzhi_ms.data.tokenizer import Tokenizer
 from youzhi_ms.errors import YouzhiError
+from youzhi_ms.fsutil import atomic_output_dir, check_not_input, check_output_dir, claim_run_dir
+from youzhi_ms.runtime import init_context
+from youzhi_ms.train.checkpointing import RunCheckpoints, rng_from_json, rng_state_to_json
+from youzhi_ms.train.data import (EpochSampler, StudentContinuation, build_dataset, collate, row_rngs,
+                                  shard_rows)
+from youzhi_ms.train.loss_log import LOSS_LOG, append_row, plot_loss_curve, truncate_loss_log
+from youzhi_ms.train.losses import GKDNet, SFTNet, jsd_upper_bound
+from youzhi_ms.train.optim import (AllReduceSum, ApplyStep, FusedStep, MicroStep, ResetAccumulators, UpdateCore,
+                                   lr_factor)
+from youzhi_ms.train.parallel import apply_plan, check_device, check_world, plan_parallel
+from youzhi_ms.train.run_config import callback
 
 log = logging.getLogger("youzhi_ms.train")
 
-CKPT_DIR = "checkpoint"
-LOSS_LOG = "loss_log.jsonl"
 HF_DIR = "hf_model"
-STATE_FILE = "trainer_state.json"
-STUDENT_FILE = "student.safetensors"
-OPTIM_FILE = "optimizer.safetensors"
+# What a run writes into output_dir: a directory holding anything else is never started over by --overwrite.
+RUN_ENTRIES = ("checkpoint", LOSS_LOG, "loss_curve.png", HF_DIR, "ranks", "run_config.yaml")
 CORRUPT_RETRIES = 1       # recomputations of a GKD step whose loss is out of range
 CORRUPT_STEPS_MAX = 3     # consecutive skipped steps before the run stops (state saved; --resume continues)
-STATE_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------------------- distributed
@@ -72,62 +84,6 @@ def init_distributed():
     return communication.get_rank(), communication.get_group_size()
 
 
-# ---------------------------------------------------------------------------------------------------------- cells
-def _loss_nets():
-    """The loss Cells (defined lazily so importing this module does not import MindSpore)."""
-    from mindspore import nn
-    from youzhi_ms.train.losses import GKDLoss, SFTLoss
-
-    class GKDNet(nn.Cell):
-        """student/teacher logits of the same ids -> sum of per-token generalized JSD over scored tokens * scale."""
-
-        def __init__(self, student, teacher, beta, temperature):
-            super().__init__(auto_prefix=False)
-            self.student = student
-            self.teacher = teacher
-            self.loss = GKDLoss(beta, temperature, "sum")
-
-        def construct(self, input_ids, labels, loss_mask, scale):
-            return self.loss(self.student(input_ids), self.teacher(input_ids), loss_mask) * scale
-
-    class SFTNet(nn.Cell):
-        """student logits -> sum of masked next-token cross entropy * scale."""
-
-        def __init__(self, student):
-            super().__init__(auto_prefix=False)
-            self.student = student
-            self.loss = SFTLoss("sum")
-
-        def construct(self, input_ids, labels, loss_mask, scale):
-            return self.loss(self.student(input_ids), labels, loss_mask) * scale
-
-    return GKDNet, SFTNet
-
-
-# ------------------------------------------------------------------------------------------------------ rng <-> json
-def _u128_words(x: int) -> List[int]:
-    return [int(x >> 64), int(x & ((1 << 64) - 1))]
-
-
-def rng_state_to_json(rng: np.random.Generator) -> dict:
-    """A PCG64 generator's state as plain json (128-bit integers as [high, low] uint64 words)."""
-    st = rng.bit_generator.state
-    if st["bit_generator"] != "PCG64":
-        raise ValueError("only PCG64 generators are checkpointed")
-    return {"bit_generator": "PCG64", "state": _u128_words(st["state"]["state"]),
-            "inc": _u128_words(st["state"]["inc"]), "has_uint32": int(st["has_uint32"]),
-            "uinteger": int(st["uinteger"])}
-
-
-def rng_from_json(d: dict) -> np.random.Generator:
-    rng = np.random.Generator(np.random.PCG64())
-    rng.bit_generator.state = {"bit_generator": "PCG64",
-                               "state": {"state": (d["state"][0] << 64) | d["state"][1],
-                                         "inc": (d["inc"][0] << 64) | d["inc"][1]},
-                               "has_uint32": d["has_uint32"], "uinteger": d["uinteger"]}
-    return rng
-
-
 # ----------------------------------------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: Dict[str, Any], rank: Optional[int] = None, world: Optional[int] = None):
@@ -141,7 +97,6 @@ class Trainer:
         self.seed = cfg["seed"]
         self.out = os.path.abspath(cfg["output_dir"])
         self.device = cfg["context"]["device_target"]
-        from youzhi_ms.train.parallel import check_device
         check_device(cfg["parallel_config"], self.device)  # before anything heavy
         if cfg["model"]["student"] is None:
             raise YouzhiError("model.student is not set; pass the converted MLA directory, e.g. "
@@ -151,7 +106,6 @@ class Trainer:
                               "--set distill.teacher=output/smollm2_hf")
         self._read_model_configs()
 
-        from youzhi_ms.runtime import init_context
         mode = cfg["context"]["mode"]
         init_context("graph" if mode in ("GRAPH_MODE", 0) else "pynative", device=self.device, seed=self.seed)
         if rank is None:
@@ -159,17 +113,18 @@ class Trainer:
         self.rank, self.world = rank, world
         self.is_main = rank == 0
         self._setup_parallel()
+        self.ckpt = RunCheckpoints(self.out, self.rank, self.sharded)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _read_model_configs(self):
-        from youzhi_ms.checkpoint.hf import read_config
-        from youzhi_ms.config import load_any_config
         self.student_dir = self.cfg["model"]["student"]
-        self.student_cfg = load_any_config(read_config(self.student_dir))
+        self.student_cfg = load_any_config(read_config(self.student_dir),
+                                           os.path.join(self.student_dir, "config.json"))
         self.teacher_cfg = None
         if self.run_mode == "distill":
             self.teacher_dir = self.cfg["distill"]["teacher"]
-            self.teacher_cfg = load_any_config(read_config(self.teacher_dir))
+            self.teacher_cfg = load_any_config(read_config(self.teacher_dir),
+                                               os.path.join(self.teacher_dir, "config.json"))
             if self.teacher_cfg.vocab_size != self.student_cfg.vocab_size:
                 raise YouzhiError(f"teacher vocab_size {self.teacher_cfg.vocab_size} != student vocab_size "
                                   f"{self.student_cfg.vocab_size}; GKD compares next-token distributions, so both "
@@ -180,11 +135,9 @@ class Trainer:
                                   f"max_position_embeddings {c.max_position_embeddings}")
 
     def _setup_parallel(self):
-        from youzhi_ms.train.parallel import check_world, plan_parallel
         self.plan = plan_parallel(self.cfg["parallel_config"], self.student_cfg, self.teacher_cfg, self.world)
         check_world(self.plan, self.world, self.device)
         if self.plan.semi_auto:  # Ascend only (check_device refused it elsewhere); not exercised on CPU
-            import mindspore as ms
             # Cell.shard strategies + sharding propagation for the ops between the sharded linears
             ms.set_auto_parallel_context(parallel_mode="auto_parallel", search_mode="sharding_propagation",
                                          device_num=self.world, pipeline_stages=self.plan.pipeline_stage,
@@ -199,7 +152,14 @@ class Trainer:
             self.dp_rank, self.dp_world = self.rank, self.world
 
     def _setup_models(self):
-        from youzhi_ms.checkpoint.mindspore_ckpt import load_model
+        """Models, then the trainable set and its optimizer, then the loss, then the compiled step graphs."""
+        self._load_models()
+        self._select_trainable()
+        self._build_optimizer()
+        self._build_loss_net()
+        self._build_step_graphs()
+
+    def _load_models(self):
         self.student, _ = load_model(self.student_dir)
         self.student.set_train(True)
         self.teacher = None
@@ -208,9 +168,11 @@ class Trainer:
             for p in self.teacher.get_parameters():  # distinct names: both models live in one graph
                 p.name = "teacher." + p.name
                 p.requires_grad = False
-        mode = self.cfg["model"]["trainable"]
+
+    def _select_trainable(self):
+        """model.trainable: every student parameter, or the attention ones only (`.self_attention.`)."""
         params = list(self.student.get_parameters())
-        if mode == "attention":
+        if self.cfg["model"]["trainable"] == "attention":
             train = [p for p in params if ".self_attention." in p.name]
         else:
             train = params
@@ -220,22 +182,24 @@ class Trainer:
         if not train:
             raise YouzhiError("model.trainable selects no parameters")
         self.trainable = train
+
+    def _build_optimizer(self):
+        """AdamW over the trainable set: group 0 at learning_rate, group 1 (the latent `kv_layernorm`s) at
+        kv_layernorm_learning_rate when set; no weight decay on norms and biases."""
         lr_cfg = self.cfg["lr_schedule"]
         self.group_lrs = [float(lr_cfg["learning_rate"])]
-        group_ids = []
         kv_lr = lr_cfg.get("kv_layernorm_learning_rate")
         if kv_lr is not None:
             self.group_lrs.append(float(kv_lr))
-        for p in train:
-            group_ids.append(1 if kv_lr is not None and ".kv_layernorm." in p.name else 0)
+        group_ids = [1 if kv_lr is not None and ".kv_layernorm." in p.name else 0 for p in self.trainable]
         wd = float(self.cfg["optimizer"]["weight_decay"])
-        decays = [wd if len(p.shape) >= 2 else 0.0 for p in train]  # no decay on norms and biases
-        from youzhi_ms.train.optim import ApplyStep, FusedStep, MicroStep, ResetAccumulators, UpdateCore
+        decays = [wd if len(p.shape) >= 2 else 0.0 for p in self.trainable]
         opt = self.cfg["optimizer"]
         reduce_world = self.world if not self.plan.semi_auto else 1  # semi-auto inserts its own reduction
-        self.core = UpdateCore(train, group_ids, decays, tuple(opt["betas"]), opt["eps"], opt["max_grad_norm"],
-                               reduce_world)
-        GKDNet, SFTNet = _loss_nets()
+        self.core = UpdateCore(self.trainable, group_ids, decays, tuple(opt["betas"]), opt["eps"],
+                               opt["max_grad_norm"], reduce_world)
+
+    def _build_loss_net(self):
         if self.run_mode == "distill":
             d = self.cfg["distill"]
             self.loss_net = GKDNet(self.student, self.teacher, d["beta"], d["temperature"])
@@ -243,32 +207,30 @@ class Trainer:
             self.loss_net = SFTNet(self.student)
         if self.plan.semi_auto:  # Ascend only; not exercised here (no semi-auto parallel on CPU)
             from mindspore import nn
-            from youzhi_ms.train.parallel import apply_plan
             # the plan names student cells as in the student model ("decoder...."), teacher cells "teacher...."
             cells = {(n[len("student."):] if n.startswith("student.") else n): c
                      for n, c in self.loss_net.cells_and_names()}
             apply_plan(self.plan, cells)
             if self.plan.pipeline_stage > 1:
                 self.loss_net = nn.PipelineCell(self.loss_net, self.plan.micro_batch_num)
-        from youzhi_ms.train.losses import jsd_upper_bound
         self.loss_bound = jsd_upper_bound(self.cfg["distill"]["beta"]) if self.run_mode == "distill" else None
+
+    def _build_step_graphs(self):
+        """One fused graph (forward, backward, update) when there is nothing to check or accumulate; otherwise a
+        micro-step graph accumulating gradients and an apply graph, so a bounded loss is checked before its update
+        is applied (see train_step)."""
         self.fused = None
         if self.accum == 1 and self.loss_bound is None:
             self.fused = FusedStep(self.loss_net, self.core)
-        else:  # a bounded loss is checked before its update is applied (see train_step)
+        else:
             self.accumulators = self.core.params.clone(prefix="accum", init="zeros")
             self.micro = MicroStep(self.loss_net, self.core, self.accumulators)
             self.apply = ApplyStep(self.core, self.accumulators)
             self.reset = ResetAccumulators(self.accumulators)
         self.bad_in_a_row = 0
-        self.allreduce = None
-        if self.world > 1:
-            from youzhi_ms.train.optim import AllReduceSum
-            self.allreduce = AllReduceSum()
+        self.allreduce = AllReduceSum() if self.world > 1 else None
 
     def _setup_data(self):
-        from youzhi_ms.data.tokenizer import Tokenizer
-        from youzhi_ms.train.data import EpochSampler, StudentContinuation, build_dataset
         self.tokenizer = Tokenizer.from_dir(self.student_dir)
         tok = self.tokenizer
         self.pad_id = tok.pad_id if tok.pad_id is not None else tok.eot_id
@@ -291,12 +253,10 @@ class Trainer:
         arr = np.asarray(values, np.float32)
         if self.allreduce is None:
             return arr.astype(np.float64)
-        import mindspore as ms
         total = self.allreduce(ms.Tensor(arr)).asnumpy().astype(np.float64)
         return total / (self.world // self.dp_world)
 
     def lrs(self, step: int) -> List[float]:
-        from youzhi_ms.train.optim import lr_factor
         s = self.cfg["lr_schedule"]
         total = s["total_steps"] or self.max_steps
         warm = s["warmup_steps"] if s["warmup_steps"] is not None else int(round(s["warmup_ratio"] * total))
@@ -305,7 +265,6 @@ class Trainer:
 
     def next_micro_batch(self, step: int, micro: int) -> Dict[str, Any]:
         """This rank's part of global micro-batch `micro` of optimizer step `step` (0-based)."""
-        from youzhi_ms.train.data import collate, row_rngs, shard_rows
         global_rows = self.sampler.take(self.micro_bs * self.dp_world)
         local = shard_rows(np.arange(len(global_rows)), self.dp_rank, self.dp_world)
         batch = collate([self.dataset[int(global_rows[i])] for i in local])
@@ -318,25 +277,21 @@ class Trainer:
         batch["on_policy"] = on_policy
         return batch
 
+    def _callback(self, name):
+        return callback(self.cfg, name)
+
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _ckpt_root(self) -> str:
-        return os.path.join(self.out, CKPT_DIR)
+        return self.ckpt.root
 
     @property
     def sharded(self) -> bool:
         """Model / pipeline parallel (Ascend): every rank holds parameter slices and checkpoints its own."""
         return self.plan.semi_auto
 
-    def _files_dir(self, step_dir: str) -> str:
-        return os.path.join(step_dir, f"rank_{self.rank}") if self.sharded else step_dir
-
     def checkpoints(self) -> List[str]:
         """Complete checkpoint step directories (for this rank's files), oldest first."""
-        found = []
-        for d in glob.glob(os.path.join(self._ckpt_root(), "step_*")):
-            if os.path.isfile(os.path.join(self._files_dir(d), STATE_FILE)):
-                found.append(d)
-        return sorted(found, key=lambda d: int(os.path.basename(d).split("_")[1]))
+        return self.ckpt.complete()
 
     def _run_signature(self) -> dict:
         rc = self.cfg["runner_config"]
@@ -345,80 +300,55 @@ class Trainer:
                 "trainable": [p.name for p in self.trainable], "seed": self.seed,
                 "gradient_accumulation_steps": rc["gradient_accumulation_steps"]}
 
+    def _optimizer_params(self) -> list:
+        return list(self.core.m) + list(self.core.v)
+
     def save_checkpoint(self, step: int) -> Optional[str]:
         """Data parallel: rank 0 writes the (replicated) state. Sharded: every rank writes its slices to rank_R/."""
         if not (self.is_main or self.sharded):
             return None
-        from youzhi_ms.checkpoint.hf import save_safetensors, write_json
-        from youzhi_ms.fsutil import atomic_output_dir
-        path = os.path.join(self._ckpt_root(), f"step_{step:08d}")
-        with atomic_output_dir(self._files_dir(path)) as tmp:
-            save_safetensors(os.path.join(tmp, STUDENT_FILE),
-                             [(p.name, p.asnumpy()) for p in self.student.get_parameters()], dtype="fp32")
-            save_safetensors(os.path.join(tmp, OPTIM_FILE),
-                             [(p.name, p.asnumpy()) for p in list(self.core.m) + list(self.core.v)], dtype="fp32")
-            write_json(os.path.join(tmp, STATE_FILE), {
-                "version": STATE_VERSION, "step": step, "data": self.sampler.state_dict(),
-                "rng": rng_state_to_json(self.coin), "signature": self._run_signature(),
-                "world_size": self.world, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
         keep = (self._callback("CheckpointMonitor") or {}).get("keep_checkpoint_max", 2)
-        for old in self.checkpoints()[:-keep]:
-            shutil.rmtree(self._files_dir(old), ignore_errors=True)
-            if self.sharded and os.path.isdir(old) and not os.listdir(old):
-                os.rmdir(old)
-        return path
+        state = {"data": self.sampler.state_dict(), "rng": rng_state_to_json(self.coin),
+                 "signature": self._run_signature(), "world_size": self.world}
+        return self.ckpt.save(step, self.student.get_parameters(), self._optimizer_params(), state, keep)
 
     def load_checkpoint(self, path: str) -> int:
-        import mindspore as ms
-        from youzhi_ms.checkpoint.hf import HFCheckpoint
-        path = self._files_dir(path)
-        with open(os.path.join(path, STATE_FILE)) as f:
-            state = json.load(f)
-        sig, now = state["signature"], self._run_signature()
-        for k in ("run_mode", "global_batch", "seq_length", "trainable", "seed"):
-            if sig.get(k) != now.get(k):
-                shown = "the trainable parameter set" if k == "trainable" else f"{k}={sig.get(k)!r}"
-                raise YouzhiError(f"{path} was made with {shown}, this run has "
-                                  f"{'another' if k == 'trainable' else repr(now.get(k))}; resume with the same "
-                                  "configuration (global batch = batch_size x workers x accumulation)")
-        weights = HFCheckpoint.from_file(os.path.join(path, STUDENT_FILE))
-        for p in self.student.get_parameters():
-            p.set_data(ms.Tensor(weights.get(p.name, expect_shape=tuple(p.shape)), p.dtype))
-        moments = HFCheckpoint.from_file(os.path.join(path, OPTIM_FILE))
-        for p in list(self.core.m) + list(self.core.v):
-            p.set_data(ms.Tensor(moments.get(p.name, expect_shape=tuple(p.shape)), p.dtype))
+        state = self.ckpt.load(path, self._run_signature(), self.student.get_parameters(), self._optimizer_params())
         self.sampler.load_state_dict(state["data"])
         self.coin = rng_from_json(state["rng"])
         return int(state["step"])
 
-    def _callback(self, name):
-        from youzhi_ms.train.run_config import callback
-        return callback(self.cfg, name)
-
     # ------------------------------------------------------------------------------------------------ outputs
-    def _check_output(self, resume: bool) -> None:
-        """Before anything is loaded: resume needs a checkpoint; a fresh run must not mix into an old output_dir."""
+    def _inputs(self) -> list:
+        return [("model.student", self.student_dir), ("distill.teacher", self.cfg["distill"]["teacher"]),
+                ("train_dataset.data_path", self.cfg["train_dataset"]["data_path"])]
+
+    def _check_output(self, resume: bool, overwrite: bool) -> None:
+        """Before anything is loaded: resume needs a checkpoint; a fresh run must not mix into an old output_dir, and
+        output_dir follows the output rule (fsutil): never an input, never someone else's directory."""
         if resume and not self.checkpoints():
             raise YouzhiError(f"resume requested but {self._ckpt_root()} has no complete checkpoint; run without "
                               "--resume to start from the student directory")
-        if not resume and (self.checkpoints() or os.path.isfile(os.path.join(self.out, LOSS_LOG))):
+        if not resume and not overwrite and (self.checkpoints() or os.path.isfile(os.path.join(self.out, LOSS_LOG))):
             raise YouzhiError(f"output_dir {self.out} already holds a run (checkpoints / {LOSS_LOG}); pass --resume "
-                              "to continue it, or choose another output_dir")
+                              "to continue it, --overwrite to start it over, or choose another output_dir")
+        if resume or not self.is_main:  # other ranks: rank 0 may already have claimed output_dir
+            check_not_input(self.out, self._inputs(), "output_dir")
+        else:
+            check_output_dir(self.out, overwrite, self._inputs(), "output_dir", allowed=RUN_ENTRIES)
+        if resume and self.is_main:
+            # replaced when the resumed run completes: refuse now, not after the training, if it is not ours
+            check_output_dir(os.path.join(self.out, HF_DIR), True, flag="the trained model directory")
 
-    def _prepare_output(self, resume: bool) -> int:
+    def _prepare_output(self, resume: bool, overwrite: bool) -> int:
         """Returns the step to start from (restoring the newest checkpoint when resuming)."""
         start = 0
-        log_path = os.path.join(self.out, LOSS_LOG)
         if resume:
             start = self.load_checkpoint(self.checkpoints()[-1])
-            if self.is_main and os.path.isfile(log_path):
-                with open(log_path) as f:
-                    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
-                with open(log_path + ".tmp", "w") as f:
-                    f.writelines(rows)
-                os.replace(log_path + ".tmp", log_path)
         if self.is_main:
-            os.makedirs(self.out, exist_ok=True)
+            claim_run_dir(self.out, overwrite, resume, self._inputs(), RUN_ENTRIES)
+            if resume:
+                truncate_loss_log(os.path.join(self.out, LOSS_LOG), start)
             import yaml
             with open(os.path.join(self.out, "run_config.yaml"), "w") as f:
                 yaml.safe_dump(self.cfg, f, sort_keys=False)
@@ -426,11 +356,8 @@ class Trainer:
 
     def export_hf(self) -> str:
         """The trained student as a Hugging Face directory next to the checkpoints (rank 0)."""
-        from youzhi_ms.checkpoint.hf import ShardedWriter, copy_side_files
-        from youzhi_ms.checkpoint.mindspore_ckpt import hf_state_dict_from_model, model_kind
-        from youzhi_ms.fsutil import atomic_output_dir
         path = os.path.join(self.out, HF_DIR)
-        with atomic_output_dir(path) as tmp:
+        with atomic_output_dir(path, True, flag="the trained model directory", kind="trained model") as tmp:
             writer = ShardedWriter(tmp, dtype=self.cfg["model"]["save_dtype"])
             for name, arr in hf_state_dict_from_model(self.student, model_kind(self.student_cfg)).items():
                 writer.add(name, arr)
@@ -446,9 +373,8 @@ class Trainer:
             h.update(np.ascontiguousarray(p.asnumpy()).tobytes())
         return h.hexdigest()
 
-    # ------------------------------------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------------------------------------ one step
     def train_step(self, step: int) -> Dict[str, Any]:
-        import mindspore as ms
         t0 = time.time()
         batches = [self.next_micro_batch(step, m) for m in range(self.accum)]
         local = float(sum(b["loss_mask"].sum() for b in batches))
@@ -456,61 +382,60 @@ class Trainer:
         scale = ms.Tensor(1.0 / max(count, 1.0), ms.float32)
         lrs = self.lrs(step)
         b1, b2 = self.cfg["optimizer"]["betas"]
-        lrs_t = ms.Tensor(np.asarray(lrs, np.float32))
-        bc1 = ms.Tensor(1.0 - float(b1) ** (step + 1), ms.float32)
-        bc2 = ms.Tensor(1.0 - float(b2) ** (step + 1), ms.float32)
-
-        def inputs(b):
-            return (ms.Tensor(b["input_ids"], ms.int32), ms.Tensor(b["labels"], ms.int32),
-                    ms.Tensor(b["loss_mask"], ms.float32), scale)
-
+        update_args = (ms.Tensor(np.asarray(lrs, np.float32)), ms.Tensor(1.0 - float(b1) ** (step + 1), ms.float32),
+                       ms.Tensor(1.0 - float(b2) ** (step + 1), ms.float32))
+        inputs = [(ms.Tensor(b["input_ids"], ms.int32), ms.Tensor(b["labels"], ms.int32),
+                   ms.Tensor(b["loss_mask"], ms.float32), scale) for b in batches]
         row = {"step": step + 1, "loss": None, "lr": lrs[0], "grad_norm": None, "tokens": int(count),
                "on_policy": [b["on_policy"] for b in batches]}
         if self.fused is not None:
-            loss, norm = self.fused(*inputs(batches[0]), lrs_t, bc1, bc2)
+            loss, norm = self.fused(*inputs[0], *update_args)
             row["loss"] = float(loss.asnumpy())
             row["grad_norm"] = float(norm.asnumpy())
         else:
-            # A GKD loss above the JSD supremum is a corrupted computation (seen with MindSpore 2.10 on CPU: ~1e4 on
-            # some steps of some runs, with corrupted gradients that ruined a run). Its gradients are dropped and the
-            # micro-batches computed again; a step that stays corrupted is skipped, never applied.
-            for attempt in range(1 + CORRUPT_RETRIES):
-                loss_local = sum(float(self.micro(*inputs(b)).asnumpy()) for b in batches)
-                row["loss"] = float(self._sum_over_ranks([loss_local])[0]) if self.world > 1 else loss_local
-                if not self._out_of_range(row["loss"]):
-                    row["grad_norm"] = float(self.apply(lrs_t, bc1, bc2).asnumpy())
-                    break
-                self.reset()
-                if attempt < CORRUPT_RETRIES:
-                    row["retries"] = attempt + 1
-                log.warning("step %d: loss %.6g exceeds %.4f, the largest value the generalized JSD (beta %g) can "
-                            "take: a corrupted computation; its gradients are dropped%s", step + 1, row["loss"],
-                            self.loss_bound, self.cfg["distill"]["beta"],
-                            " and the step is computed again" if attempt < CORRUPT_RETRIES else
-                            " and the step is skipped (no update)")
-            else:
-                row["skipped"] = True
+            self._guarded_update(step, inputs, update_args, row)
         row["seconds"] = round(time.time() - t0, 4)
         return row
+
+    def _guarded_update(self, step: int, inputs: list, update_args: tuple, row: dict) -> None:
+        """Accumulate the micro-batches' gradients, check the step's loss, then apply (fills `row`).
+
+        A GKD loss above the JSD supremum is a corrupted computation (seen with MindSpore 2.10 on CPU: ~1e4 on some
+        steps of some runs, with corrupted gradients that ruined a run). Its gradients are dropped and the
+        micro-batches computed again; a step that stays corrupted is skipped, never applied."""
+        for attempt in range(1 + CORRUPT_RETRIES):
+            loss_local = sum(float(self.micro(*x).asnumpy()) for x in inputs)
+            row["loss"] = float(self._sum_over_ranks([loss_local])[0]) if self.world > 1 else loss_local
+            if not self._out_of_range(row["loss"]):
+                row["grad_norm"] = float(self.apply(*update_args).asnumpy())
+                break
+            self.reset()
+            if attempt < CORRUPT_RETRIES:
+                row["retries"] = attempt + 1
+            log.warning("step %d: loss %.6g exceeds %.4f, the largest value the generalized JSD (beta %g) can "
+                        "take: a corrupted computation; its gradients are dropped%s", step + 1, row["loss"],
+                        self.loss_bound, self.cfg["distill"]["beta"],
+                        " and the step is computed again" if attempt < CORRUPT_RETRIES else
+                        " and the step is skipped (no update)")
+        else:
+            row["skipped"] = True
 
     def _out_of_range(self, loss: float) -> bool:
         return self.loss_bound is not None and loss > self.loss_bound * (1.0 + 1e-4) + 1e-6
 
-    def run(self, resume: bool = False, progress: Optional[bool] = None) -> Dict[str, Any]:
-        from tqdm import tqdm
+    # ------------------------------------------------------------------------------------------------ the loop
+    def run(self, resume: bool = False, progress: Optional[bool] = None, overwrite: bool = False) -> Dict[str, Any]:
+        """`overwrite`: start over in an output_dir holding an earlier youzhi_ms run (it is replaced)."""
         resume = resume or self.cfg["resume_training"]
-        self._check_output(resume)
+        self._check_output(resume, overwrite)
         self._setup_models()
         self._setup_data()
-        start = self._prepare_output(resume)
+        start = self._prepare_output(resume, overwrite)
         rc = self.cfg["runner_config"]
         stop_at = rc.get("stop_at_step")
         save_every = (self._callback("CheckpointMonitor") or {}).get("save_checkpoint_steps")
-        print_every = (self._callback("LossMonitor") or {}).get("per_print_times")
-        import sys
         show = self.is_main and (rc["progress"] if progress is None else progress) and sys.stderr.isatty()
         bar = tqdm(total=self.max_steps, initial=start, desc=self.run_mode, unit="step", disable=not show)
-        log_path = os.path.join(self.out, LOSS_LOG)
         rows = []
         step = start
         t_run = time.time()
@@ -525,32 +450,45 @@ class Trainer:
                                   "check the data (resume from the last checkpoint with --resume)")
             rows.append(row)
             if self.is_main:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-                if print_every and (step % print_every == 0 or step == self.max_steps):
-                    gn = "skipped" if row.get("skipped") else f"{row['grad_norm']:.4f}"
-                    msg = (f"step {step}/{self.max_steps} loss {row['loss']:.6f} lr {row['lr']:.3e} "
-                           f"grad_norm {gn} {row['seconds']:.2f}s/step"
-                           f"{' on-policy' if any(row['on_policy']) else ''}")
-                    if not show:  # the bar shows the same numbers
-                        log.info(msg)
-            self.bad_in_a_row = self.bad_in_a_row + 1 if row.get("skipped") else 0
-            if self.bad_in_a_row >= CORRUPT_STEPS_MAX:
-                bar.close()
-                self.save_checkpoint(step)  # skipped steps changed nothing: this is the last good state
-                raise YouzhiError(f"{self.bad_in_a_row} steps in a row (up to step {step}) computed a loss above "
-                                  f"the generalized JSD's maximum {self.loss_bound:.4f}, i.e. corrupted values, and "
-                                  f"were skipped. The state is saved in {self._ckpt_root()}/step_{step:08d}; run the "
-                                  "same command with --resume to continue from it in a fresh process")
+                self._report(row, bar, show)
+            self._stop_after_corrupted_steps(row, step, bar)
             if (save_every and step % save_every == 0) or step == self.max_steps or \
                     (stop_at is not None and step == stop_at):
                 self.save_checkpoint(step)
                 last_saved = step
         bar.close()
+        return self._finish(start, step, rows, time.time() - t_run, last_saved)
+
+    def _report(self, row: dict, bar, show: bool) -> None:
+        """Rank 0: the loss log row, the progress bar, and a LossMonitor line every per_print_times steps."""
+        append_row(os.path.join(self.out, LOSS_LOG), row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+        print_every = (self._callback("LossMonitor") or {}).get("per_print_times")
+        step = row["step"]
+        if print_every and (step % print_every == 0 or step == self.max_steps):
+            gn = "skipped" if row.get("skipped") else f"{row['grad_norm']:.4f}"
+            msg = (f"step {step}/{self.max_steps} loss {row['loss']:.6f} lr {row['lr']:.3e} "
+                   f"grad_norm {gn} {row['seconds']:.2f}s/step"
+                   f"{' on-policy' if any(row['on_policy']) else ''}")
+            if not show:  # the bar shows the same numbers
+                log.info(msg)
+
+    def _stop_after_corrupted_steps(self, row: dict, step: int, bar) -> None:
+        self.bad_in_a_row = self.bad_in_a_row + 1 if row.get("skipped") else 0
+        if self.bad_in_a_row >= CORRUPT_STEPS_MAX:
+            bar.close()
+            self.save_checkpoint(step)  # skipped steps changed nothing: this is the last good state
+            raise YouzhiError(f"{self.bad_in_a_row} steps in a row (up to step {step}) computed a loss above "
+                              f"the generalized JSD's maximum {self.loss_bound:.4f}, i.e. corrupted values, and "
+                              f"were skipped. The state is saved in {self._ckpt_root()}/step_{step:08d}; run the "
+                              "same command with --resume to continue from it in a fresh process")
+
+    def _finish(self, start: int, step: int, rows: List[dict], seconds: float, last_saved) -> Dict[str, Any]:
+        """Per-rank summary json; rank 0 draws the loss curve and, at max_steps, exports the Hugging Face student."""
+        log_path = os.path.join(self.out, LOSS_LOG)
         result = {"start_step": start, "end_step": step, "steps_run": step - start, "rank": self.rank,
-                  "world": self.world, "seconds": round(time.time() - t_run, 3), "last_checkpoint": last_saved,
+                  "world": self.world, "seconds": round(seconds, 3), "last_checkpoint": last_saved,
                   "losses": [r["loss"] for r in rows], "weights_sha256": self.weights_digest(),
                   "loss_log": log_path}
         os.makedirs(os.path.join(self.out, "ranks"), exist_ok=True)
@@ -567,50 +505,7 @@ class Trainer:
         return result
 
 
-def read_loss_log(path: str) -> List[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def plot_loss_curve(log_path: str, png_path: str, title: Optional[str] = None) -> Optional[str]:
-    if not os.path.isfile(log_path):
-        return None
-    rows = read_loss_log(log_path)
-    if not rows:
-        return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    good = [r for r in rows if not r.get("skipped")]  # their corrupted losses would flatten the curve
-    ax.plot([r["step"] for r in good], [r["loss"] for r in good], lw=1.2, label="loss")
-    onp = [(r["step"], r["loss"]) for r in good if any(r.get("on_policy", []))]
-    if onp:
-        ax.scatter(*zip(*onp), s=10, c="tab:orange", label="on-policy batch", zorder=3)
-    bad = [r["step"] for r in rows if r.get("skipped")]
-    if bad:
-        for x in bad:
-            ax.axvline(x, c="tab:red", lw=0.6, alpha=0.6)
-        ax.plot([], [], c="tab:red", lw=0.6, label=f"skipped: loss out of range ({len(bad)} steps, not drawn)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (token mean)")
-    ax.grid(alpha=0.3)
-    ax2 = ax.twinx()
-    ax2.plot(steps, [r["lr"] for r in rows], c="gray", lw=0.8, ls="--", label="learning rate")
-    ax2.set_ylabel("learning rate")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="upper right")
-    ax.set_title(title or os.path.basename(os.path.dirname(os.path.abspath(log_path))))
-    fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
-
-
-def train(cfg: Dict[str, Any], resume: bool = False, progress: Optional[bool] = None) -> Dict[str, Any]:
+def train(cfg: Dict[str, Any], resume: bool = False, progress: Optional[bool] = None,
+          overwrite: bool = False) -> Dict[str, Any]:
     """Run a training job from a validated config (see run_config.load_run_config)."""
-    return Trainer(cfg).run(resume=resume, progress=progress)
+    return Trainer(cfg).run(resume=resume, progress=progress, overwrite=overwrite)
