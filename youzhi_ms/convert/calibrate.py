@@ -115,7 +115,7 @@ class LayerStats:
                            self.damping, R_override=R_override, metric=self.pca_metric, beta=beta, Sq=self.Sq)
 
 
-SCORES = ("residual", "normed", "local")
+SCORES = ("residual", "normed", "local", "local-block")
 
 
 class ResidualScore:
@@ -139,6 +139,9 @@ class ResidualScore:
         self.ref_energy = float((a_orig ** 2).sum())
         if kind == "local":
             self.target = a_local[:, self.q_pos].astype(np.float64)
+        elif kind == "local-block":
+            self.target = self._block(a_local[:, self.q_pos])
+            self.ref_energy = float((self.target ** 2).sum())
         elif kind == "normed":
             self.target = rms_norm(h_orig[:, self.q_pos] + a_orig, w["ln2"], geo.eps).astype(np.float64)
             self.ref_energy = float((self.target ** 2).sum())
@@ -149,9 +152,16 @@ class ResidualScore:
         a = self.geo.mla(self.x, m, q_pos=self.q_pos)
         if self.kind == "local":
             y = a
+        elif self.kind == "local-block":
+            y = self._block(a)
         elif self.kind == "normed":
             y = rms_norm(self.h + a, self.w["ln2"], self.geo.eps)
         else:
             y = self.h + a
         e = y - self.target
         return float((e * e).sum() / self.ref_energy)
+
+    def _block(self, a):
+        """The layer's output (attention + MLP residual block) at unit RMS per token: what the next layer reads."""
+        y = block_output(self.h, a.astype(np.float64), self.w, self.geo.eps)
+        return y / np.sqrt(np.mean(y * y, -1, keepdims=True) + self.geo.eps)
