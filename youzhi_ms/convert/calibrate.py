@@ -56,7 +56,6 @@ class Geometry:
     eps: float
     cos: np.ndarray  # [S, d/2] source RoPE tables
     sin: np.ndarray
-    inv_freq: Optional[np.ndarray] = None  # [d/2] source frequencies (for the spectral rope-pair matching)
 
     @property
     def c(self) -> int:
@@ -84,8 +83,8 @@ class LayerStats:
     keys_x: normed layer inputs [T, D] the RoRoPE keys come from; pca_x: normed inputs [T, D] of the latent PCA."""
 
     def __init__(self, geo: Geometry, src: Dict[str, np.ndarray], keys_x: np.ndarray, pca_x: np.ndarray,
-                 pca_metric: str, rorope_metric: str = "k", damping: float = 0.01, rope_match: str = "order"):
-        self.geo, self.src, self.damping, self.rope_match = geo, src, damping, rope_match
+                 pca_metric: str, rorope_metric: str = "k", damping: float = 0.01):
+        self.geo, self.src, self.damping = geo, src, damping
         self.pca_metric, self.rorope_metric = pca_metric, rorope_metric
         self.K = linear(keys_x, src["wk"], src.get("bk"))  # [T, L] pre-RoPE keys
         self.SX = input_moments(pca_x)
@@ -102,9 +101,8 @@ class LayerStats:
     def rotation(self, bands: Sequence[Band]) -> np.ndarray:
         key = tuple(tuple(b) for b in bands)
         if key not in self._rotations:
-            inv = self.geo.inv_freq if self.rope_match == "spectral" else None
             self._rotations[key] = rotation(self.geo.n_kv, self.geo.d, self.geo.c, key, self.moments(key),
-                                            self.damping, inv)[0]
+                                            self.damping)[0]
         return self._rotations[key]
 
     def build(self, bands: Sequence[Band], beta: float = 1.0, rank: Optional[int] = None,

@@ -59,7 +59,6 @@ class ConvertOptions:
     finalists: int = 3  # candidates re-scored over the key/value balances
     score: str = "residual"  # residual | normed | local: the error the FreqFold and balance decisions minimise
     score_stride: int = 1  # the score reads every score_stride-th query position of the proxy windows
-    rope_match: str = "order"  # order | spectral: which kept component of a band gets which of its rope pairs
 
 
 @dataclass
@@ -194,7 +193,7 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
 
     inv, att = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
     cos, sin = rope_tables(inv, S, att)
-    geo = Geometry(n_heads=H, n_kv=kv, d=d, rope=rope, rank=r, eps=cfg.rms_norm_eps, cos=cos, sin=sin, inv_freq=inv)
+    geo = Geometry(n_heads=H, n_kv=kv, d=d, rope=rope, rank=r, eps=cfg.rms_norm_eps, cos=cos, sin=sin)
     has_q_bias = any(n.endswith("self_attn.q_proj.bias") for n in ck.names())
     has_kv_bias = any(n.endswith(("self_attn.k_proj.bias", "self_attn.v_proj.bias")) for n in ck.names())
     npx = min(opt.proxy_seqs, N)
@@ -228,7 +227,7 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
         flat = {k: v.reshape(-1, D) for k, v in x.items()}
         stats = LayerStats(geo, src, keys_x=flat["orig" if standard else "conv"],
                            pca_x=flat["stage1" if standard else "conv"], pca_metric=opt.pca_metric,
-                           rorope_metric=opt.rorope_metric, damping=opt.damping, rope_match=opt.rope_match)
+                           rorope_metric=opt.rorope_metric, damping=opt.damping)
         a_loc, probs = geo.gqa(x["conv"][:npx], src, return_probs=True)
         score = ResidualScore(geo, w, h["conv"][:npx], h["orig"][:npx], a_orig[:npx], opt.score, a_loc,
                               opt.score_stride)

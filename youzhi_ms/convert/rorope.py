@@ -9,7 +9,7 @@ Uniform FreqFold F is the special case of equal bands; layer-adaptive FreqFold c
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
@@ -102,14 +102,12 @@ def pca(H: np.ndarray, damping: float = 0.01) -> Tuple[np.ndarray, np.ndarray]:
     return w[order], U[:, order]
 
 
-def rotation(n_kv: int, d: int, c: int, bands: Sequence[Band], moments: Sequence[np.ndarray], damping=0.01,
-             inv_freq: Optional[np.ndarray] = None):
+def rotation(n_kv: int, d: int, c: int, bands: Sequence[Band], moments: Sequence[np.ndarray], damping=0.01):
     """Orthogonal U_rot [L, L]: new latent = U_rot^T c_K, columns ordered [rope pairs interleaved (x,y) | NoPE dims].
 
-    A band's kept components go to its rope pairs (frequencies omega_f, omega_{f+c}, ...) in eigenvalue order; with
-    `inv_freq`, in the order of their energy-weighted mean frequency instead (highest to the highest pair): that
-    assignment minimises the summed squared frequency mismatch (rearrangement inequality), since a component mixes
-    the band's frequencies and is rotated at one of them.
+    A band's kept components go to its rope pairs (frequencies omega_f, omega_{f+c}, ...) in eigenvalue order: the
+    strongest component at the band's highest frequency. (Matching them by their energy-weighted mean frequency
+    instead was measured worse: docs/benchmarks.md, section 2.)
     Returns U_rot and per-band eigenvalues (energy kept with RoPE is the top F/c of each band).
     """
     validate_bands(bands, d, c)
@@ -125,18 +123,12 @@ def rotation(n_kv: int, d: int, c: int, bands: Sequence[Band], moments: Sequence
         rows_x = xi[:, f:f + F].reshape(-1)
         rows_y = yi[:, f:f + F].reshape(-1)
         keep = F // c
-        slot = np.arange(keep)
-        if inv_freq is not None and keep > 1:
-            share = (U[:, :keep] ** 2).reshape(n_kv, F, keep).sum(0)  # [F, keep]: each component's frequency mix
-            centroid = inv_freq[f:f + F] @ share
-            slot = np.empty(keep, int)
-            slot[np.argsort(-centroid, kind="stable")] = np.arange(keep)
         for m in range(U.shape[1]):
             colx, coly = np.zeros(L), np.zeros(L)
             colx[rows_x] = U[:, m]
             coly[rows_y] = U[:, m]
             if m < keep:
-                p = f // c + slot[m]
+                p = f // c + m
                 U_rot[:, 2 * p], U_rot[:, 2 * p + 1] = colx, coly
             else:
                 nope_cols += [colx, coly]
