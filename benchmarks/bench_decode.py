@@ -5,7 +5,7 @@ Shapes are SmolLM2-135M's (30 layers, hidden 576, 9 heads, vocab 49152, tied hea
 x 64; the MLA model is what the converter makes of it at kv_lora_rank 112 + qk_rope_head_dim 32 (nope 64, v 64, no
 latent norm), i.e. 4320 instead of 11520 cached values per token (2.67x smaller). Weights are random: speed does not
 depend on their values. For every (context T, batch B) both models run the same one-token step
-(`youzhi_ms.models.gqa.DecodeCell`) over a cache preallocated at T and treated as full (pos = T - few); the static
+(`youzhi_ms.models.base.DecodeCell`) over a cache preallocated at T and treated as full (pos = T - few); the static
 shapes make every step cost the same as at the last position. Reported: median seconds per step over several steps
 after the compiling call and a warm-up (GQA and MLA steps alternate when run together, so both see the same machine
 load); tokens/s = B / step; resident cache bytes; peak RSS of the process that ran the configuration.
@@ -129,7 +129,7 @@ def worker(args):
     """One group (same T and B, one or two models) in this process; prints one JSON line with the records."""
     init_context("graph")
     from youzhi_ms.checkpoint.mindspore_ckpt import build_model
-    from youzhi_ms.models.gqa import DecodeCell
+    from youzhi_ms.models.base import DecodeCell
     ctx, batch = args.worker_ctx, args.worker_batch
     runs = args.worker_runs.split(",")
     gqa_cfg, mla_cfg = configs(ctx, args.kv_lora_rank, args.qk_rope_dim)

@@ -31,6 +31,17 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # ru_maxrss is KiB on Linux
 
 
+def phase_peak_mib() -> float:
+    """Peak RSS since the last reset_phase_peak() (the kernel's high-water mark, VmHWM)."""
+    with open("/proc/self/status") as f:
+        return round(next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024.0, 1)
+
+
+def reset_phase_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM to the current RSS (Linux >= 4.0)
+        f.write("5")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", required=True, help="teacher: the source (GQA) Hugging Face directory")
@@ -43,6 +54,8 @@ def main():
     ap.add_argument("--eval-text", default="wiki-eval")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--eval-steps", default="", help="also evaluate these intermediate checkpoints, e.g. 50,100 "
+                    "(needs save_checkpoint_steps dividing them and keep_checkpoint_max large enough)")
     ap.add_argument("--skip-teacher", action="store_true", help="do not measure the teacher's perplexity")
     ap.add_argument("--reuse-ppl", metavar="JSON", help="take the teacher's and the untrained student's perplexity from "
                     "an earlier result of this script with the same --source/--student/eval settings (sweeps)")
@@ -81,7 +94,9 @@ def main():
         if (pm["student"], pm["source"], pm["eval_tokens"], pm["eval_seq_len"], pm["eval_text"]) != (
                 args.student, args.source, res["meta"]["eval_tokens"], args.eval_seq_len, args.eval_text):
             sys.exit(f"error: {args.reuse_ppl} was measured on other models or eval settings; drop --reuse-ppl")
-        res["ppl_teacher"], res["ppl_before"] = prev["ppl_teacher"], prev["ppl_before"]
+        res["ppl_before"] = prev["ppl_before"]
+        if "ppl_teacher" in prev:
+            res["ppl_teacher"] = prev["ppl_teacher"]
         res["meta"]["ppl_reused_from"] = args.reuse_ppl
     else:
         if not args.skip_teacher:
@@ -94,8 +109,12 @@ def main():
     if os.path.isdir(args.work):
         shutil.rmtree(args.work)
     t0 = time.time()
+    reset_phase_peak()
+    load0 = os.getloadavg()
     out = Trainer(cfg).run()
     res["train_seconds"] = round(time.time() - t0, 2)
+    res["peak_rss_mib_train_phase"] = phase_peak_mib()  # training alone (models, compile, steps)
+    res["loadavg_train"] = {"before": [round(x, 2) for x in load0], "after": [round(x, 2) for x in os.getloadavg()]}
     res["peak_rss_mib_after_train"] = peak_rss_mib()
     rows = read_loss_log(out["loss_log"])
     secs = [r["seconds"] for r in rows]
@@ -113,7 +132,17 @@ def main():
     res["loss"] = {"first": rows[0]["loss"], "last": rows[-1]["loss"],
                    "mean_first_10pct": statistics.mean(r["loss"] for r in rows[:max(1, len(rows) // 10)]),
                    "mean_last_10pct": statistics.mean(r["loss"] for r in rows[-max(1, len(rows) // 10):])}
+    res["ppl_at_step"] = {}
+    for s in [int(x) for x in args.eval_steps.split(",") if x.strip()]:
+        ckpt = os.path.join(args.work, "checkpoint", f"step_{s:08d}")
+        if s < args.steps and os.path.isdir(ckpt):
+            from youzhi_ms.eval.ppl import evaluate_dir
+            r = evaluate_dir(args.student, args.eval_text, args.eval_seq_len, args.eval_tokens, progress=False,
+                             train_checkpoint=ckpt)
+            res["ppl_at_step"][str(s)] = r["ppl"]
+            print(f"step {s}: ppl {r['ppl']:.4f}", flush=True)
     res["ppl_after"] = ppl_of(out["hf_model"])
+    res["ppl_at_step"][str(args.steps)] = res["ppl_after"]["ppl"]
     res["peak_rss_mib"] = peak_rss_mib()
     b, a = res["ppl_before"]["ppl"], res["ppl_after"]["ppl"]
     res["ppl_change"] = {"before": b, "after": a, "relative": round((a - b) / b, 5)}

@@ -12,6 +12,33 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compile_cache_in_session_tmp(tmp_path_factory):
+    """Tools the tests run keep their compile cache (youzhi_ms/compile_cache.py) in the session's temp dir, not in the
+    user's cache, unless YOUZHI_COMPILE_CACHE is set."""
+    if "YOUZHI_COMPILE_CACHE" in os.environ:
+        yield
+        return
+    os.environ["YOUZHI_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("compile_cache"))
+    yield
+    del os.environ["YOUZHI_COMPILE_CACHE"]
+
+
+@pytest.fixture(scope="session")
+def write_word_tokenizer():
+    """write(path, vocab_size): a WordLevel tokenizer ('w1 w2 ...'; any other word is <|endoftext|>, id 0) in `path`,
+    enough for the tools on a tiny random model."""
+    def write(path, vocab_size):
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.save(os.path.join(path, "tokenizer.json"))
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump({"eos_token": "<|endoftext|>"}, f)
+    return write
+
+
 # --- SmolLM2-135M-Instruct as a Hugging Face directory (real trained weights) ----------------------------------------
 
 SMOLLM2_HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -43,3 +70,42 @@ def smollm2_hf_dir() -> str:
     if not _smollm2_dir_is_current(path):
         gguf_to_hf("smollm2", path, dtype="fp32", progress=False, overwrite=True)
     return path
+
+
+# --- a sign of life from long tests -----------------------------------------------------------------------------------
+
+HEARTBEAT_SECONDS = 30
+
+
+def _terminal_fd(config):
+    """The terminal's file descriptor while pytest captures the test's own output (None if it cannot be found)."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+    out = getattr(getattr(capman, "_global_capturing", None), "out", None)
+    if out is None:  # -s: nothing is captured
+        return sys.stdout.fileno()
+    return getattr(out, "targetfd_save", None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """A test that runs past HEARTBEAT_SECONDS says so every HEARTBEAT_SECONDS (the real-model and training tests take
+    minutes and -q prints nothing until they end)."""
+    import threading
+    import time
+    fd = _terminal_fd(item.config)
+    stop = threading.Event()
+    t0 = time.time()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_SECONDS):
+            os.write(fd, f"\n[still running {item.nodeid}: {time.time() - t0:.0f} s]\n".encode())
+
+    ticker = threading.Thread(target=beat, daemon=True) if fd is not None else None
+    if ticker:
+        ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if ticker:
+            ticker.join()

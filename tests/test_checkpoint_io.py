@@ -160,9 +160,10 @@ def test_missing_shard_is_refused_without_output(sharded_bf16, tmp_path):
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
 
 
-def test_wrong_shape_is_refused(tmp_path):
+def test_wrong_shape_is_refused(tmp_path, write_word_tokenizer):
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_cfg()).save_pretrained(tmp_path)
+    write_word_tokenizer(str(tmp_path), 96)  # eval_ppl reads the text before the weights
     cfg = json.load(open(tmp_path / "config.json"))
     cfg["intermediate_size"] = 64  # weights say 48
     json.dump(cfg, open(tmp_path / "config.json", "w"))

@@ -24,7 +24,7 @@ from youzhi_ms.convert.calibrate import layer_weights  # noqa: E402
 from youzhi_ms.convert.latent import half_split_index, latent_selectors  # noqa: E402
 from youzhi_ms.convert.pipeline import ConvertOptions, convert  # noqa: E402
 from youzhi_ms.convert.rorope import band_moments, exact_rotation_keep_all  # noqa: E402
-from youzhi_ms.models.gqa import DecodeCell, PrefillCell  # noqa: E402
+from youzhi_ms.models.base import DecodeCell, PrefillCell  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 128

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from youzhi_ms.checkpoint.mindspore_ckpt import load_model  # noqa: E402
 from youzhi_ms.config import rope_inv_freq  # noqa: E402
-from youzhi_ms.models.gqa import DecodeCell, PrefillCell  # noqa: E402
+from youzhi_ms.models.base import DecodeCell, PrefillCell  # noqa: E402
 
 
 def rel_err(a, b):

@@ -25,17 +25,6 @@ V = 128
 T = 48
 
 
-def write_word_tokenizer(path):
-    """A 128-word WordLevel tokenizer ('w1 w2 ...'), enough for tools/generate.py on a tiny random model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, V)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "<|endoftext|>"}, f)
-
-
 def randomize(model, seed):
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -44,11 +33,11 @@ def randomize(model, seed):
     return model.eval()
 
 
-def make_llama(path):
+def make_llama(path, write_word_tokenizer):
     cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True)
     randomize(LlamaForCausalLM(cfg), 0).save_pretrained(path)
-    write_word_tokenizer(path)
+    write_word_tokenizer(path, V)  # enough for tools/generate.py on a tiny random model
 
 
 def make_dsv3(path):
@@ -60,10 +49,10 @@ def make_dsv3(path):
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
+def model_dirs(tmp_path_factory, write_word_tokenizer):
     base = tmp_path_factory.mktemp("mindir_models")
     dirs = {"gqa": str(base / "llama"), "mla": str(base / "dsv3"), "mla-converted": str(base / "converted")}
-    make_llama(dirs["gqa"])
+    make_llama(dirs["gqa"], write_word_tokenizer)
     make_dsv3(dirs["mla"])
     from youzhi_ms.convert.pipeline import ConvertOptions, convert
     calib = np.random.default_rng(0).integers(0, V, (8, 64))

@@ -11,7 +11,7 @@ init_context("graph")
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
 from youzhi_ms.checkpoint.mindspore_ckpt import load_model  # noqa: E402
-from youzhi_ms.models.gqa import DecodeCell, PrefillCell  # noqa: E402
+from youzhi_ms.models.base import DecodeCell, PrefillCell  # noqa: E402
 
 
 def rel_err(a, b):

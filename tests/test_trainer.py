@@ -187,6 +187,39 @@ def test_guarded_gkd_step_equals_the_fused_step(models, tmp_path):
         np.testing.assert_allclose(wa.get(n), wb.get(n), rtol=1e-5, atol=1e-7)
 
 
+def test_chunked_loss_separate_teacher_and_offline_topk_train_like_the_plain_loss(models, tmp_path):
+    """Same 3 steps with the plain loss on full logits, the chunked loss (teacher in its own graph), and the offline
+    teacher file at k = V (tools/make_teacher_topk.py, no teacher in memory): same losses, same weights."""
+    teacher, student, corpus = models
+    common = ["runner_config.max_steps=3", "distill.loss_chunk_tokens=24"]
+    plain = Trainer(config(models, tmp_path / "plain", *common, "distill.loss=full")).run()
+    chunked = Trainer(config(models, tmp_path / "chunked", *common, "distill.teacher_graph=separate")).run()
+    topk = str(tmp_path / "teacher.topk")
+    r = subprocess.run([sys.executable, "tools/make_teacher_topk.py", "--no-progress", "--k", str(V), "--out", topk,
+                        "--set", f"model.student={student}", "--set", f"distill.teacher={teacher}",
+                        "--set", f"train_dataset.data_path={corpus}", "--set", "runner_config.seq_length=32",
+                        "--set", "runner_config.max_steps=3", "--set", "distill.temperature=1.0", "--set", "seed=3",
+                        "--config", "yaml_configs/distill_smollm2_mla.yaml"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    offline = Trainer(config(models, tmp_path / "offline", *common, f"distill.offline_teacher={topk}",
+                             "distill.teacher=null")).run()
+    ref = read_loss_log(plain["loss_log"])
+    for res in (chunked, offline):
+        rows = read_loss_log(res["loss_log"])
+        np.testing.assert_allclose([x["loss"] for x in rows], [x["loss"] for x in ref], rtol=2e-5)
+        np.testing.assert_allclose([x["grad_norm"] for x in rows], [x["grad_norm"] for x in ref], rtol=1e-4)
+        # Adam divides by sqrt(v): float32 rounding in a near-zero gradient entry can move that weight by a
+        # fraction of the learning rate (3e-3), so weights agree to 1e-4, not to the last bit
+        a, b = HFCheckpoint(res["hf_model"]), HFCheckpoint(plain["hf_model"])
+        for n in b.names():
+            np.testing.assert_allclose(a.get(n), b.get(n), rtol=0, atol=1e-4, err_msg=n)
+    with pytest.raises(YouzhiError, match="needs the live teacher"):
+        config(models, tmp_path / "x", f"distill.offline_teacher={topk}", "distill.lmbda=0.5")
+    with pytest.raises(YouzhiError, match="temperature 1.0"):
+        Trainer(config(models, tmp_path / "y", f"distill.offline_teacher={topk}", "distill.temperature=0.9")).run()
+
+
 def test_persistently_corrupted_steps_are_skipped_then_the_run_stops_resumable(models, tmp_path):
     class Always(Corrupting):
         bad = tuple(range(2, 100))  # step 1 fine; every later try fails: steps 2, 3, 4 are skipped

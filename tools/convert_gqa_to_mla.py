@@ -6,10 +6,11 @@
       [--export exact|deepseek] [--seed S]
 
 The five stages, one module each in youzhi_ms/convert: 1 latent.py (GQA as a shared latent, exact) -> 2 rorope.py
-(RoRoPE with FreqFold bands) -> 3 adaptive.py (the per-layer band choice) -> 4 latent_pca.py (joint K/V compression to
-the rank) -> 5 export.py (exact or stock DeepSeek-V3); calibrate.py feeds them, pipeline.py runs them layer by layer.
-OUT gets config.json (with a `youzhi` block), model.safetensors, tokenizer files, conversion_report.{json,md} and
-freqfold.png; it appears only when the conversion completes.
+(RoRoPE with FreqFold bands) -> 3 adaptive.py (the per-layer band choice) -> 4 latent_pca.py (joint K/V latent PCA to
+the rank: attention-aware by default, TransMLA's balanced K/V PCA with --pca-metric bkv) -> 5 export.py (exact or stock
+DeepSeek-V3); calibrate.py feeds them, pipeline.py runs them layer by layer. Deployment limits of the result are logged
+as warnings. OUT gets config.json (with a `youzhi` block), model.safetensors, tokenizer files,
+conversion_report.{json,md} and freqfold.png; it appears only when the conversion completes.
 """
 import argparse
 import logging
@@ -37,6 +38,14 @@ def read_plan(path: str) -> list:
         raise YouzhiError(f"--freqfold-plan {path} holds no FreqFold plan ({exc}); pass the config.json or "
                           "conversion_report.json of an earlier conversion") from None
     return plan
+
+
+class _WarningPrefix(logging.Formatter):
+    """The converter logs its deployment warnings once; they read 'warning: ...' like every tool's warnings."""
+
+    def format(self, record):
+        text = super().format(record)
+        return f"warning: {text}" if record.levelno >= logging.WARNING else text
 
 
 @cli_main
@@ -73,7 +82,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     check_output_dir(args.output_dir, args.overwrite, [("--hf-dir", args.hf_dir), ("--calib-text", args.calib_text),
                                                        ("--freqfold-plan", args.freqfold_plan)])
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_WarningPrefix("%(message)s"))
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, handlers=[handler])
     from youzhi_ms.convert.pipeline import ConvertOptions, convert
     plan = read_plan(args.freqfold_plan) if args.freqfold_plan else None
     opt = ConvertOptions(kv_lora_rank=args.kv_lora_rank, qk_rope_dim=args.qk_rope_dim, freqfold=args.freqfold,
@@ -84,8 +95,6 @@ def main(argv=None):
     rep = convert(args.hf_dir, args.output_dir, opt, overwrite=args.overwrite)
     print(f"converted to MLA r={rep['kv_lora_rank']}+{rep['qk_rope_head_dim']} ({rep['cache_ratio']:.2f}x smaller KV "
           f"cache), export={rep['export']}, freqfold={rep['freqfold_mode']}, {rep['seconds']} s -> {args.output_dir}")
-    for w in rep["warnings"]:
-        print(f"warning: {w}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def main(argv=None):
     init_context("graph")
     from youzhi_ms.eval.ppl import evaluate_dir
     res = evaluate_dir(args.model, args.text, args.seq_len, args.max_tokens, args.batch_size,
-                       train_checkpoint=args.train_checkpoint)
+                       train_checkpoint=args.train_checkpoint, compile_cache=True)
     print(f"ppl {res['ppl']:.4f} on {res['tokens']} tokens ({res['windows']} windows of {res['seq_len']}) "
           f"text={args.text} model={args.model} [{res['seconds']} s]")
     if args.json is not None:

@@ -5,6 +5,9 @@
   python tools/generate.py --model DIR --chat --prompt "What is a KV cache?" --temperature 0.7 --top-p 0.9 --seed 1
 Greedy when --temperature is 0 (the default). --chat wraps the prompt with the tokenizer's chat template; without
 --prompt, --chat reads turns from standard input. Tokens are printed as they are produced.
+The first run compiles the prefill and decode graphs (5-25 s each for SmolLM2 on 2 CPU cores, by machine load); later
+runs with the same model config load them from the compile cache (youzhi_ms/compile_cache.py; YOUZHI_COMPILE_CACHE=0
+turns it off).
 """
 import argparse
 import sys
@@ -17,12 +20,16 @@ from youzhi_ms.fsutil import OVERWRITE_HELP, check_output_file, write_json_outpu
 
 
 class Streamer:
-    """Prints only the newly completed text (BPE pieces can split multi-byte characters)."""
+    """Prints only the newly completed text (BPE pieces can split multi-byte characters), after `prefix` (the echoed
+    prompt), which waits for the first token so that compile messages on stderr do not split it from its completion."""
 
-    def __init__(self, tok):
-        self.tok, self.ids, self.shown = tok, [], ""
+    def __init__(self, tok, prefix=""):
+        self.tok, self.ids, self.shown, self.prefix = tok, [], "", prefix
 
     def __call__(self, i):
+        if self.prefix:
+            sys.stdout.write(self.prefix)
+            self.prefix = ""
         self.ids.append(i)
         text = self.tok.decode(self.ids)
         if not text.endswith("\ufffd"):
@@ -53,16 +60,19 @@ def main(argv=None):
     from youzhi_ms.runtime import init_context
     init_context("graph")
     from youzhi_ms.data.tokenizer import Tokenizer
-    from youzhi_ms.infer.generate import generate
+    from youzhi_ms.infer.generate import cache_length, generate
+    from youzhi_ms.progress import step
     if args.mindir:
         from youzhi_ms.infer.mindir import MindIRRunner
-        runner = MindIRRunner(args.mindir)
+        with step(f"loading {args.mindir}"):
+            runner = MindIRRunner(args.mindir)
         tok = Tokenizer.from_dir(runner.tokenizer_dir)
     else:
         from youzhi_ms.checkpoint.mindspore_ckpt import load_model
         from youzhi_ms.infer.generate import EagerRunner
-        model, cfg = load_model(args.model)
-        runner = EagerRunner(model, cfg)
+        with step(f"loading {args.model}"):
+            model, cfg = load_model(args.model)
+        runner = EagerRunner(model, cfg, dynamic_length=True)
         tok = Tokenizer.from_dir(args.model)
     try:
         turns = [args.prompt] if args.prompt is not None else \
@@ -74,6 +84,7 @@ def main(argv=None):
     if not turns:
         raise YouzhiError("give --prompt TEXT (or --chat with the message on standard input)")
     messages, results = [], []
+    session_len = None  # the first turn's cache length; later turns keep it while they fit (one decode graph)
     for turn in turns:
         if args.chat:
             messages.append({"role": "user", "content": turn})
@@ -87,9 +98,15 @@ def main(argv=None):
             raise YouzhiError(f"the prompt ({len(ids)} tokens) plus --max-new-tokens {args.max_new_tokens} exceed the "
                               f"model's context of {limit} tokens; shorten the prompt or lower --max-new-tokens")
         stop = {i for i in (tok.eos_id, tok.eot_id) if i is not None}
-        sys.stdout.write(("" if args.chat else text))
+        if session_len is None:
+            session_len = cache_length(len(ids) + args.max_new_tokens)
+            if not args.mindir:
+                from youzhi_ms.compile_cache import GraphCache
+                runner.graph_cache = GraphCache("generate", {"config": cfg.raw, "dtype": "float32"},
+                                                runner.graph_plan(1, session_len))
+        fits = len(ids) + args.max_new_tokens <= session_len
         out = generate(runner, ids, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop,
-                       on_token=Streamer(tok))
+                       max_len=session_len if fits else None, on_token=Streamer(tok, "" if args.chat else text))
         sys.stdout.write("\n")
         reply = tok.decode(out)
         messages.append({"role": "assistant", "content": reply})

@@ -25,11 +25,21 @@ from youzhi_ms.fsutil import (OVERWRITE_HELP, atomic_output_dir, check_output_di
 from youzhi_ms.infer import planner as P  # noqa: E402
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends '(default: X)' only where there is a default and the help does not already name it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(
         description="KV-cache concurrency planner: weights, KV bytes/token, paged blocks and vLLM's "
                     "'maximum concurrency' for one card, side by side for two models.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsFormatter)
     ap.add_argument("--model", required=True, help="model directory, config.json or yaml config (the base model)")
     ap.add_argument("--compare", help="a second model (directory or config) to compare against --model")
     ap.add_argument("--kv-lora-rank", type=POSITIVE,

@@ -96,7 +96,9 @@ def load_model(model_dir: str, dtype=None, table_len: Optional[int] = None, prog
     """(model, cfg) for a HF or MindSpore-layout directory, source (GQA) or converted (MLA)."""
     ckpt = HFCheckpoint(model_dir)
     cfg = load_any_config(ckpt.config, os.path.join(ckpt.dir, "config.json"))
-    model = build_model(cfg, dtype=dtype, table_len=table_len)
+    from youzhi_ms.models.layers import weights_to_be_loaded
+    with weights_to_be_loaded():  # load_weights fills every parameter or raises
+        model = build_model(cfg, dtype=dtype, table_len=table_len)
     load_weights(model, ckpt, model_kind(cfg), progress=progress)
     model.set_train(False)
     return model, cfg

@@ -123,11 +123,13 @@ def _ensure_gensim_member(member: str, sha256: str, what: str) -> str:
     path = os.path.join(cdir, name)
     if os.path.isfile(path):
         return path
+    from youzhi_ms.progress import step
     with tempfile.TemporaryDirectory(prefix="youzhi-gensim-", dir=cdir) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", GENSIM_REQ,
                "-d", tmp]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            with step(f"fetching the Wikipedia sample from the {GENSIM_REQ} wheel (first use only)"):
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise YouzhiError(f"could not run pip to fetch the {what} ({exc}); run `{' '.join(cmd[2:])}` "
                               f"yourself and put {member} from the wheel into {cdir}") from None
@@ -319,7 +321,9 @@ def wiki_splits() -> Dict[str, List[str]]:
     """{'wiki-calib': [...], 'wiki-eval': [...]} documents; eval = kept article i with i % 5 == 0."""
     path = ensure_wiki_sample()
     if path not in _SPLIT_CACHE:
-        arts = wiki_articles(path)
+        from youzhi_ms.progress import step
+        with step("cleaning the Wikipedia sample's markup into articles"):
+            arts = wiki_articles(path)
         _SPLIT_CACHE[path] = {
             "wiki-calib": [a["text"] for i, a in enumerate(arts) if i % EVAL_EVERY != 0],
             "wiki-eval": [a["text"] for i, a in enumerate(arts) if i % EVAL_EVERY == 0],
@@ -428,7 +432,10 @@ def load_token_stream(source: str, tokenizer) -> np.ndarray:
             return np.load(path, allow_pickle=False)
         except (ValueError, OSError):
             pass  # corrupt cache entry: rebuild below
-    arr = pack_tokens(load_documents(source), tokenizer)
+    docs = load_documents(source)
+    from youzhi_ms.progress import step
+    with step(f"tokenizing {source} (cached for the next runs)"):
+        arr = pack_tokens(docs, tokenizer)
     fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npy", dir=tdir)
     with os.fdopen(fd, "wb") as f:
         np.save(f, arr, allow_pickle=False)

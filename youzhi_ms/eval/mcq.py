@@ -375,8 +375,10 @@ class LogLikelihood:
                 p = np.arange(n - K, n)
                 pos[b] = np.maximum(p, 0)
                 tgt[b] = [t[j] if j >= 0 else 0 for j in p]
+            new_shape = (B, S, K) not in self.compiled_shapes
             self.compiled_shapes.add((B, S, K))
-            tok_lp, last_lp = self.cell(ms.Tensor(ids), ms.Tensor(mask), ms.Tensor(pos), ms.Tensor(tgt))
+            with _announce(new_shape and self.progress, f"the scoring graph for inputs of length {S}"):
+                tok_lp, last_lp = self.cell(ms.Tensor(ids), ms.Tensor(mask), ms.Tensor(pos), ms.Tensor(tgt))
             tok_lp, last_lp = tok_lp.asnumpy().astype(np.float64), last_lp.asnumpy().astype(np.float64)
             for b, key in enumerate(chunk):
                 for i in rows[key]:
@@ -389,6 +391,14 @@ class LogLikelihood:
                 bar.update(len(rows[key]))
         bar.close()
         return out
+
+
+def _announce(compiling: bool, what: str):
+    import contextlib
+    if not compiling:
+        return contextlib.nullcontext()
+    from youzhi_ms.compile_cache import announce_compile
+    return announce_compile(what)
 
 
 def score_items(model, tok, planned, lang: str, score: str = "letters", max_len: int = 2048, batch_size: int = 8,
@@ -445,7 +455,9 @@ def evaluate_mcq(model_dir: str, data: str, fmt: Optional[str] = None, shots: in
         from youzhi_ms.config import load_any_config
         cfg = load_any_config(read_config(model_dir), os.path.join(model_dir, "config.json"))
         max_len = max_len or cfg.max_position_embeddings
-        model, _ = load_model(model_dir, table_len=max_len)
+        from youzhi_ms.progress import step
+        with step(f"loading {model_dir}"):
+            model, _ = load_model(model_dir, table_len=max_len)
     if tok is None:
         from youzhi_ms.data.tokenizer import Tokenizer
         tok = Tokenizer.from_dir(model_dir)

@@ -1,8 +1,8 @@
 """MindIR export of the prefill and decode graphs, and a runner that serves generation from the exported files.
 
 Export directory layout (written atomically):
-  prefill.mindir   ids [B, None] int32 -> logits [B, S, V], cache_a [.., S, ..], cache_b   (dynamic prompt length S)
-  decode.mindir    ids [B, 1] int32, pos [B] int32, cache_a, cache_b -> logits [B, 1, V], cache_a', cache_b'
+  prefill.mindir   ids [B, None] int32 -> logits [B, S, V] and the two caches [.., S, ..]   (dynamic prompt length S)
+  decode.mindir    ids [B, 1] int32, pos [B] int32, the two caches -> logits [B, 1, V], the two updated caches
                    with the caches preallocated at max_seq_len T:
                      GQA: k_cache, v_cache [L, B, kv_heads, T, head_dim]
                      MLA: c_kv [L, B, T, kv_lora_rank] and k_pe [L, B, T, qk_rope_head_dim] (the latent cache only)
@@ -36,12 +36,11 @@ DEFAULT_MAX_SEQ_LEN = 2048
 
 def cache_layout(cfg, batch: int, max_seq_len: Optional[int]):
     """(names, shapes, seq_axis) of the two cache tensors; a None max_seq_len gives the dynamic prefill shapes."""
-    t = max_seq_len
-    if isinstance(cfg, MLAConfig):
-        return (("c_kv", "k_pe"), ([cfg.num_layers, batch, t, cfg.kv_lora_rank],
-                                   [cfg.num_layers, batch, t, cfg.qk_rope_head_dim]), 2)
-    shp = [cfg.num_layers, batch, cfg.num_kv_heads, t, cfg.head_dim]
-    return ("k_cache", "v_cache"), (shp, list(shp)), 3
+    from youzhi_ms.models.gqa import GQACausalLM
+    from youzhi_ms.models.mla import MLACausalLM
+    names = (MLACausalLM if isinstance(cfg, MLAConfig) else GQACausalLM).cache_names
+    shapes, seq_axis = cache_shapes(cfg, batch, max_seq_len)
+    return names, tuple(list(s) for s in shapes), seq_axis
 
 
 def cache_values_per_token(cfg) -> int:
@@ -97,7 +96,9 @@ def export_mindir(model_dir: str, out_dir: str, batch: int = 1, max_seq_len: Opt
     from youzhi_ms.checkpoint.hf import copy_side_files, read_config, write_json
     from youzhi_ms.checkpoint.mindspore_ckpt import load_model
     from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
-    from youzhi_ms.models.gqa import DecodeCell, PrefillCell
+    from youzhi_ms.models.base import DecodeCell, PrefillCell
+    from youzhi_ms.progress import step
+    from youzhi_ms.runtime import quiet_known_warnings
 
     inputs = [("--model", model_dir)]
     check_output_dir(out_dir, overwrite, inputs)
@@ -113,19 +114,20 @@ def export_mindir(model_dir: str, out_dir: str, batch: int = 1, max_seq_len: Opt
     manifest = build_manifest(cfg, model_dir, batch, max_seq_len)
     _, shapes, _ = cache_layout(cfg, batch, max_seq_len)
     with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
-        t0 = time.time()
-        ms.export(PrefillCell(model), ms.Tensor(shape=[batch, None], dtype=ms.int32),
-                  file_name=os.path.join(tmp, PREFILL_FILE[:-len(".mindir")]), file_format="MINDIR")
-        log(f"prefill graph exported ({time.time() - t0:.1f} s)")
-        t0 = time.time()
-        ms.export(DecodeCell(model), ops.zeros((batch, 1), ms.int32), ops.zeros((batch,), ms.int32),
-                  ops.zeros(tuple(shapes[0]), ms.float32), ops.zeros(tuple(shapes[1]), ms.float32),
-                  file_name=os.path.join(tmp, DECODE_FILE[:-len(".mindir")]), file_format="MINDIR")
-        log(f"decode graph exported ({time.time() - t0:.1f} s)")
+        # ms.export compiles the graph first, which is most of its time (~20 s per graph for SmolLM2, load ~8)
+        with step("exporting the prefill graph (compiles it first)"), quiet_known_warnings():
+            ms.export(PrefillCell(model), ms.Tensor(shape=[batch, None], dtype=ms.int32),
+                      file_name=os.path.join(tmp, PREFILL_FILE[:-len(".mindir")]), file_format="MINDIR")
+        with step(f"exporting the decode graph (cache length {max_seq_len}; compiles it first)"), \
+                quiet_known_warnings():
+            ms.export(DecodeCell(model), ops.zeros((batch, 1), ms.int32), ops.zeros((batch,), ms.int32),
+                      ops.zeros(tuple(shapes[0]), ms.float32), ops.zeros(tuple(shapes[1]), ms.float32),
+                      file_name=os.path.join(tmp, DECODE_FILE[:-len(".mindir")]), file_format="MINDIR")
         for f in (PREFILL_FILE, DECODE_FILE):
             if not os.path.isfile(os.path.join(tmp, f)):
                 raise YouzhiError(f"MindSpore did not write {f} (models over 2 GB are split into external weight "
                                   "files by some versions); export a smaller model or report the MindSpore version")
+            _usual_permissions(os.path.join(tmp, f))
             manifest["graphs"]["prefill" if f == PREFILL_FILE else "decode"]["bytes"] = \
                 os.path.getsize(os.path.join(tmp, f))
         write_json(os.path.join(tmp, "config.json"), cfg.raw)
@@ -133,10 +135,19 @@ def export_mindir(model_dir: str, out_dir: str, batch: int = 1, max_seq_len: Opt
         manifest["exported_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         manifest["mindspore_version"] = ms.__version__
         if verify:
-            manifest["verify"] = verify_export(tmp, model, cfg, manifest)
+            with step("verifying the exported graphs against the eager model (compiles each graph once more)"), \
+                    quiet_known_warnings():
+                manifest["verify"] = verify_export(tmp, model, cfg, manifest)
             log(f"verify: {manifest['verify']}")
         write_json(os.path.join(tmp, MANIFEST), manifest)
     return manifest
+
+
+def _usual_permissions(path: str) -> None:
+    """ms.export leaves its files readable by their owner only (0400); give them the mode any new file gets here."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def verify_export(export_dir: str, model, cfg, manifest: dict, prompt_len: int = 6, steps: int = 3) -> dict:
@@ -270,7 +281,7 @@ class MindIRRunner:
             arr = np.concatenate([arr, np.repeat(arr[:, :1], self.batch - n, 1)], 1)
         return ms.Tensor(np.ascontiguousarray(arr))
 
-    def decode(self, ids: np.ndarray, pos: np.ndarray, cache_a, cache_b):
+    def decode(self, ids: np.ndarray, pos: np.ndarray, *caches):
         import mindspore as ms
         ids, pos = np.asarray(ids), np.asarray(pos).reshape(-1)
         if int(pos.max()) >= self.max_seq_len:
@@ -278,5 +289,5 @@ class MindIRRunner:
                               "tokens or re-export with a larger --max-seq-len")
         n = ids.shape[0]
         logits, a, b = self.graphs["decode"](ms.Tensor(self._pad_rows(ids, "the decode input").astype(np.int32)),
-                                             ms.Tensor(self._pad_rows(pos, "pos").astype(np.int32)), cache_a, cache_b)
+                                             ms.Tensor(self._pad_rows(pos, "pos").astype(np.int32)), *caches)
         return logits.asnumpy()[:n], a, b

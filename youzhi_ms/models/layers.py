@@ -5,6 +5,8 @@ kernels, which compute the same math; the choice is made once per model from the
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
@@ -21,10 +23,24 @@ def fused_kernels_available() -> bool:
     return device_target() == "Ascend"
 
 
+_RANDOM_INIT = [True]
+
+
+@contextlib.contextmanager
+def weights_to_be_loaded():
+    """Build models whose every parameter is about to be overwritten from a checkpoint: "normal" parameters start as
+    zeros instead of random draws (drawing SmolLM2's 135M values took 3.6 s of a 4.4 s load)."""
+    _RANDOM_INIT[0] = False
+    try:
+        yield
+    finally:
+        _RANDOM_INIT[0] = True
+
+
 def _param(shape, name, dtype=ms.float32, init="normal"):
     if init == "ones":
         data = np.ones(shape, np.float32)
-    elif init == "zeros":
+    elif init == "zeros" or not _RANDOM_INIT[0]:
         data = np.zeros(shape, np.float32)
     else:
         data = (np.random.default_rng(0).standard_normal(shape) * 0.02).astype(np.float32)
@@ -135,14 +151,7 @@ def apply_rope_interleaved(x, cos, sin):
     return x * cos + rotate_interleaved(x) * sin
 
 
-def causal_mask(q_len, kv_len, offset=0):
-    """Additive mask [q_len, kv_len]: query i (absolute position offset+i) sees keys 0..offset+i. Numpy constant."""
-    i = np.arange(q_len)[:, None] + offset
-    j = np.arange(kv_len)[None, :]
-    return np.where(j <= i, 0.0, -1e9).astype(np.float32)
-
-
-def attention_probs(scores, mask):
-    """softmax in float32 over the last axis after adding the additive mask."""
-    scores = scores.astype(ms.float32) + mask
-    return ops.softmax(scores, -1)
+def attention_probs(scores, mask, scale, dtype):
+    """The one masked softmax of every attention path: float32 scores * scale + additive mask, softmax over the keys,
+    cast back to the value dtype."""
+    return ops.softmax(scores.astype(ms.float32) * scale + mask, -1).astype(dtype)

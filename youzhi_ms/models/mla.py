@@ -18,8 +18,8 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from youzhi_ms.config import MLAConfig
-from youzhi_ms.models.gqa import CausalLMBase, write_cache
-from youzhi_ms.models.layers import Linear, RMSNorm, apply_rope_half, apply_rope_interleaved
+from youzhi_ms.models.base import CausalLMBase, write_cache
+from youzhi_ms.models.layers import Linear, RMSNorm, apply_rope_half, apply_rope_interleaved, attention_probs
 
 
 def softmax_scale(cfg: MLAConfig) -> float:
@@ -36,8 +36,8 @@ class MLAAttention(nn.Cell):
     def __init__(self, cfg: MLAConfig, dtype=ms.float32):
         super().__init__()
         h, D = cfg.num_heads, cfg.hidden_size
-        self.num_heads, self.nope, self.rope, self.vdim, self.rank = (h, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
-                                                                      cfg.v_head_dim, cfg.kv_lora_rank)
+        self.num_heads, self.nope_dim, self.rope_dim, self.v_dim, self.rank = (
+            h, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank)
         self.qk_dim = cfg.qk_head_dim
         self.scale = softmax_scale(cfg)
         self.interleave = cfg.rope_interleave
@@ -48,11 +48,11 @@ class MLAAttention(nn.Cell):
             self.linear_q_up_proj = Linear(cfg.q_lora_rank, h * self.qk_dim, dtype=dtype)
         else:
             self.linear_q_proj = Linear(D, h * self.qk_dim, bias=cfg.q_bias, dtype=dtype)
-        self.linear_kv_down_proj = Linear(D, self.rank + self.rope, bias=cfg.attention_bias, dtype=dtype)
+        self.linear_kv_down_proj = Linear(D, self.rank + self.rope_dim, bias=cfg.attention_bias, dtype=dtype)
         self.use_kv_norm = cfg.kv_layernorm
         self.kv_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps, dtype) if cfg.kv_layernorm else None
-        self.linear_kv_up_proj = Linear(self.rank, h * (self.nope + self.vdim), dtype=dtype)
-        self.linear_proj = Linear(h * self.vdim, D, bias=cfg.attention_bias, dtype=dtype)
+        self.linear_kv_up_proj = Linear(self.rank, h * (self.nope_dim + self.v_dim), dtype=dtype)
+        self.linear_proj = Linear(h * self.v_dim, D, bias=cfg.attention_bias, dtype=dtype)
 
     def rotate(self, x, cos, sin):
         if self.interleave:
@@ -67,7 +67,7 @@ class MLAAttention(nn.Cell):
         else:
             q = self.linear_q_proj(x)
         q = q.reshape(b, s, self.num_heads, self.qk_dim).swapaxes(1, 2)
-        q_nope, q_pe = q[..., :self.nope], self.rotate(q[..., self.nope:], cos, sin)
+        q_nope, q_pe = q[..., :self.nope_dim], self.rotate(q[..., self.nope_dim:], cos, sin)
         kv = self.linear_kv_down_proj(x)
         c_kv = kv[..., :self.rank]
         if self.use_kv_norm:
@@ -78,17 +78,17 @@ class MLAAttention(nn.Cell):
     def attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask):
         b, _, s, _ = q_nope.shape
         t = c_kv.shape[1]
-        kv = self.linear_kv_up_proj(c_kv).reshape(b, t, self.num_heads, self.nope + self.vdim).swapaxes(1, 2)
-        k_nope, v = kv[..., :self.nope], kv[..., self.nope:]
+        kv = self.linear_kv_up_proj(c_kv).reshape(b, t, self.num_heads, self.nope_dim + self.v_dim).swapaxes(1, 2)
+        k_nope, v = kv[..., :self.nope_dim], kv[..., self.nope_dim:]
         scores = ops.matmul(q_nope, k_nope.swapaxes(-1, -2)) + ops.matmul(q_pe, k_pe.expand_dims(1).swapaxes(-1, -2))
-        probs = ops.softmax(scores.astype(ms.float32) * self.scale + mask, -1).astype(v.dtype)
-        out = ops.matmul(probs, v).swapaxes(1, 2).reshape(b, s, self.num_heads * self.vdim)
+        probs = attention_probs(scores, mask, self.scale, v.dtype)
+        out = ops.matmul(probs, v).swapaxes(1, 2).reshape(b, s, self.num_heads * self.v_dim)
         return self.linear_proj(out)
 
     def absorbed_weights(self):
         """W_UK [H, nope, r] and W_UV^T [H, r, v] views of kv_b_proj (no copies kept between calls)."""
-        w = self.linear_kv_up_proj.weight.reshape(self.num_heads, self.nope + self.vdim, self.rank)
-        return w[:, :self.nope, :], w[:, self.nope:, :].swapaxes(1, 2)
+        w = self.linear_kv_up_proj.weight.reshape(self.num_heads, self.nope_dim + self.v_dim, self.rank)
+        return w[:, :self.nope_dim, :], w[:, self.nope_dim:, :].swapaxes(1, 2)
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Attention over the latent cache: c_kv [B,T,r], k_pe [B,T,rope]; q_* [B,H,S,*] -> [B,S,D].
@@ -97,15 +97,15 @@ class MLAAttention(nn.Cell):
         matmul against the shared latent [B,1,T,r], so neither the weights nor the cache are broadcast."""
         b, h, s, _ = q_nope.shape
         w_uk, w_uv_t = self.absorbed_weights()
-        q_lat = ops.matmul(q_nope.transpose(1, 0, 2, 3).reshape(h, b * s, self.nope), w_uk)  # [H, B*S, r]
+        q_lat = ops.matmul(q_nope.transpose(1, 0, 2, 3).reshape(h, b * s, self.nope_dim), w_uk)  # [H, B*S, r]
         q_lat = q_lat.reshape(h, b, s, self.rank).transpose(1, 0, 2, 3).reshape(b, 1, h * s, self.rank)
         c = c_kv.expand_dims(1)  # [B,1,T,r], shared by all heads (MQA over the latent)
         scores = ops.matmul(q_lat, c.swapaxes(-1, -2)) + \
-            ops.matmul(q_pe.reshape(b, 1, h * s, self.rope), k_pe.expand_dims(1).swapaxes(-1, -2))
-        probs = ops.softmax(scores.reshape(b, h, s, -1).astype(ms.float32) * self.scale + mask, -1).astype(c.dtype)
+            ops.matmul(q_pe.reshape(b, 1, h * s, self.rope_dim), k_pe.expand_dims(1).swapaxes(-1, -2))
+        probs = attention_probs(scores.reshape(b, h, s, -1), mask, self.scale, c.dtype)
         o_lat = ops.matmul(probs.reshape(b, 1, h * s, -1), c).reshape(b, h, s, self.rank)
         out = ops.matmul(o_lat.transpose(1, 0, 2, 3).reshape(h, b * s, self.rank), w_uv_t)  # [H, B*S, v]
-        out = out.reshape(h, b, s, self.vdim).transpose(1, 2, 0, 3).reshape(b, s, h * self.vdim)
+        out = out.reshape(h, b, s, self.v_dim).transpose(1, 2, 0, 3).reshape(b, s, h * self.v_dim)
         return self.linear_proj(out)
 
     def construct(self, x, cos, sin, mask):
@@ -121,6 +121,7 @@ class MLAAttention(nn.Cell):
 
 
 class MLACausalLM(CausalLMBase):
+    cache_names = ("c_kv", "k_pe")
     cache_seq_axis = 2
 
     def __init__(self, cfg: MLAConfig, dtype=ms.float32, use_fused=None, table_len=None):

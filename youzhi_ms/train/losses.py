@@ -42,7 +42,7 @@ from mindspore import nn, ops
 
 from youzhi_ms.errors import YouzhiError
 
-__all__ = ["generalized_jsd", "jsd_upper_bound", "GKDLoss", "sft_cross_entropy", "SFTLoss", "build_sft_labels",
+__all__ = ["generalized_jsd", "jsd_from_logprobs", "jsd_upper_bound", "GKDLoss", "sft_cross_entropy", "SFTLoss", "build_sft_labels",
            "GKDNet", "SFTNet"]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -92,6 +92,22 @@ def _kl_rows(logp, logq):
     return ops.sum(ops.exp(logp) * (logp - logq), -1)
 
 
+def jsd_from_logprobs(logp_s, logp_t, beta):
+    """Per-row JSD_β(P_T ‖ P_S) over the last axis from log-probabilities (float32), β a Python float: the body of
+    `generalized_jsd`, shared with the chunked and top-k losses of `chunked_loss.py`."""
+    if beta == 0.0:
+        return _kl_rows(logp_t, logp_s)
+    if beta == 1.0:
+        return _kl_rows(logp_s, logp_t)
+    a = logp_t + math.log(beta)
+    b = logp_s + math.log(1.0 - beta)
+    # log M = logsumexp(a, b). The shift is a constant for the gradient (its contribution cancels exactly), so at
+    # a == b the gradient splits β : (1 − β) as it should instead of following one branch of `maximum`.
+    shift = ops.stop_gradient(ops.maximum(a, b))
+    log_m = shift + ops.log(ops.exp(a - shift) + ops.exp(b - shift))
+    return beta * _kl_rows(logp_t, log_m) + (1.0 - beta) * _kl_rows(logp_s, log_m)
+
+
 def generalized_jsd(student_logits, teacher_logits, mask=None, beta=0.5, temperature=1.0, reduction="mean"):
     """Token-level generalized Jensen–Shannon divergence JSD_β(P_T ‖ P_S) between teacher and student.
 
@@ -120,21 +136,7 @@ def generalized_jsd(student_logits, teacher_logits, mask=None, beta=0.5, tempera
     if temperature != 1.0:
         student = student / temperature
         teacher = teacher / temperature
-    logp_s = ops.log_softmax(student, -1)
-    logp_t = ops.log_softmax(teacher, -1)
-
-    if beta == 0.0:
-        per_token = _kl_rows(logp_t, logp_s)
-    elif beta == 1.0:
-        per_token = _kl_rows(logp_s, logp_t)
-    else:
-        a = logp_t + math.log(beta)
-        b = logp_s + math.log(1.0 - beta)
-        # log M = logsumexp(a, b). The shift is a constant for the gradient (its contribution cancels exactly), so at
-        # a == b the gradient splits β : (1 − β) as it should instead of following one branch of `maximum`.
-        shift = ops.stop_gradient(ops.maximum(a, b))
-        log_m = shift + ops.log(ops.exp(a - shift) + ops.exp(b - shift))
-        per_token = beta * _kl_rows(logp_t, log_m) + (1.0 - beta) * _kl_rows(logp_s, log_m)
+    per_token = jsd_from_logprobs(ops.log_softmax(student, -1), ops.log_softmax(teacher, -1), beta)
     return _reduce(per_token, mask, reduction)
 
 

@@ -108,6 +108,7 @@ class UpdateCore(nn.Cell):
 
 class FusedStep(nn.Cell):
     """One optimizer step on one micro-batch (no accumulation): forward, backward, update. -> (loss, grad_norm).
+    Called as (lrs, bc1, bc2, tuple of the loss_net's inputs).
 
     The loss comes out of the same forward pass the gradients are taken through (value_and_grad), and is returned
     only after the update, so no separate forward can be scheduled next to the parameter writes."""
@@ -118,14 +119,15 @@ class FusedStep(nn.Cell):
         self.core = core
         self.value_and_grad = ms.value_and_grad(self.loss_net, None, self.core.params)
 
-    def construct(self, input_ids, labels, loss_mask, scale, lrs, bc1, bc2):
-        loss, grads = self.value_and_grad(input_ids, labels, loss_mask, scale)
+    def construct(self, lrs, bc1, bc2, batch):
+        loss, grads = self.value_and_grad(*batch)
         norm = self.core.update(grads, lrs, bc1, bc2)
         return ops.depend(loss, norm), norm
 
 
 class MicroStep(nn.Cell):
-    """Forward + backward of one micro-batch, gradients added into the accumulators. -> loss."""
+    """Forward + backward of one micro-batch (a tuple of the loss_net's inputs), gradients added into the
+    accumulators. -> loss."""
 
     def __init__(self, loss_net, core: UpdateCore, accumulators: ParameterTuple):
         super().__init__(auto_prefix=False)
@@ -135,8 +137,8 @@ class MicroStep(nn.Cell):
         self.value_and_grad = ms.value_and_grad(self.loss_net, None, self.params)
         self.hyper_map = ops.HyperMap()
 
-    def construct(self, input_ids, labels, loss_mask, scale):
-        loss, grads = self.value_and_grad(input_ids, labels, loss_mask, scale)
+    def construct(self, batch):
+        loss, grads = self.value_and_grad(*batch)
         done = self.hyper_map(_accumulate, self.accumulators, grads)
         return ops.depend(loss, done)
 

@@ -10,7 +10,8 @@ Sections (MindFormers names where MindFormers has the concept):
   parallel         parallel_mode (data_parallel | semi_auto_parallel)
   parallel_config  data_parallel (null = all workers), model_parallel, pipeline_stage, micro_batch_num,
                    use_seq_parallel, vocab_emb_dp
-  model            student (converted MLA Hugging Face dir), trainable (all | attention), save_dtype
+  model            student (converted MLA Hugging Face dir), trainable (all | attention), save_dtype,
+                   recompute (Cell.recompute on every decoder layer: activations recomputed in the backward)
   runner_config    max_steps, batch_size (per worker, per micro-batch), gradient_accumulation_steps, seq_length,
                    stop_at_step (end this invocation early, with a checkpoint), progress
   optimizer        type (AdamW), betas, eps, weight_decay, max_grad_norm (<= 0: no clipping)
@@ -20,7 +21,10 @@ Sections (MindFormers names where MindFormers has the concept):
                    {type: LossMonitor, per_print_times}
   train_dataset    data_path (wiki-calib | wiki-eval | .txt | .jsonl), format (auto | packed | chat), shuffle,
                    max_tokens (truncate a packed token stream)
-  distill          teacher (source GQA Hugging Face dir), beta, lmbda, temperature, max_new_tokens, top_p
+  distill          teacher (source GQA Hugging Face dir), beta, lmbda, temperature, max_new_tokens, top_p,
+                   loss (chunked: vocabulary loss in token chunks with a hand-written backward | full: plain logits),
+                   loss_chunk_tokens, teacher_graph (joint: teacher forward inside the training graph | separate: in
+                   its own no-grad graph), offline_teacher (a tools/make_teacher_topk.py file: no live teacher)
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ DEFAULTS: Dict[str, Any] = {
     "parallel": {"parallel_mode": "data_parallel"},
     "parallel_config": {"data_parallel": None, "model_parallel": 1, "pipeline_stage": 1, "micro_batch_num": 1,
                         "use_seq_parallel": False, "vocab_emb_dp": True},
-    "model": {"student": None, "trainable": "all", "save_dtype": "fp32"},
+    "model": {"student": None, "trainable": "all", "save_dtype": "fp32", "recompute": False},
     "runner_config": {"max_steps": 100, "batch_size": 2, "gradient_accumulation_steps": 1, "seq_length": 256,
                       "stop_at_step": None, "progress": True},
     "optimizer": {"type": "AdamW", "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.01, "max_grad_norm": 1.0},
@@ -57,7 +61,8 @@ DEFAULTS: Dict[str, Any] = {
                     "warmup_ratio": 0.05, "warmup_steps": None, "min_lr_ratio": 0.1, "total_steps": None},
     "callbacks": [dict(type=k, **v) for k, v in CALLBACK_DEFAULTS.items()],
     "train_dataset": {"data_path": "wiki-calib", "format": "auto", "shuffle": True, "max_tokens": None},
-    "distill": {"teacher": None, "beta": 0.5, "lmbda": 0.5, "temperature": 0.9, "max_new_tokens": 128, "top_p": 1.0},
+    "distill": {"teacher": None, "beta": 0.5, "lmbda": 0.5, "temperature": 0.9, "max_new_tokens": 128, "top_p": 1.0,
+                "loss": "chunked", "loss_chunk_tokens": 128, "teacher_graph": "joint", "offline_teacher": None},
 }
 
 RUN_MODES = ("distill", "sft")
@@ -281,6 +286,20 @@ def validate(cfg: Dict[str, Any]) -> None:
     _num(cfg, "distill", "temperature", 0.0)
     _num(cfg, "distill", "top_p", 0.0, 1.0)
     _int(cfg, "distill", "max_new_tokens", 1)
+    _need(isinstance(cfg["model"]["recompute"], bool), f"model.recompute must be true or false, got "
+          f"{cfg['model']['recompute']!r}")
+    d = cfg["distill"]
+    _need(d["loss"] in ("chunked", "full"), f"distill.loss must be chunked or full, got {d['loss']!r}")
+    _int(cfg, "distill", "loss_chunk_tokens", 1)
+    _need(d["teacher_graph"] in ("joint", "separate"),
+          f"distill.teacher_graph must be joint or separate, got {d['teacher_graph']!r}")
+    _need(d["offline_teacher"] is None or (isinstance(d["offline_teacher"], str) and d["offline_teacher"]),
+          "distill.offline_teacher must be a file path (tools/make_teacher_topk.py) or null")
+    if cfg["run_mode"] == "distill" and d["offline_teacher"] is not None:
+        _need(d["lmbda"] == 0, f"distill.lmbda {d['lmbda']} > 0 needs the live teacher: on-policy batches are the "
+              "student's own samples, which no stored file can hold; set distill.lmbda=0 to distill from "
+              f"{d['offline_teacher']}, or drop distill.offline_teacher")
+        _need(d["loss"] == "chunked", "distill.offline_teacher works with distill.loss=chunked only")
     if cfg["run_mode"] == "distill" and cfg["distill"]["lmbda"] > 0:
         _need(cfg["distill"]["max_new_tokens"] < cfg["runner_config"]["seq_length"],
               f"distill.max_new_tokens ({cfg['distill']['max_new_tokens']}) must be smaller than "

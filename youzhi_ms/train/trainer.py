@@ -1,6 +1,8 @@
 """The training loop: GKD recovery of a converted MLA student from its GQA teacher, or SFT of the student.
 
-One process (or one msrun worker) holds the frozen teacher and the trainable student. Per optimizer step:
+One process (or one msrun worker) holds the frozen teacher and the trainable student (or, with
+`distill.offline_teacher`, the teacher's stored top-k file instead of the teacher: `teacher_topk.py`). The distill
+loss is `chunked_loss.py`'s by default (`distill.loss=full`: the plain loss on full logits). Per optimizer step:
 
 1. `gradient_accumulation_steps` global micro-batches are drawn (`data.EpochSampler`, `batch_size * world` rows
    each; this rank keeps rows rank, rank + world, ...). In distill mode each micro-batch is replaced, with probability
@@ -51,6 +53,7 @@ from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import atomic_output_dir, check_not_input, check_output_dir, claim_run_dir
 from youzhi_ms.runtime import init_context
 from youzhi_ms.train.checkpointing import RunCheckpoints, rng_from_json, rng_state_to_json
+from youzhi_ms.train.chunked_loss import ChunkedGKDNet, TeacherHidden, TopKGKDNet, head_weight
 from youzhi_ms.train.data import (EpochSampler, StudentContinuation, build_dataset, collate, row_rngs,
                                   shard_rows)
 from youzhi_ms.train.loss_log import LOSS_LOG, append_row, plot_loss_curve, truncate_loss_log
@@ -59,6 +62,7 @@ from youzhi_ms.train.optim import (AllReduceSum, ApplyStep, FusedStep, MicroStep
                                    lr_factor)
 from youzhi_ms.train.parallel import apply_plan, check_device, check_world, plan_parallel
 from youzhi_ms.train.run_config import callback
+from youzhi_ms.train.teacher_topk import TopKStore
 
 log = logging.getLogger("youzhi_ms.train")
 
@@ -101,7 +105,8 @@ class Trainer:
         if cfg["model"]["student"] is None:
             raise YouzhiError("model.student is not set; pass the converted MLA directory, e.g. "
                               "--set model.student=output/smollm2_mla")
-        if self.run_mode == "distill" and cfg["distill"]["teacher"] is None:
+        self.offline = self.run_mode == "distill" and cfg["distill"]["offline_teacher"] is not None
+        if self.run_mode == "distill" and not self.offline and cfg["distill"]["teacher"] is None:
             raise YouzhiError("distill.teacher is not set; pass the source (GQA) model directory, e.g. "
                               "--set distill.teacher=output/smollm2_hf")
         self._read_model_configs()
@@ -121,7 +126,7 @@ class Trainer:
         self.student_cfg = load_any_config(read_config(self.student_dir),
                                            os.path.join(self.student_dir, "config.json"))
         self.teacher_cfg = None
-        if self.run_mode == "distill":
+        if self.run_mode == "distill" and not self.offline:
             self.teacher_dir = self.cfg["distill"]["teacher"]
             self.teacher_cfg = load_any_config(read_config(self.teacher_dir),
                                                os.path.join(self.teacher_dir, "config.json"))
@@ -162,8 +167,14 @@ class Trainer:
     def _load_models(self):
         self.student, _ = load_model(self.student_dir)
         self.student.set_train(True)
-        self.teacher = None
-        if self.run_mode == "distill":
+        if self.cfg["model"]["recompute"]:
+            for layer in self.student.decoder.layers:  # keep layer inputs only; recompute the rest in the backward
+                layer.recompute()
+        self.teacher = self.topk = None
+        if self.offline:
+            self.topk = TopKStore(self.cfg["distill"]["offline_teacher"])
+            self.topk.check_compatible(self.student_cfg.vocab_size, self.seq_len, self.cfg["distill"]["temperature"])
+        elif self.run_mode == "distill":
             self.teacher, _ = load_model(self.teacher_dir)
             for p in self.teacher.get_parameters():  # distinct names: both models live in one graph
                 p.name = "teacher." + p.name
@@ -200,8 +211,27 @@ class Trainer:
                                opt["max_grad_norm"], reduce_world)
 
     def _build_loss_net(self):
-        if self.run_mode == "distill":
-            d = self.cfg["distill"]
+        """distill: the chunked vocabulary loss (from the live teacher, in or out of the training graph, or from the
+        stored top-k file), or the plain one on full logits (distill.loss=full); sft: cross entropy."""
+        d = self.cfg["distill"]
+        self.teacher_hidden = None
+        # model / pipeline parallel shards the head Linear cells; the chunked loss multiplies by the head weight itself,
+        # so that path keeps the plain loss (not run here: Ascend only)
+        chunked = d["loss"] == "chunked" and not self.plan.semi_auto
+        if self.offline and self.plan.semi_auto:
+            raise YouzhiError("distill.offline_teacher is implemented for data parallel only; drop it or set "
+                              "parallel_config.model_parallel=1 and pipeline_stage=1")
+        if self.run_mode == "distill" and chunked:
+            head_trains = any(p is head_weight(self.student) for p in self.trainable)
+            if self.offline:
+                self.loss_net = TopKGKDNet(self.student, d["beta"], d["temperature"], d["loss_chunk_tokens"],
+                                           head_trains)
+            else:
+                separate = d["teacher_graph"] == "separate"
+                self.loss_net = ChunkedGKDNet(self.student, self.teacher, d["beta"], d["temperature"],
+                                              d["loss_chunk_tokens"], head_trains, teacher_outside=separate)
+                self.teacher_hidden = TeacherHidden(self.teacher) if separate else None
+        elif self.run_mode == "distill":
             self.loss_net = GKDNet(self.student, self.teacher, d["beta"], d["temperature"])
         else:
             self.loss_net = SFTNet(self.student)
@@ -268,6 +298,7 @@ class Trainer:
         global_rows = self.sampler.take(self.micro_bs * self.dp_world)
         local = shard_rows(np.arange(len(global_rows)), self.dp_rank, self.dp_world)
         batch = collate([self.dataset[int(global_rows[i])] for i in local])
+        batch["rows"] = [int(global_rows[i]) for i in local]  # dataset windows (the offline teacher's key)
         on_policy = False
         if self.run_mode == "distill":
             on_policy = bool(self.coin.random() < self.cfg["distill"]["lmbda"])
@@ -384,18 +415,29 @@ class Trainer:
         b1, b2 = self.cfg["optimizer"]["betas"]
         update_args = (ms.Tensor(np.asarray(lrs, np.float32)), ms.Tensor(1.0 - float(b1) ** (step + 1), ms.float32),
                        ms.Tensor(1.0 - float(b2) ** (step + 1), ms.float32))
-        inputs = [(ms.Tensor(b["input_ids"], ms.int32), ms.Tensor(b["labels"], ms.int32),
-                   ms.Tensor(b["loss_mask"], ms.float32), scale) for b in batches]
+        inputs = [self._net_inputs(b, scale) for b in batches]
         row = {"step": step + 1, "loss": None, "lr": lrs[0], "grad_norm": None, "tokens": int(count),
                "on_policy": [b["on_policy"] for b in batches]}
         if self.fused is not None:
-            loss, norm = self.fused(*inputs[0], *update_args)
+            loss, norm = self.fused(*update_args, ms.mutable(inputs[0]))
             row["loss"] = float(loss.asnumpy())
             row["grad_norm"] = float(norm.asnumpy())
         else:
             self._guarded_update(step, inputs, update_args, row)
         row["seconds"] = round(time.time() - t0, 4)
         return row
+
+    def _net_inputs(self, b: dict, scale) -> tuple:
+        """The loss net's inputs for micro-batch `b`: ids, labels, mask, scale, then the teacher's part when it is
+        not computed inside the training graph (its hidden states from its own graph, or the stored top-k)."""
+        ids = ms.Tensor(b["input_ids"], ms.int32)
+        x = (ids, ms.Tensor(b["labels"], ms.int32), ms.Tensor(b["loss_mask"], ms.float32), scale)
+        if self.teacher_hidden is not None:
+            x += (self.teacher_hidden(ids),)
+        elif self.topk is not None:
+            t = self.topk.batch(b["rows"], b["input_ids"])
+            x += (ms.Tensor(t["ids"]), ms.Tensor(t["lq_top"]), ms.Tensor(t["lq_tail"]))
+        return x
 
     def _guarded_update(self, step: int, inputs: list, update_args: tuple, row: dict) -> None:
         """Accumulate the micro-batches' gradients, check the step's loss, then apply (fills `row`).
@@ -404,7 +446,7 @@ class Trainer:
         steps of some runs, with corrupted gradients that ruined a run). Its gradients are dropped and the
         micro-batches computed again; a step that stays corrupted is skipped, never applied."""
         for attempt in range(1 + CORRUPT_RETRIES):
-            loss_local = sum(float(self.micro(*x).asnumpy()) for x in inputs)
+            loss_local = sum(float(self.micro(ms.mutable(x)).asnumpy()) for x in inputs)
             row["loss"] = float(self._sum_over_ranks([loss_local])[0]) if self.world > 1 else loss_local
             if not self._out_of_range(row["loss"]):
                 row["grad_norm"] = float(self.apply(*update_args).asnumpy())
