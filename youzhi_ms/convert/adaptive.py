@@ -160,17 +160,30 @@ class Decision:
 
 
 def choose(cands: Dict[str, List[Band]], score_of: Callable[[List[Band], float], float],
-           betas: Sequence[float] = (1.0,), finalists: int = 3) -> Decision:
+           betas: Sequence[float] = (1.0,), finalists: int = 3,
+           progress: Optional[Callable[[int, int], None]] = None) -> Decision:
     """Exhaustive search over the candidates at balance 1, then over balances for the best `finalists`.
 
-    score_of(bands, beta) -> error. The result is the true minimum over the scored pairs; ties keep the first name."""
-    scores = {n: score_of(b, 1.0) for n, b in cands.items()}
-    top = sorted(scores, key=scores.get)[:max(1, finalists)]
+    score_of(bands, beta) -> error; progress(done, total) after every build. The result is the true minimum over the
+    scored pairs; ties keep the first name."""
+    top_n = min(max(1, finalists), len(cands))
+    total = len(cands) + top_n * sum(1 for b in betas if b != 1.0)
+    done = [0]
+
+    def score(bands, beta):
+        s = score_of(bands, beta)
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+        return s
+
+    scores = {n: score(b, 1.0) for n, b in cands.items()}
+    top = sorted(scores, key=scores.get)[:top_n]
     refined: Dict[str, float] = {}
     best: Tuple[float, str, float] = (np.inf, top[0], 1.0)
     for n in top:
         for beta in betas:
-            s = scores[n] if beta == 1.0 else score_of(cands[n], beta)
+            s = scores[n] if beta == 1.0 else score(cands[n], beta)
             if len(betas) > 1:
                 refined[f"{n} @ {beta:g}"] = s
             if s < best[0]:

@@ -114,7 +114,7 @@ def _check_options(cfg: SourceConfig, opt: ConvertOptions):
 
 
 def _decide(opt: ConvertOptions, i: int, stats: LayerStats, score: ResidualScore, geo: Geometry,
-            band_proxy) -> adaptive.Decision:
+            band_proxy, progress=None) -> adaptive.Decision:
     """The layer's FreqFold bands and key/value balance: given (plan, uniform F) or searched (adaptive modes)."""
     d, c = geo.d, geo.c
     if opt.plan is not None:
@@ -133,7 +133,7 @@ def _decide(opt: ConvertOptions, i: int, stats: LayerStats, score: ResidualScore
     def score_of(bands, beta):
         return score(stats.build(bands, beta, R_override=R_id)[0])
 
-    return adaptive.choose(cands, score_of, betas, opt.finalists)
+    return adaptive.choose(cands, score_of, betas, opt.finalists, progress)
 
 
 def _inputs(src_dir: str, opt: ConvertOptions) -> list:
@@ -237,7 +237,8 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
             q, k, _ = gqa_qkv(x["conv"][:npx], src, H, kv, d)
             return adaptive.BandProxy(q, k, probs, inv, kv, stats.moments, c, d ** -0.5).error
 
-        dec = _decide(opt, i, stats, score, geo, band_proxy)
+        dec = _decide(opt, i, stats, score, geo, band_proxy,
+                      lambda k, n: bar.set_postfix_str(f"layer {i}: built {k}/{n} candidates", refresh=True))
         m, info = stats.build(dec.bands, dec.beta, R_override=R_id)
         a_conv = geo.mla(x["conv"], m)
         rec = LayerRecord(layer=i, bands=[list(b) for b in dec.bands], choice=dec.name, beta=dec.beta,
