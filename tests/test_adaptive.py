@@ -77,17 +77,29 @@ def test_shortlist_keeps_the_uniform_tilings_and_the_best_by_proxy():
     assert set(short) == set(best5) | {n for n in cands if n.startswith("F=")}
 
 
-def _layer_io(model, ids, attn_attr):
-    """Per layer: (input hidden state, attention output) of a transformers decoder, via hooks."""
+def _layer_io(model, ids, replace=None):
+    """Per layer of a transformers decoder, via hooks: input hidden state h, attention output a, layer output y.
+    replace = (i, h): layer i reads h instead of its own input (the model builds masks and rotary tables)."""
     io = {}
     hooks = []
+
+    def pre(m, args, kwargs, i):
+        h = kwargs.get("hidden_states", args[0] if args else None)
+        if replace is not None and replace[0] == i:
+            h = replace[1].to(h.dtype)
+            if "hidden_states" in kwargs:
+                kwargs["hidden_states"] = h
+            else:
+                args = (h,) + tuple(args[1:])
+        io.setdefault(i, {})["h"] = h.detach().double()
+        return args, kwargs
+
     for i, layer in enumerate(model.model.layers):
-        hooks.append(layer.register_forward_pre_hook(
-            lambda m, args, kwargs, i=i: io.setdefault(i, {}).update(h=kwargs.get("hidden_states", args[0] if args
-                                                                                      else None).detach().double()),
-            with_kwargs=True))
-        hooks.append(getattr(layer, attn_attr).register_forward_hook(
-            lambda m, a, out, i=i: io.setdefault(i, {}).update(a=out[0].detach().double())))
+        hooks.append(layer.register_forward_pre_hook(lambda m, a, k, i=i: pre(m, a, k, i), with_kwargs=True))
+        hooks.append(layer.self_attn.register_forward_hook(
+            lambda m, a, out, i=i: io[i].update(a=out[0].detach().double())))
+        hooks.append(layer.register_forward_hook(
+            lambda m, a, out, i=i: io[i].update(y=(out[0] if isinstance(out, tuple) else out).detach().double())))
     with torch.no_grad():
         model(torch.tensor(ids))
     for h in hooks:
@@ -95,32 +107,51 @@ def _layer_io(model, ids, attn_attr):
     return io
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_residual_score_matches_transformers(kind, tmp_path):
-    """The score the search minimised, recomputed from transformers' source and converted models' hidden states."""
-    src = make_source(kind, tmp_path / "src")
-    ids = calib(1, 4, 32)
-    rep = convert(str(tmp_path / "src"), str(tmp_path / "mla"),
-                  ConvertOptions(kv_lora_rank=24, qk_rope_dim=8, freqfold="adaptive", calib_ids=ids, proxy_seqs=4,
-                                 progress=False))
-    mla = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "mla").eval()
-    ck = HFCheckpoint(str(tmp_path / "mla"))
+def _transformers_mla(path):
+    """transformers' DeepseekV3 on an exact export: no latent norm, and the query bias a Qwen2 source keeps."""
+    mla = DeepseekV3ForCausalLM.from_pretrained(path).eval()
+    ck = HFCheckpoint(str(path))
     for i, layer in enumerate(mla.model.layers):
-        layer.self_attn.kv_a_layernorm = torch.nn.Identity()  # the exact export has no latent norm
+        layer.self_attn.kv_a_layernorm = torch.nn.Identity()
         bias = f"model.layers.{i}.self_attn.q_proj.bias"
-        if bias in ck:  # a Qwen2 source keeps its query bias (exact export); stock DeepSeek-V3 has no slot for it
+        if bias in ck:  # stock DeepSeek-V3 has no slot for it
             q = layer.self_attn.q_proj
             layer.self_attn.q_proj = torch.nn.Linear(q.in_features, q.out_features, bias=True)
             with torch.no_grad():
                 layer.self_attn.q_proj.weight.copy_(q.weight)
                 layer.self_attn.q_proj.bias.copy_(torch.from_numpy(ck.get(bias)))
-    ref, conv = _layer_io(src.eval(), ids, "self_attn"), _layer_io(mla, ids, "self_attn")
+    return mla
+
+
+def _unit(y):
+    return y / torch.sqrt((y * y).mean(-1, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("kind,score", [("llama", "local-block"), ("qwen2", "local-block"), ("llama", "residual")])
+def test_candidate_score_matches_transformers(kind, score, tmp_path):
+    """The score the search minimised for the kept candidate, recomputed from transformers' source and converted
+    models. local-block (default): the converted layer's output against the SOURCE layer's output on the same
+    (converted-model) input, both at unit RMS, on every 2nd query position; residual: the residual stream after the
+    attention block against the original model's."""
+    src = make_source(kind, tmp_path / "src").eval()
+    ids = calib(1, 4, 32)
+    stride = 2 if score == "local-block" else 1
+    rep = convert(str(tmp_path / "src"), str(tmp_path / "mla"),
+                  ConvertOptions(kv_lora_rank=24, qk_rope_dim=8, freqfold="adaptive", calib_ids=ids, proxy_seqs=4,
+                                 score=score, score_stride=stride, progress=False))
+    conv = _layer_io(_transformers_mla(tmp_path / "mla"), ids)
+    ref = _layer_io(src, ids)
+    pos = np.arange(stride - 1, ids.shape[1], stride)
     for L in rep["layers"]:
         i = L["layer"]
-        target = ref[i]["h"] + ref[i]["a"]
-        e = conv[i]["h"] + conv[i]["a"] - target
-        want = float((e * e).sum() / (ref[i]["a"] ** 2).sum())
-        assert L["score"] == pytest.approx(want, rel=2e-3, abs=1e-6), (i, L["score"], want)
+        if score == "local-block":
+            target = _unit(_layer_io(src, ids, replace=(i, conv[i]["h"]))[i]["y"])[:, pos]
+            e = _unit(conv[i]["y"])[:, pos] - target
+            want = float((e * e).sum() / (target * target).sum())
+        else:
+            e = conv[i]["h"] + conv[i]["a"] - (ref[i]["h"] + ref[i]["a"])
+            want = float((e * e).sum() / (ref[i]["a"] ** 2).sum())
+        assert L["score"] == pytest.approx(want, rel=2e-3, abs=1e-7), (i, L["score"], want)
         assert L["score"] == min(L["refined"].values()) and L["choice"] in L["scores"]
         assert len(L["scores"]) == 4  # every monotone tiling of 8 frequencies into bands of 2, 4, 8: 2222, 224, 44, 8
     assert i == 1 and rep["layers"][1]["score"] > 0
@@ -168,3 +199,41 @@ def test_strided_query_attention_equals_the_full_attention_at_those_positions():
     pos = np.arange(2, S, 3)
     part = A.mla_attention(X, m, H, nope, rope, nope, r, np.cos(ang), np.sin(ang), q_pos=pos)
     np.testing.assert_allclose(part, full[:, pos], rtol=1e-6, atol=1e-9)
+
+
+def test_standard_statistics_come_from_the_source_and_the_partial_rope_model(tmp_path, monkeypatch):
+    """--stats standard: RoRoPE's keys from the source model's layer inputs, the latent PCA's inputs from the
+    partial-RoPE model (every layer at full rank with its bands), both checked against transformers."""
+    from youzhi_ms.convert import calibrate
+    src = make_source("llama", tmp_path / "src").eval()
+    ids = calib(4, 4, 32)
+    seen = []
+    real = calibrate.LayerStats.__init__
+
+    def spy(self, geo, w, keys_x, pca_x, *a, **k):
+        seen.append((keys_x.copy(), pca_x.copy()))
+        real(self, geo, w, keys_x, pca_x, *a, **k)
+
+    monkeypatch.setattr(calibrate.LayerStats, "__init__", spy)
+    convert(str(tmp_path / "src"), str(tmp_path / "std"),
+            ConvertOptions(kv_lora_rank=24, qk_rope_dim=8, freqfold="4", calib_ids=ids, stats="standard",
+                           progress=False))
+    monkeypatch.setattr(calibrate.LayerStats, "__init__", real)
+    # the partial-RoPE model with the same bands: maximal rank, no PCA
+    convert(str(tmp_path / "src"), str(tmp_path / "partial"),
+            ConvertOptions(kv_lora_rank=56, qk_rope_dim=8, freqfold="4", calib_ids=ids, skip_pca=True, progress=False))
+    normed = {}
+    for name, model in (("src", src), ("partial", _transformers_mla(tmp_path / "partial"))):
+        hooks = [layer.input_layernorm.register_forward_hook(
+            lambda m, a, out, i=i, name=name: normed.__setitem__((name, i), out.detach().double().numpy()))
+            for i, layer in enumerate(model.model.layers)]
+        with torch.no_grad():
+            model(torch.tensor(ids))
+        for h in hooks:
+            h.remove()
+    assert len(seen) == 2
+    for i, (keys_x, pca_x) in enumerate(seen):
+        np.testing.assert_allclose(keys_x, normed[("src", i)].reshape(keys_x.shape), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(pca_x, normed[("partial", i)].reshape(pca_x.shape), rtol=1e-4, atol=1e-5)
+    # layer 1 differs between the two models (the partial-RoPE layer 0 is lossy), so the check can tell them apart
+    assert np.abs(seen[1][0] - seen[1][1]).max() > 1e-3

@@ -158,11 +158,11 @@ def test_full_rank_bkv_pca_equals_partial_rope_stage(kind, tmp_path):
     assert rel_err(b, a) <= 1e-4
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_single_kv_head_full_rope_conversion_is_exact(kind, tmp_path):
+@pytest.mark.parametrize("kind,stats", [("llama", "cascaded"), ("qwen2", "cascaded"), ("qwen2", "standard")])
+def test_single_kv_head_full_rope_conversion_is_exact(kind, stats, tmp_path):
     """With one KV head and qk_rope_dim = head_dim (c = 1, F = 1) no component loses RoPE and the maximal rank keeps
     the whole latent, so the exported MLA (Qwen2: with q/k/v biases through q_proj.bias and kv_a bias) must reproduce
-    the source end to end."""
+    the source end to end, whichever model the statistics come from."""
     common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=False)
     model = LlamaForCausalLM(LlamaConfig(head_dim=8, **common)) if kind == "llama" else \
@@ -172,7 +172,7 @@ def test_single_kv_head_full_rope_conversion_is_exact(kind, tmp_path):
         for n, p in model.named_parameters():
             p.copy_(torch.rand_like(p) + 0.5 if "norm" in n else torch.randn_like(p) * 0.2)
     model.eval().save_pretrained(tmp_path / "src")
-    _convert(tmp_path / "src", tmp_path / "mla", kv_lora_rank=8, qk_rope_dim=8, freqfold="1")
+    _convert(tmp_path / "src", tmp_path / "mla", kv_lora_rank=8, qk_rope_dim=8, freqfold="1", stats=stats)
     if kind == "qwen2":
         names = set(HFCheckpoint(str(tmp_path / "mla")).names())
         assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.kv_a_proj_with_mqa.bias"} <= names

@@ -65,7 +65,8 @@ def main(argv=None):
     ap.add_argument("--calib-text", default="wiki-calib", help="wiki-calib or a .txt / .jsonl file")
     ap.add_argument("--calib-tokens", type=POSITIVE, default=16384)
     ap.add_argument("--calib-seq-len", type=int_at_least(2), default=256)
-    ap.add_argument("--proxy-seqs", type=POSITIVE, default=4, help="calibration windows used by the FreqFold proxies")
+    ap.add_argument("--proxy-seqs", type=POSITIVE, default=8,
+                    help="calibration windows the FreqFold candidates are scored on (default 8)")
     ap.add_argument("--export", choices=["exact", "deepseek"], default="exact")
     ap.add_argument("--out-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="dtype of the written checkpoint (the math runs in fp32/fp64 either way)")

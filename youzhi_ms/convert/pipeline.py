@@ -42,7 +42,7 @@ class ConvertOptions:
     calib_text: str = "wiki-calib"
     calib_tokens: int = 16384
     calib_seq_len: int = 256
-    proxy_seqs: int = 4
+    proxy_seqs: int = 8  # calibration windows the candidates are scored on
     export: str = "exact"  # exact | deepseek
     seed: int = 0
     damping: float = 0.01
@@ -57,8 +57,8 @@ class ConvertOptions:
     stats: str = "cascaded"  # cascaded | standard: where RoRoPE's and the latent PCA's statistics come from
     max_candidates: int = 48  # above this, the band proxy shortlists the adaptive candidates
     finalists: int = 3  # candidates re-scored over the key/value balances
-    score: str = "residual"  # residual | normed | local: the error the FreqFold and balance decisions minimise
-    score_stride: int = 1  # the score reads every score_stride-th query position of the proxy windows
+    score: str = "local-block"  # the error the FreqFold and balance decisions minimise (calibrate.SCORES)
+    score_stride: int = 2  # the score reads every score_stride-th query position of the proxy windows
 
 
 @dataclass
