@@ -44,6 +44,8 @@ def reductions(runs, source, texts):
     the TransMLA construction at the same rank; per text, in percent."""
     out = {}
     for name, res in runs.items():
+        if "/" not in name:  # the source row
+            continue
         r, v = name.split("/")[0], name.split("/", 1)[1].split(" ")[0]
         mode, export, stage = parse_variant(v)
         if not mode.startswith("adaptive"):
