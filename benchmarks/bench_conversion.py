@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""Conversion quality on the real SmolLM2-135M-Instruct: wiki-eval perplexity of the source, of the partial-RoPE stage
-and of the final MLA (exact / stock DeepSeek export) for uniform FreqFold F and the adaptive modes, at several KV-cache
-budgets. Prints a table and writes JSON; finished variants are kept in the JSON, so an interrupted run resumes.
+"""Conversion quality on the real SmolLM2-135M-Instruct: perplexity of the converted model on held-out wiki text and on
+text of another domain (news), for uniform FreqFold F and the adaptive modes, both latent-PCA metrics and both kinds of
+statistics, at several KV-cache budgets. Prints a table and writes JSON; finished variants are kept in the JSON, so an
+interrupted run resumes.
 
-  python benchmarks/bench_conversion.py --out benchmarks/results/conversion.json \
-      --ranks 112 --variants F=2,F=4,F=8,adaptive-layer,adaptive --eval-tokens 32768
+  python benchmarks/bench_conversion.py --out benchmarks/results/conversion_grid.json \\
+      --ranks 160,112,96 --variants F=2,F=4,F=8,adaptive,adaptive-layer --pca-metrics attn,bkv \\
+      --stats cascaded,standard --texts wiki-eval,news --eval-tokens 8192 --calib-tokens 8192
 
 A variant is NAME[@export][:stage], e.g. F=4, adaptive@deepseek, F=8:partial (full-rank partial-RoPE stage with that
-variant's bands). Converted models are kept under --work (default output/bench_conversion).
+variant's bands). The reductions are computed against the best uniform F with the same PCA metric and statistics, and
+against TransMLA's construction (uniform F = 4, balanced K/V PCA, cascaded statistics: the row that matches the real
+TransMLA converter). Converted models are written under --work and deleted after evaluation (--keep-models keeps them).
 """
 import argparse
 import json
@@ -31,19 +35,53 @@ def parse_variant(v):
     return mode, export, stage
 
 
+def run_name(r, v, pca, stats):
+    return f"r{r}/{v} [{pca}] [{stats}]"
+
+
+def reductions(runs, source, texts):
+    """Per adaptive run: degradation cut against the best uniform F (same rank, pca, stats, export, stage) and against
+    the TransMLA construction at the same rank; per text, in percent."""
+    out = {}
+    for name, res in runs.items():
+        if "/" not in name:  # the source row
+            continue
+        r, v = name.split("/")[0], name.split("/", 1)[1].split(" ")[0]
+        mode, export, stage = parse_variant(v)
+        if not mode.startswith("adaptive"):
+            continue
+        tail = name.split(" ", 1)[1]
+        suffix = ("@" + export if export != "exact" else "") + (":" + stage if stage != "final" else "")
+        uni = {n: x for n, x in runs.items() if n.startswith(r + "/F=") and n.endswith(tail)
+               and n.split("/", 1)[1].split(" ")[0].lstrip("F=0123456789") == suffix}
+        base = runs.get(f"{r}/F=4 [bkv] [cascaded]")
+        red = {}
+        for t in texts:
+            deg = res[t] - source[t]
+            if uni:
+                best = min(uni, key=lambda n: uni[n][t])
+                red[f"vs_best_uniform_{t}"] = {"uniform": best.split("/", 1)[1].split(" ")[0],
+                                               "percent": 100 * (deg / (uni[best][t] - source[t]) - 1)}
+            if base is not None and suffix == "":
+                red[f"vs_transmla_{t}"] = 100 * (deg / (base[t] - source[t]) - 1)
+        out[name] = red
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="benchmarks/results/conversion.json")
+    ap.add_argument("--out", default="benchmarks/results/conversion_grid.json")
     ap.add_argument("--work", default="output/bench_conversion")
     ap.add_argument("--source", default=None, help="source HF dir (default: SmolLM2 materialized from the GGUF)")
     ap.add_argument("--ranks", default="112", help="comma-separated kv_lora_rank values")
     ap.add_argument("--qk-rope-dim", type=int, default=32)
-    ap.add_argument("--variants", default="F=2,F=4,F=8,adaptive-layer,adaptive")
-    ap.add_argument("--eval-tokens", type=int, default=32768)
-    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--variants", default="F=2,F=4,F=8,adaptive,adaptive-layer")
+    ap.add_argument("--pca-metrics", default="attn", help="comma-separated: attn, bkv")
+    ap.add_argument("--stats", default="cascaded", help="comma-separated: cascaded, standard")
+    ap.add_argument("--texts", default="wiki-eval,news", help="held-out texts to evaluate on")
+    ap.add_argument("--eval-tokens", type=int, default=8192, help="tokens of each text (512-token windows)")
+    ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--keep-models", action="store_true")
-    ap.add_argument("--pca-metric", default="attn", choices=["attn", "bkv"])
-    ap.add_argument("--rorope-metric", default="k", choices=["k", "qk"])
     args = ap.parse_args()
     init_context("graph")
     import shutil
@@ -55,16 +93,19 @@ def main():
     from youzhi_ms.eval.ppl import perplexity, token_stream
     src = args.source
     if src is None:
-        src = os.path.join(args.work, "smollm2-hf")
-        if not os.path.isdir(src):
-            from youzhi_ms.checkpoint.gguf import gguf_to_hf, resolve_gguf
-            gguf_to_hf(resolve_gguf("smollm2"), src)
+        from youzhi_ms.checkpoint.gguf import gguf_to_hf
+        from youzhi_ms.data.text import cache_dir
+        src = os.path.join(cache_dir(), "smollm2-135m-instruct-hf")
+        if not os.path.isfile(os.path.join(src, "config.json")):
+            gguf_to_hf("smollm2", src, dtype="fp32", progress=False)
+    texts = args.texts.split(",")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     results = json.load(open(args.out)) if os.path.isfile(args.out) else {"runs": {}}
-    results["meta"] = {"source": src, "eval": "wiki-eval", "eval_tokens": args.eval_tokens, "seq_len": 512,
-                       "calib_tokens": args.calib_tokens, "qk_rope_dim": args.qk_rope_dim,
+    results["meta"] = {"source": src, "texts": texts, "eval_tokens": args.eval_tokens, "seq_len": 512,
+                       "calib_text": "wiki-calib", "calib_tokens": args.calib_tokens, "qk_rope_dim": args.qk_rope_dim,
                        "machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
-    stream = token_stream("wiki-eval", Tokenizer.from_dir(src), args.eval_tokens)
+    tok = Tokenizer.from_dir(src)
+    streams = {t: token_stream(t, tok, args.eval_tokens) for t in texts}
     models = {}  # one compiled model per architecture shape, weights swapped in
 
     def ppl_of(d):
@@ -74,52 +115,69 @@ def main():
             models[key] = load_model(d, table_len=512)[0]
         else:
             load_weights(models[key], HFCheckpoint(d), model_kind(cfg))
-        return perplexity(models[key], stream, 512, progress=False)
+        return {t: perplexity(models[key], s, 512, progress=False)["ppl"] for t, s in streams.items()}
 
     def save():
+        results["reductions"] = reductions(results["runs"], results["runs"]["source"], texts)
         tmp = args.out + ".tmp"
         json.dump(results, open(tmp, "w"), indent=1)
         os.replace(tmp, args.out)
 
-    if "source" not in results["runs"]:
+    if "source" not in results["runs"] or any(t not in results["runs"]["source"] for t in texts):
         results["runs"]["source"] = ppl_of(src)
         save()
-    base = results["runs"]["source"]["ppl"]
-    print(f"source ppl {base:.3f}", flush=True)
+    base = results["runs"]["source"]
+    print("source " + " ".join(f"{t} {base[t]:.3f}" for t in texts), flush=True)
+    full = None
     for r in [int(x) for x in args.ranks.split(",")]:
-        for v in args.variants.split(","):
-            mode, export, stage = parse_variant(v)
-            name = f"r{r}/{v} [{args.pca_metric}]" + (" [qk-rorope]" if args.rorope_metric == "qk" else "")
-            if name in results["runs"]:
-                print(f"{name}: ppl {results['runs'][name]['ppl']:.3f} (cached)", flush=True)
-                continue
-            out = os.path.join(args.work, "".join(ch if ch.isalnum() else "_" for ch in name))
-            t0 = time.time()
-            full = 2 * 3 * 64 - args.qk_rope_dim
-            if stage == "partial":
-                plan_src = results["runs"].get(name.replace(v, v.split(":")[0]), {}).get("plan")
-                opt = ConvertOptions(kv_lora_rank=full, qk_rope_dim=args.qk_rope_dim, freqfold=mode,
-                                     calib_tokens=args.calib_tokens, skip_pca=True, plan=plan_src, progress=False,
-                                     rorope_metric=args.rorope_metric)
-            else:
-                opt = ConvertOptions(kv_lora_rank=r, qk_rope_dim=args.qk_rope_dim, freqfold=mode, export=export,
-                                     calib_tokens=args.calib_tokens, progress=False, pca_metric=args.pca_metric,
-                                     rorope_metric=args.rorope_metric)
-            rep = convert(src, out, opt)
-            conv_s = time.time() - t0
-            res = ppl_of(out)
-            res.update(convert_seconds=round(conv_s, 1), cache_ratio=rep["cache_ratio"],
-                       plan=[L["bands"] for L in rep["layers"]],
-                       choices=[L["choice"] for L in rep["layers"]],
-                       degradation=res["ppl"] - base)
-            results["runs"][name] = res
-            save()
-            print(f"{name}: ppl {res['ppl']:.3f} (+{res['ppl'] - base:.3f}) convert {conv_s:.0f}s", flush=True)
-            if not args.keep_models:
-                shutil.rmtree(out, ignore_errors=True)
-    print("\n| run | ppl | degradation | convert s |\n|---|---|---|---|")
+        for stats in args.stats.split(","):
+            for pca in args.pca_metrics.split(","):
+                for v in args.variants.split(","):
+                    mode, export, stage = parse_variant(v)
+                    name = run_name(r, v, pca, stats)
+                    if name in results["runs"]:
+                        print(f"{name}: (cached)", flush=True)
+                        continue
+                    out = os.path.join(args.work, "".join(ch if ch.isalnum() else "_" for ch in name))
+                    shutil.rmtree(out, ignore_errors=True)
+                    t0 = time.time()
+                    opt = ConvertOptions(kv_lora_rank=r, qk_rope_dim=args.qk_rope_dim, freqfold=mode, export=export,
+                                         calib_tokens=args.calib_tokens, progress=False, pca_metric=pca, stats=stats)
+                    if stage == "partial":
+                        if full is None:
+                            sc = load_any_config(HFCheckpoint(src).config)
+                            full = 2 * sc.num_kv_heads * sc.head_dim - args.qk_rope_dim
+                        plan = results["runs"].get(run_name(r, v.split(":")[0], pca, stats), {}).get("plan")
+                        opt.kv_lora_rank, opt.skip_pca, opt.plan = full, True, plan
+                    rep = convert(src, out, opt)
+                    conv_s = time.time() - t0
+                    res = ppl_of(out)
+                    res.update(convert_seconds=round(conv_s, 1), cache_ratio=rep["cache_ratio"],
+                               plan=[L["bands"] for L in rep["layers"]], choices=[L["choice"] for L in rep["layers"]],
+                               balances=[L["beta"] for L in rep["layers"]],
+                               degradation={t: res[t] - base[t] for t in texts})
+                    results["runs"][name] = res
+                    save()
+                    print(f"{name}: " + " ".join(f"{t} {res[t]:.3f} ({res[t] - base[t]:+.3f})" for t in texts)
+                          + f" convert {conv_s:.0f}s", flush=True)
+                    if not args.keep_models:
+                        shutil.rmtree(out, ignore_errors=True)
+    save()
+    print("\n| run | " + " | ".join(f"{t} ppl | {t} degr." for t in texts) + " | convert s |")
+    print("|---|" + "---|---|" * len(texts) + "---|")
     for name, res in results["runs"].items():
-        print(f"| {name} | {res['ppl']:.3f} | {res['ppl'] - base:+.3f} | {res.get('convert_seconds', '')} |")
+        print(f"| {name} | " + " | ".join(f"{res[t]:.3f} | {res[t] - base[t]:+.3f}" for t in texts)
+              + f" | {res.get('convert_seconds', '')} |")
+    print("\n| adaptive run | " + " | ".join(f"vs best uniform ({t}) | vs TransMLA ({t})" for t in texts) + " |")
+    print("|---|" + "---|---|" * len(texts))
+    for name, red in results["reductions"].items():
+        cells = []
+        for t in texts:
+            u = red.get(f"vs_best_uniform_{t}")
+            cells.append(f"{u['percent']:+.1f}% ({u['uniform']})" if u else "")
+            tm = red.get(f"vs_transmla_{t}")
+            cells.append(f"{tm:+.1f}%" if tm is not None else "")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

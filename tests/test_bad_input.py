@@ -474,6 +474,34 @@ def test_interrupt_is_one_line_and_its_exit_code(tiny, tmp_path, sig, code):
     model, text = tiny
     rc, _, err = run_tool("eval_ppl.py", "--model", model, "--text", text, "--seq-len", 32,
                           "--json", tmp_path / "r.json", signal_after=(2.5, getattr(signal, sig)))
-    lines = [ln for ln in err.splitlines() if ln.strip() and "%|" not in ln]
-    assert rc == code and len(lines) == 1 and lines[0].startswith("interrupted"), (rc, err)
+    # the tool's own status lines ("compiling the perplexity graph (first call only) ...") may precede the signal
+    status = re.compile(r"^(compiling|loading) .*( \.\.\.|: done in [0-9.]+ s)$")
+    lines = [ln for ln in err.splitlines() if ln.strip() and "%|" not in ln and not status.match(ln)]
+    assert len(lines) == 1 and lines[0].startswith("interrupted"), (rc, err)
+    # MindSpore's own SIGINT handler (installed at every graph compile and run) turns Ctrl-C into a SIGTERM; the
+    # line then says so instead of guessing
+    expect = {(code, "Ctrl-C" if code == 130 else "SIGTERM"), (143, "Ctrl-C or SIGTERM")}
+    assert (rc, lines[0].split("(", 1)[1].split(")", 1)[0]) in expect, (rc, err)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_swallowed_interrupt_still_ends_the_tool_and_discards_its_output(tmp_path, monkeypatch):
+    """An interrupt that MindSpore swallows inside a compile (the tool ran on, exit 0, stderr muted) or turns into a
+    RuntimeError (a traceback) still ends as one 'interrupted' line, and no output is committed after it."""
+    from youzhi_ms import errors, fsutil
+    monkeypatch.setattr(errors, "_signalled", signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        fsutil.write_json_output(str(tmp_path / "r.json"), {"a": 1})
+    assert os.listdir(tmp_path) == []
+    code = ("import os, signal, sys, time\nsys.path.insert(0, %r)\nfrom youzhi_ms.errors import cli_main\n"
+            "@cli_main\ndef main(swallow):\n"
+            "    try:\n        os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+            "    except KeyboardInterrupt:\n"
+            "        if swallow:\n            return\n        raise RuntimeError('see analyze_fail.ir')\n"
+            "main(sys.argv[1] == 'swallow')\n") % ROOT
+    for how in ("swallow", "convert"):
+        p = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, timeout=60,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert p.returncode == 130 and len(lines) == 1 and lines[0].startswith("interrupted (Ctrl-C)"), \
+            (how, p.returncode, p.stderr)

@@ -18,8 +18,9 @@ from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, 
 
 from youzhi_ms.checkpoint.hf import HFCheckpoint  # noqa: E402
 from youzhi_ms.checkpoint.mindspore_ckpt import load_model  # noqa: E402
-from youzhi_ms.config import rope_inv_freq, rope_tables  # noqa: E402
+from youzhi_ms.config import SourceConfig, rope_inv_freq, rope_tables  # noqa: E402
 from youzhi_ms.convert import attention_np as A  # noqa: E402
+from youzhi_ms.convert.calibrate import layer_weights  # noqa: E402
 from youzhi_ms.convert.latent import half_split_index, latent_selectors  # noqa: E402
 from youzhi_ms.convert.pipeline import ConvertOptions, convert  # noqa: E402
 from youzhi_ms.convert.rorope import band_moments, exact_rotation_keep_all  # noqa: E402
@@ -50,6 +51,14 @@ def make_source(kind, path, seed=0):
     return model
 
 
+def add_tiny_tokenizer(path):
+    """A byte-level BPE tokenizer.json without merges (one token per printable byte) for a tiny source model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.BPE(vocab={chr(i + 33): i for i in range(V - 1)} | {"<|endoftext|>": V - 1}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.save(str(path / "tokenizer.json"))
+
+
 def calib(seed=0, n=8, s=64):
     return np.random.default_rng(seed).integers(0, V, (n, s))
 
@@ -61,26 +70,17 @@ def ref_logits(model, ids):
 
 # ---------------------------------------------------------------- numpy source forward with a pluggable attention
 def numpy_forward(path, ids, attention):
+    """The source model in float64 through the converter's own layer arithmetic, with a pluggable attention."""
     ck = HFCheckpoint(path)
-    c = ck.config
-    D, H, kv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
-    d = c.get("head_dim") or D // H
-    eps = c["rms_norm_eps"]
-    inv, att = rope_inv_freq(d, c["rope_theta"], None, c["max_position_embeddings"])
+    cfg = SourceConfig.from_hf(ck.config)
+    eps = cfg.rms_norm_eps
+    inv, att = rope_inv_freq(cfg.head_dim, cfg.rope_theta, None, cfg.max_position_embeddings)
     cos, sin = rope_tables(inv, ids.shape[1], att)
     h = ck.get("model.embed_tokens.weight")[ids].astype(np.float64)
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        w = {k: ck.get(p + f"self_attn.{n}_proj.weight").astype(np.float64) for k, n in
-             (("wq", "q"), ("wk", "k"), ("wv", "v"), ("wo", "o"))}
-        for k, n in (("bq", "q"), ("bk", "k"), ("bv", "v")):
-            if p + f"self_attn.{n}_proj.bias" in ck:
-                w[k] = ck.get(p + f"self_attn.{n}_proj.bias").astype(np.float64)
-        x = A.rms_norm(h, ck.get(p + "input_layernorm.weight").astype(np.float64), eps)
-        h = h + attention(x, w, H, kv, d, cos, sin, inv)
-        x = A.rms_norm(h, ck.get(p + "post_attention_layernorm.weight").astype(np.float64), eps)
-        g = x @ ck.get(p + "mlp.gate_proj.weight").T
-        h = h + ((g / (1 + np.exp(-g))) * (x @ ck.get(p + "mlp.up_proj.weight").T)) @ ck.get(p + "mlp.down_proj.weight").T
+    for i in range(cfg.num_layers):
+        w = {k: v.astype(np.float64) for k, v in layer_weights(ck, i, cfg).items()}
+        x = A.rms_norm(h, w["ln1"], eps)
+        h = A.block_output(h, attention(x, w, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cos, sin, inv), w, eps)
     h = A.rms_norm(h, ck.get("model.norm.weight").astype(np.float64), eps)
     head = ck.get("lm_head.weight") if "lm_head.weight" in ck else ck.get("model.embed_tokens.weight")
     return h @ head.T
@@ -158,11 +158,11 @@ def test_full_rank_bkv_pca_equals_partial_rope_stage(kind, tmp_path):
     assert rel_err(b, a) <= 1e-4
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_single_kv_head_full_rope_conversion_is_exact(kind, tmp_path):
+@pytest.mark.parametrize("kind,stats", [("llama", "cascaded"), ("qwen2", "cascaded"), ("qwen2", "standard")])
+def test_single_kv_head_full_rope_conversion_is_exact(kind, stats, tmp_path):
     """With one KV head and qk_rope_dim = head_dim (c = 1, F = 1) no component loses RoPE and the maximal rank keeps
     the whole latent, so the exported MLA (Qwen2: with q/k/v biases through q_proj.bias and kv_a bias) must reproduce
-    the source end to end."""
+    the source end to end, whichever model the statistics come from."""
     common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=False)
     model = LlamaForCausalLM(LlamaConfig(head_dim=8, **common)) if kind == "llama" else \
@@ -172,7 +172,7 @@ def test_single_kv_head_full_rope_conversion_is_exact(kind, tmp_path):
         for n, p in model.named_parameters():
             p.copy_(torch.rand_like(p) + 0.5 if "norm" in n else torch.randn_like(p) * 0.2)
     model.eval().save_pretrained(tmp_path / "src")
-    _convert(tmp_path / "src", tmp_path / "mla", kv_lora_rank=8, qk_rope_dim=8, freqfold="1")
+    _convert(tmp_path / "src", tmp_path / "mla", kv_lora_rank=8, qk_rope_dim=8, freqfold="1", stats=stats)
     if kind == "qwen2":
         names = set(HFCheckpoint(str(tmp_path / "mla")).names())
         assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.kv_a_proj_with_mqa.bias"} <= names
@@ -250,11 +250,7 @@ def _cli(*args):
 ])
 def test_bad_options_one_clear_error_no_output(args, expect, tmp_path):
     make_source("llama", tmp_path / "src")
-    # a tokenizer is needed for the text-based check; reuse a tiny byte-level one
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    tok = Tokenizer(models.BPE(vocab={chr(i + 33): i for i in range(V - 1)} | {"<|endoftext|>": V - 1}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.save(str(tmp_path / "src" / "tokenizer.json"))
+    add_tiny_tokenizer(tmp_path / "src")  # a tokenizer is needed for the text-based check
     rope = [] if "--qk-rope-dim" in args else ["--qk-rope-dim", "8"]
     r = _cli("--hf-dir", str(tmp_path / "src"), "--output-dir", str(tmp_path / "out"), *rope, *args)
     assert r.returncode == 2, r.stderr
@@ -285,29 +281,29 @@ def test_non_finite_calibration_statistics_refused(tmp_path):
 
 
 def test_interrupted_conversion_resumes_to_the_same_result(tmp_path, monkeypatch):
-    from youzhi_ms.convert import pipeline
+    from youzhi_ms.convert import attention_np
     make_source("llama", tmp_path / "src")
     _convert(tmp_path / "src", tmp_path / "once", kv_lora_rank=40)
     calls = {"n": 0}
-    real = pipeline._mlp
+    real = attention_np.mlp
 
     def flaky(x, w):
         calls["n"] += 1
-        if calls["n"] == 2:  # interrupt during the second layer
+        if calls["n"] == 3:  # interrupt during the second layer (two streams per layer)
             raise KeyboardInterrupt
         return real(x, w)
 
-    monkeypatch.setattr(pipeline, "_mlp", flaky)
+    monkeypatch.setattr(attention_np, "mlp", flaky)
     with pytest.raises(KeyboardInterrupt):
         _convert(tmp_path / "src", tmp_path / "resumed", kv_lora_rank=40)
     assert not (tmp_path / "resumed").exists()
     work = tmp_path / ".resumed.partial"
     assert (work / "records.jsonl").exists()
     # a kill while appending layer 1's record: its hidden states are saved, its record line is torn
-    (work / "hidden_00002.npy").write_bytes((work / "hidden_00001.npy").read_bytes())
+    (work / "hidden_00002.npz").write_bytes((work / "hidden_00001.npz").read_bytes())
     with open(work / "records.jsonl", "a") as f:
         f.write('{"layer": 1, "bands": [[0, 2], [2')
-    monkeypatch.setattr(pipeline, "_mlp", real)
+    monkeypatch.setattr(attention_np, "mlp", real)
     _convert(tmp_path / "src", tmp_path / "resumed", kv_lora_rank=40)
     assert not (tmp_path / ".resumed.partial").exists()
     a, b = HFCheckpoint(str(tmp_path / "once")), HFCheckpoint(str(tmp_path / "resumed"))

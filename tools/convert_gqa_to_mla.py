@@ -5,12 +5,12 @@
       [--freqfold adaptive|adaptive-layer|auto|N] [--calib-text wiki-calib|FILE] [--calib-tokens N] \
       [--export exact|deepseek] [--seed S]
 
-Stages (one module each in youzhi_ms/convert): latent.py (GQA as a shared latent, exact) -> rorope.py (RoRoPE with
-FreqFold bands) -> adaptive.py (per-layer / per-band FreqFold choice) -> bkv_pca.py (joint K/V latent PCA to the rank:
-attention-aware by default, TransMLA's balanced K/V PCA with --pca-metric bkv) -> export.py (exact or stock
-DeepSeek-V3). Deployment limits of the result are logged as warnings. OUT gets config.json (with a `youzhi` block),
-model.safetensors, tokenizer files, conversion_report.{json,md} and freqfold.png; it appears only when the conversion
-completes.
+The five stages, one module each in youzhi_ms/convert: 1 latent.py (GQA as a shared latent, exact) -> 2 rorope.py
+(RoRoPE with FreqFold bands) -> 3 adaptive.py (the per-layer band choice) -> 4 latent_pca.py (joint K/V latent PCA to
+the rank: attention-aware by default, TransMLA's balanced K/V PCA with --pca-metric bkv) -> 5 export.py (exact or stock
+DeepSeek-V3); calibrate.py feeds them, pipeline.py runs them layer by layer. Deployment limits of the result are logged
+as warnings. OUT gets config.json (with a `youzhi` block), model.safetensors, tokenizer files,
+conversion_report.{json,md} and freqfold.png; it appears only when the conversion completes.
 """
 import argparse
 import logging
@@ -65,13 +65,18 @@ def main(argv=None):
     ap.add_argument("--calib-text", default="wiki-calib", help="wiki-calib or a .txt / .jsonl file")
     ap.add_argument("--calib-tokens", type=POSITIVE, default=16384)
     ap.add_argument("--calib-seq-len", type=int_at_least(2), default=256)
-    ap.add_argument("--proxy-seqs", type=POSITIVE, default=4, help="calibration windows used by the FreqFold proxies")
+    ap.add_argument("--proxy-seqs", type=POSITIVE, default=8,
+                    help="calibration windows the FreqFold candidates are scored on (default 8)")
     ap.add_argument("--export", choices=["exact", "deepseek"], default="exact")
     ap.add_argument("--out-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="dtype of the written checkpoint (the math runs in fp32/fp64 either way)")
     ap.add_argument("--pca-metric", choices=["attn", "bkv"], default="attn",
                     help="latent PCA: attn = attention-aware (queries and o_proj weight the error; default), "
                          "bkv = TransMLA's balanced K/V activation PCA")
+    ap.add_argument("--stats", choices=["cascaded", "standard"], default="cascaded",
+                    help="where the RoRoPE and latent-PCA statistics come from: cascaded = each layer's inputs in the "
+                         "converted model (default); standard = TransMLA's (source-model keys for RoRoPE, the "
+                         "partial-RoPE model's inputs for the latent PCA)")
     ap.add_argument("--seed", type=NONNEGATIVE, default=0)
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
@@ -86,7 +91,7 @@ def main(argv=None):
     opt = ConvertOptions(kv_lora_rank=args.kv_lora_rank, qk_rope_dim=args.qk_rope_dim, freqfold=args.freqfold,
                          calib_text=args.calib_text, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
                          proxy_seqs=args.proxy_seqs, export=args.export, seed=args.seed, plan=plan,
-                         out_dtype=args.out_dtype, pca_metric=args.pca_metric,
+                         out_dtype=args.out_dtype, pca_metric=args.pca_metric, stats=args.stats,
                          progress=not args.quiet)
     rep = convert(args.hf_dir, args.output_dir, opt, overwrite=args.overwrite)
     print(f"converted to MLA r={rep['kv_lora_rank']}+{rep['qk_rope_head_dim']} ({rep['cache_ratio']:.2f}x smaller KV "

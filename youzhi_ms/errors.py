@@ -12,6 +12,8 @@ then ends with `os._exit`: MindSpore's exit handlers can crash (SIGABRT, a page 
 there is nothing left for them to do. An interrupt during MindSpore's own import waits until that import is done
 (raised inside it, it breaks MindSpore's C++ module initialisation). Before a tool's main() runs, tools/_bootstrap.py
 ends the process quietly; only the interpreter's first ~0.1 s (before any tool code) keeps Python's own traceback.
+MindSpore replaces the SIGINT handler at every graph compile and run with one that sends the process a SIGTERM, so once
+a graph has run a Ctrl-C ends with 143 and the line says `Ctrl-C or SIGTERM`.
 """
 from __future__ import annotations
 
@@ -31,6 +33,28 @@ class Terminated(KeyboardInterrupt):
 
 
 _saved_stderr = None  # fd of the real stderr while it is muted after a signal
+_sigint_c_handler = None  # the C-level SIGINT handler right after cli_main installed ours
+
+
+def _c_handler(signum: int):
+    """The C-level handler address of `signum` (sigaction's first field), or None where it cannot be read."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = ctypes.create_string_buffer(256)  # larger than any libc's struct sigaction
+        if libc.sigaction(signum, None, buf) != 0:
+            return None
+        return ctypes.c_void_p.from_buffer(buf).value
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def _sigint_taken_over() -> bool:
+    """True once MindSpore has replaced our SIGINT handler. It installs its own at every graph compile and run (MindSpore
+    2.10, measured), and that handler turns Ctrl-C into a SIGTERM to the process: from then on the two cannot be told
+    apart."""
+    now = _c_handler(signal.SIGINT)
+    return _sigint_c_handler is not None and now is not None and now != _sigint_c_handler
 
 
 _pending = []  # a signal that arrived while MindSpore was being imported
@@ -59,8 +83,21 @@ def _on_signal(signum, frame):
     _interrupt(signum)
 
 
+_signalled = None  # the first interrupt's signal number, kept in case the KeyboardInterrupt is swallowed
+
+
+def raise_if_interrupted() -> None:
+    """Raise the interrupt again if one arrived and was swallowed on its way out: a KeyboardInterrupt raised inside a
+    Python callback that MindSpore's C++ calls during a compile can be caught there (seen once in ~20 interrupted
+    compiles), and the tool then ran on with stderr muted. Output commits and cli_main check this first."""
+    if _signalled is not None:
+        raise Terminated() if _signalled == signal.SIGTERM else KeyboardInterrupt()
+
+
 def _interrupt(signum):
-    global _saved_stderr
+    global _saved_stderr, _signalled
+    if _signalled is None:
+        _signalled = signum
     if _saved_stderr is None:
         try:
             sys.stderr.flush()
@@ -110,6 +147,15 @@ def _leave(code: int, message: str) -> None:
     os._exit(code)
 
 
+def _interrupted(term: bool, notes) -> None:
+    if _unmute_stderr():
+        sys.stderr.write("\n")  # a bar closed while stderr was muted never ended its line
+    name = ("Ctrl-C or SIGTERM" if _sigint_taken_over() else "SIGTERM") if term else "Ctrl-C"
+    notes = "; ".join(notes) or ("the output in progress was discarded, finished ones are kept; convert_gqa_to_mla.py "
+                                 "(same command) and train.py --resume continue where they stopped")
+    _leave(143 if term else 130, f"interrupted ({name}): {notes}")
+
+
 def cli_main(fn):
     """Decorate a tool's `main()`: YouzhiError -> 'error: <message>' on stderr, exit code 2; Ctrl-C / SIGTERM ->
     'interrupted: ...', exit code 130 / 143."""
@@ -120,8 +166,13 @@ def cli_main(fn):
         for sig, handler in previous.items():
             if handler not in (signal.SIG_IGN, None):  # a process started with the signal ignored keeps it so
                 signal.signal(sig, _on_signal)
+        global _sigint_c_handler, _signalled
+        _sigint_c_handler = _c_handler(signal.SIGINT)
+        _signalled = None
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            raise_if_interrupted()
+            return result
         except YouzhiError as exc:
             if os.environ.get("YOUZHI_TRACEBACK"):
                 raise
@@ -129,15 +180,13 @@ def cli_main(fn):
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt as exc:
-            if _unmute_stderr():
-                sys.stderr.write("\n")  # a bar closed while stderr was muted never ended its line
-            term = isinstance(exc, Terminated)
-            notes = "; ".join(getattr(exc, "__notes__", ())) or \
-                ("the output in progress was discarded, finished ones are kept; convert_gqa_to_mla.py (same command) "
-                 "and train.py --resume continue where they stopped")
-            _leave(143 if term else 130, f"interrupted ({'SIGTERM' if term else 'Ctrl-C'}): {notes}")
-        except BaseException:  # anything else on the way out keeps its traceback, visibly
-            _unmute_stderr()
+            _interrupted(isinstance(exc, Terminated), getattr(exc, "__notes__", ()))
+        except BaseException as exc:
+            if _signalled is not None and not isinstance(exc, SystemExit):
+                # the interrupt surfaced as another error: MindSpore turns a KeyboardInterrupt raised inside a compile
+                # into a RuntimeError ("analyze_fail.ir") now and then
+                _interrupted(_signalled == signal.SIGTERM, ())
+            _unmute_stderr()  # anything else on the way out keeps its traceback, visibly
             raise
         finally:  # in-process callers (tests) get their own handlers back
             for sig, handler in previous.items():

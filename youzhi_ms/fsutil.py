@@ -28,7 +28,7 @@ import tempfile
 import time
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
-from youzhi_ms.errors import YouzhiError
+from youzhi_ms.errors import YouzhiError, raise_if_interrupted
 
 MARKER = ".youzhi_ms_output.json"
 
@@ -240,6 +240,7 @@ def atomic_output_dir(path: str, overwrite: bool = False, inputs: Inputs = (), f
     tmp = tempfile.mkdtemp(prefix=_temp_prefix(real), dir=parent)
     try:
         yield tmp
+        raise_if_interrupted()
         check_output_dir(path, overwrite, inputs, flag, legacy_marker)
         write_marker(tmp, kind, os.listdir(tmp) + [MARKER])
         os.chmod(tmp, 0o755)
@@ -260,6 +261,7 @@ def atomic_output_file(path: str, overwrite: bool = False, inputs: Inputs = (), 
     os.close(fd)
     try:
         yield tmp
+        raise_if_interrupted()
         check_output_file(path, overwrite, inputs, flag)
         os.chmod(tmp, 0o644)
         os.replace(tmp, real)

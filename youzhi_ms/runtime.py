@@ -32,6 +32,8 @@ KNOWN_HARMLESS = (
     "compile_dependency.hash failed",
     "Check the consistency of dependency files hash failed",
     "Use the compilation cache and execute the backend actions only",
+    # ... and on a planned miss (a graph file removed after an interrupted compile) it says it compiles everything
+    "Failed to find cache file, execute all the compilation actions",
 )
 
 # Runs in a child process: a filter thread inside this process would need the interpreter lock, which a compile can

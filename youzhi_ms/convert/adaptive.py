@@ -1,23 +1,33 @@
-"""Layer-adaptive FreqFold: choose the RoRoPE bands of every layer from measured errors.
+"""Stage 3 of 5, layer-adaptive FreqFold: choose the RoRoPE bands of every layer by the budget-aware residual-stream error.
 
-Two local proxies, both computed on calibration tokens of the layer being converted:
-  * band proxy (separable, cheap): for a candidate band (f, F), the error its RoRoPE approximation adds to the attention
-    logits, weighted like the second-order KL between the true and the perturbed attention distributions:
-    E = sum_{h,t} Var_{s ~ p_t}(delta_logit_ts). Summing E over bands and minimising with dynamic programming gives the
-    best tiling of the frequencies into bands (mixed fold sizes inside one layer).
-  * budget-aware attention-output error: the relative squared error of the layer's attention output (after o_proj)
-    when the whole layer is converted at the target kv_lora_rank, compared with the source layer on the same inputs.
-    It arbitrates between candidates (uniform F per layer, and DP tilings with a cap on band size) because the band
-    proxy does not see the low-rank step.
+Candidates (per layer):
+  * 'adaptive': every monotone tiling of the d/2 frequencies into contiguous bands whose sizes are fold sizes
+    (c, 2c, 4c, ... d/2) and never decrease from the highest frequency to the lowest: high frequencies, whose
+    misrotation costs the most phase per position, get small bands; low ones may share a rope pair among many
+    frequencies. 36 tilings per layer for d = 64, c = 2; 202 for d = 128.
+  * 'adaptive-layer': one uniform F per layer.
+Every candidate is converted fully at the target kv_lora_rank (RoRoPE + latent PCA, `LayerStats.build`) and scored by
+`calibrate.ResidualScore`: the squared error of the residual stream after the attention block against the original
+model's, with the input taken from the already-converted layers, so the choice sees the low-rank step and can
+compensate upstream drift. The best few candidates are then re-scored over the key/value balances (`latent_pca`), and
+the (bands, balance) pair with the smallest error wins.
+
+When a head dimension gives more candidates than `max_candidates`, a rank-blind, separable band proxy (`BandProxy`:
+the variance of each band's logit error under the source attention, a second-order KL) shortlists them; uniform
+tilings always stay in. It is not needed for d <= 64 and is measured against the exhaustive search in
+docs/benchmarks.md.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from youzhi_ms.convert.latent import kv_group
-from youzhi_ms.convert.rorope import Band, pca, uniform_bands
+from youzhi_ms.convert.rorope import Band, describe_bands, pca, uniform_bands
+
+MODES = ("adaptive", "adaptive-layer")
 
 
 def fold_sizes(d: int, c: int) -> List[int]:
@@ -28,6 +38,39 @@ def fold_sizes(d: int, c: int) -> List[int]:
     return out
 
 
+def monotone_tilings(d: int, c: int, sizes: Optional[Sequence[int]] = None) -> List[List[Band]]:
+    """Every tiling of frequencies 0..d/2-1 into contiguous bands with sizes from `sizes` (default: the fold sizes),
+    non-decreasing from the highest frequency (0) to the lowest."""
+    n = d // 2
+    sizes = sorted(sizes or fold_sizes(d, c))
+    out: List[List[Band]] = []
+
+    def extend(pos: int, smallest: int, acc: List[Band]):
+        if pos == n:
+            out.append(list(acc))
+            return
+        for F in sizes:
+            if F >= smallest and pos + F <= n:
+                acc.append((pos, F))
+                extend(pos + F, F, acc)
+                acc.pop()
+
+    extend(0, sizes[0], [])
+    return out
+
+
+def layer_candidates(mode: str, d: int, c: int) -> Dict[str, List[Band]]:
+    """Named band tilings of one layer: 'F=4' for uniform ones, describe_bands() text for mixed ones."""
+    uniform = {f"F={F}": uniform_bands(d, F) for F in fold_sizes(d, c)}
+    if mode == "adaptive-layer":
+        return uniform
+    out = {}
+    for bands in monotone_tilings(d, c):
+        sizes = {F for _, F in bands}
+        out[f"F={bands[0][1]}" if len(sizes) == 1 else describe_bands(bands)] = bands
+    return out
+
+
 def _complex_heads(x: np.ndarray) -> np.ndarray:
     """[..., d] half-split -> complex [..., d/2]."""
     h = x.shape[-1] // 2
@@ -35,7 +78,7 @@ def _complex_heads(x: np.ndarray) -> np.ndarray:
 
 
 class BandProxy:
-    """Logit-error proxy for every candidate band of one layer.
+    """Rank-blind logit-error proxy for every candidate band of one layer (used only to shortlist large candidate sets).
 
     q [N,S,H,d], k [N,S,kv,d] pre-RoPE; probs [N,H,S,S] the source attention; inv_freq [d/2]. Queries are subsampled
     every `q_stride` positions (keys are all kept) to bound time and memory; float32 real matmuls throughout."""
@@ -67,7 +110,7 @@ class BandProxy:
     def error(self, band: Band) -> float:
         f, F = band
         n_kv, c = self.n_kv, self.c
-        _, U = pca(self.moments(band))
+        _, U = pca(self.moments([band])[0])
         keep = F // c
         true = self.prefix[(f + F) // c] - self.prefix[f // c]
         # components: k'_m(s) = sum_{i,j} U[(i,j), m] k_{i,j}(s); q'_{h,m}(t) = sum_j U[(g(h), j), m] q_{h,j}(t)
@@ -88,42 +131,62 @@ class BandProxy:
         return float(var.sum() / (self.N * len(self.tq)))
 
 
-def dp_tiling(errors: Dict[Band, float], d: int, c: int, max_F: int) -> Tuple[List[Band], float]:
-    """Minimum-total-error tiling of frequencies 0..d/2-1 into bands of sizes c*2^k <= max_F (starts at multiples of c)."""
-    n = d // 2 // c
-    best = [0.0] + [np.inf] * n
-    choice: List = [None] * (n + 1)
-    for b in range(1, n + 1):
-        size = 1
-        while size <= b and size * c <= max_F:
-            a = b - size
-            e = errors.get((a * c, size * c))
-            if e is not None and best[a] + e < best[b]:
-                best[b], choice[b] = best[a] + e, (a * c, size * c)
-            size *= 2
-    bands, b = [], n
-    while b > 0:
-        f, F = choice[b]
-        bands.append((f, F))
-        b = f // c
-    return bands[::-1], best[n]
+def shortlist(cands: Dict[str, List[Band]], band_error: Callable[[Band], float], limit: int) -> Dict[str, List[Band]]:
+    """The `limit` candidates with the smallest summed band proxy, plus every uniform tiling."""
+    if len(cands) <= limit:
+        return cands
+    cache: Dict[Band, float] = {}
+
+    def total(bands):
+        for b in bands:
+            if b not in cache:
+                cache[b] = band_error(b)
+        return sum(cache[b] for b in bands)
+
+    ranked = sorted(cands, key=lambda n: total(cands[n]))
+    keep = set(ranked[:limit]) | {n for n in cands if n.startswith("F=")}
+    return {n: cands[n] for n in cands if n in keep}
 
 
-def candidate_bands(d: int, c: int) -> List[Band]:
-    out = []
-    for F in fold_sizes(d, c):
-        for f in range(0, d // 2 - F + 1, c):
-            out.append((f, F))
-    return out
+@dataclass
+class Decision:
+    """What the layer's FreqFold search decided, and the errors it decided on (all `ResidualScore` values)."""
+    name: str
+    bands: List[Band]
+    beta: float
+    score: float
+    scores: Dict[str, float] = field(default_factory=dict)  # every candidate at balance 1
+    refined: Dict[str, float] = field(default_factory=dict)  # "name @ beta" for the finalists
 
 
-def layer_candidates(mode: str, d: int, c: int, proxy_errors=None) -> Dict[str, List[Band]]:
-    """Named band tilings to arbitrate between: uniform F for every fold size, plus (mode 'adaptive') DP tilings
-    with the band size capped at each fold size."""
-    cands = {f"F={F}": uniform_bands(d, F) for F in fold_sizes(d, c)}
-    if mode == "adaptive" and proxy_errors is not None:
-        for F in fold_sizes(d, c)[1:]:
-            bands, _ = dp_tiling(proxy_errors, d, c, F)
-            if bands not in cands.values():
-                cands[f"dp<= {F}"] = bands
-    return cands
+def choose(cands: Dict[str, List[Band]], score_of: Callable[[List[Band], float], float],
+           betas: Sequence[float] = (1.0,), finalists: int = 3,
+           progress: Optional[Callable[[int, int], None]] = None) -> Decision:
+    """Exhaustive search over the candidates at balance 1, then over balances for the best `finalists`.
+
+    score_of(bands, beta) -> error; progress(done, total) after every build. The result is the true minimum over the
+    scored pairs; ties keep the first name."""
+    top_n = min(max(1, finalists), len(cands))
+    total = len(cands) + top_n * sum(1 for b in betas if b != 1.0)
+    done = [0]
+
+    def score(bands, beta):
+        s = score_of(bands, beta)
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+        return s
+
+    scores = {n: score(b, 1.0) for n, b in cands.items()}
+    top = sorted(scores, key=scores.get)[:top_n]
+    refined: Dict[str, float] = {}
+    best: Tuple[float, str, float] = (np.inf, top[0], 1.0)
+    for n in top:
+        for beta in betas:
+            s = scores[n] if beta == 1.0 else score(cands[n], beta)
+            if len(betas) > 1:
+                refined[f"{n} @ {beta:g}"] = s
+            if s < best[0]:
+                best = (s, n, float(beta))
+    s, n, beta = best
+    return Decision(name=n, bands=list(cands[n]), beta=beta, score=s, scores=scores, refined=refined)

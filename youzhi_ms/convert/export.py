@@ -1,5 +1,6 @@
-"""Export: the exact MLA checkpoint (youzhi extensions) or a stock DeepSeek-V3 checkpoint. The config.json both write
-and the deployment warnings are the contract's (youzhi_ms/contract.py: `mla_config`, `deployment_warnings`).
+"""Stage 5 of 5, export: the exact MLA checkpoint (youzhi extensions) or a stock DeepSeek-V3 checkpoint. The
+config.json both write and the deployment warnings are the contract's (youzhi_ms/contract.py: `mla_config`,
+`deployment_warnings`).
 
 Stock DeepSeek-V3 (transformers, vLLM / vLLM-Ascend, MindFormers) always applies kv_a_layernorm to the latent and has
 no q_proj / kv_a bias. The exact conversion has neither a latent norm nor (for bias-free sources) any bias, so the stock
@@ -13,6 +14,18 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+
+
+def attention_token_weights(probs: np.ndarray, n_windows: int) -> np.ndarray:
+    """Per-token weights [n_windows * S] for the refit: 1 plus the attention each key token receives (mean over heads
+    and queries, normalised to mean 1) in the source attention `probs` [n, H, S, S] of the first n windows; the other
+    windows get the same per-position profile (the sink at position 0 dominates it)."""
+    recv = probs.sum(2).mean(1)  # [n, S]
+    recv = recv / recv.mean()
+    wts = np.ones((n_windows, probs.shape[-1]))
+    wts[:len(recv)] += recv
+    wts[len(recv):] += recv.mean(0)
+    return wts.reshape(-1)
 
 
 def refit_kv_b(c: np.ndarray, target_w: np.ndarray, weights: Optional[np.ndarray], eps: float,

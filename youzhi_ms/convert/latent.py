@@ -1,4 +1,4 @@
-"""Stage 0: GQA as MHA over a shared latent (exact).
+"""Stage 1 of 5: GQA as MHA over a shared latent (exact).
 
 The latent is the stacked GQA keys/values, c_K = W_K x + b_K and c_V = W_V x + b_V, each L = n_kv*d wide. Query head h
 reads KV head g(h) = h // group (Hugging Face repeat_kv order) through the selectors W_UK[h] = W_UV[h] = E_g(h), the

@@ -1,8 +1,8 @@
-"""The GQA -> MLA conversion, layer by layer: calibrate, choose FreqFold bands, RoRoPE, BKV-PCA, export.
+"""The GQA -> MLA conversion, layer by layer: calibrate, choose FreqFold bands, RoRoPE, latent PCA, export.
 
-Only the current layer's weights (plus embeddings and the calibration hidden states) are in memory. The hidden states
-are pushed through the *converted* layers, so each layer's statistics see the inputs the converted model will give it;
-targets for the proxies are the source layer's attention on those same inputs.
+This file keeps the I/O, the resume and the report; each decision lives in its stage's file (`adaptive.choose` for the
+bands and the key/value balance, `latent_pca.build_layer` for the compression, `export` for the stock-export refit).
+Only the current layer's weights (plus embeddings and the calibration hidden states, see `calibrate`) are in memory.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -20,13 +21,13 @@ from tqdm import tqdm
 
 from youzhi_ms.checkpoint.hf import HFCheckpoint, ShardedWriter, copy_side_files, save_safetensors, write_json
 from youzhi_ms.config import SourceConfig, _rope_type, rope_inv_freq, rope_tables
-from youzhi_ms.convert import adaptive
-from youzhi_ms.convert.attention_np import gqa_attention, gqa_qkv, linear, mla_attention, rms_norm
-from youzhi_ms.convert.bkv_pca import build_layer, check_rank, input_moments, max_rank, query_moments
-from youzhi_ms.contract import deployment_warnings, mla_config
-from youzhi_ms.convert.export import refit_kv_b
-from youzhi_ms.convert.rorope import (band_moments, describe_bands, qk_moments, query_band_moments, rotation,
-                                     uniform_bands, validate_bands)
+from youzhi_ms.convert import adaptive, calibrate
+from youzhi_ms.convert.attention_np import block_output, rms_norm
+from youzhi_ms.convert.calibrate import STATS, Geometry, LayerStats, ResidualScore
+from youzhi_ms.contract import check_rope_dim, deployment_warnings, mla_config
+from youzhi_ms.convert.export import attention_token_weights, refit_kv_b
+from youzhi_ms.convert.latent_pca import BALANCES, check_rank, max_rank
+from youzhi_ms.convert.rorope import describe_bands, uniform_bands, validate_bands
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
 
@@ -41,7 +42,7 @@ class ConvertOptions:
     calib_text: str = "wiki-calib"
     calib_tokens: int = 16384
     calib_seq_len: int = 256
-    proxy_seqs: int = 4
+    proxy_seqs: int = 8  # calibration windows the candidates are scored on
     export: str = "exact"  # exact | deepseek
     seed: int = 0
     damping: float = 0.01
@@ -52,7 +53,12 @@ class ConvertOptions:
     skip_pca: bool = False  # partial-RoPE stage only: no PCA rotation of the latent (needs the maximal rank)
     pca_metric: str = "attn"  # attn (attention-aware, youzhi_ms) | bkv (TransMLA's balanced K/V PCA)
     rorope_metric: str = "k"  # k (TransMLA: key energy) | qk (query-key product energy) for the per-band PCA
-    betas: tuple = (0.25, 0.5, 1.0, 2.0, 4.0)  # key/value balance multipliers tried per layer with pca_metric=attn
+    betas: tuple = BALANCES  # key/value balance multipliers tried per layer with pca_metric=attn
+    stats: str = "cascaded"  # cascaded | standard: where RoRoPE's and the latent PCA's statistics come from
+    max_candidates: int = 48  # above this, the band proxy shortlists the adaptive candidates
+    finalists: int = 3  # candidates re-scored over the key/value balances
+    score: str = "local-block"  # the error the FreqFold and balance decisions minimise (calibrate.SCORES)
+    score_stride: int = 2  # the score reads every score_stride-th query position of the proxy windows
 
 
 @dataclass
@@ -60,33 +66,14 @@ class LayerRecord:
     layer: int
     bands: List[List[int]]
     choice: str
-    proxy_errors: Dict[str, float] = field(default_factory=dict)
-    attn_rel_err: float = 0.0
+    beta: float = 1.0
+    score: float = 0.0  # residual-stream error of the built layer (what the search minimised)
+    attn_rel_err: float = 0.0  # the built layer's attention error against the source attention on the same inputs
+    scores: Dict[str, float] = field(default_factory=dict)  # every candidate at balance 1
+    refined: Dict[str, float] = field(default_factory=dict)  # finalists x balances
     alpha: float = 0.0
     pca_energy_kept: float = 0.0
     refit: Optional[Dict[str, float]] = None
-    beta: float = 1.0
-    beta_errors: Dict[str, float] = field(default_factory=dict)
-
-
-def _layer_weights(ck: HFCheckpoint, i: int, cfg: SourceConfig) -> Dict[str, np.ndarray]:
-    p = f"model.layers.{i}."
-    D, H, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    w = {"wq": ck.get(p + "self_attn.q_proj.weight", (H * d, D)), "wk": ck.get(p + "self_attn.k_proj.weight", (kv * d, D)),
-         "wv": ck.get(p + "self_attn.v_proj.weight", (kv * d, D)), "wo": ck.get(p + "self_attn.o_proj.weight", (D, H * d)),
-         "ln1": ck.get(p + "input_layernorm.weight", (D,)), "ln2": ck.get(p + "post_attention_layernorm.weight", (D,)),
-         "gate": ck.get(p + "mlp.gate_proj.weight", (cfg.intermediate_size, D)),
-         "up": ck.get(p + "mlp.up_proj.weight", (cfg.intermediate_size, D)),
-         "down": ck.get(p + "mlp.down_proj.weight", (D, cfg.intermediate_size))}
-    for b, n, size in (("bq", "q_proj", H * d), ("bk", "k_proj", kv * d), ("bv", "v_proj", kv * d), ("bo", "o_proj", D)):
-        if p + f"self_attn.{n}.bias" in ck:
-            w[b] = ck.get(p + f"self_attn.{n}.bias", (size,))
-    return w
-
-
-def _mlp(x, w):
-    g = x @ w["gate"].T
-    return ((g / (1 + np.exp(-g))) * (x @ w["up"].T)) @ w["down"].T
 
 
 def calibration_windows(src_dir: str, text: str, tokens: int, seq_len: int, seed: int) -> np.ndarray:
@@ -105,25 +92,48 @@ def calibration_windows(src_dir: str, text: str, tokens: int, seq_len: int, seed
 
 def _check_options(cfg: SourceConfig, opt: ConvertOptions):
     d = cfg.head_dim
-    rope = opt.qk_rope_dim or d // 2
-    if d % rope or rope % 2 or rope > d:
-        raise YouzhiError(f"--qk-rope-dim {rope} must be even and divide head_dim {d} (e.g. {d // 2} or {d // 4})")
+    rope = check_rope_dim(d // 2 if opt.qk_rope_dim is None else opt.qk_rope_dim, d)
     c = d // rope
     if _rope_type(cfg.rope_scaling) == "yarn":
         raise YouzhiError("yarn rope_scaling is not supported by the converter (DeepSeek-V3's yarn differs from the "
                           "source's on the folded frequencies); convert the model without rope_scaling")
-    if opt.freqfold not in ("adaptive", "adaptive-layer", "auto"):
+    if opt.freqfold not in adaptive.MODES + ("auto",):
         try:
             F = int(opt.freqfold)
         except ValueError:
             raise YouzhiError(f"--freqfold {opt.freqfold!r}: use adaptive, adaptive-layer, auto or an integer F")
         if F % c or F < c or F > d // 2 or F & (F - 1):
-            raise YouzhiError(f"--freqfold {F} must be a power-of-two multiple of c = head_dim/qk_rope_dim = {c} and at "
-                              f"most head_dim/2 = {d // 2} (valid: {adaptive.fold_sizes(d, c)})")
+            raise YouzhiError(f"--freqfold {F} must be a power-of-two multiple of c = head_dim/qk_rope_dim = {c} and "
+                              f"at most head_dim/2 = {d // 2} (valid: {adaptive.fold_sizes(d, c)})")
     check_rank(opt.kv_lora_rank, cfg.num_kv_heads, d, rope)
     if opt.export not in ("exact", "deepseek"):
         raise YouzhiError(f"--export {opt.export!r}: use exact or deepseek")
+    if opt.stats not in STATS:
+        raise YouzhiError(f"--stats {opt.stats!r}: use {' or '.join(STATS)}")
     return rope, c
+
+
+def _decide(opt: ConvertOptions, i: int, stats: LayerStats, score: ResidualScore, geo: Geometry,
+            band_proxy, progress=None) -> adaptive.Decision:
+    """The layer's FreqFold bands and key/value balance: given (plan, uniform F) or searched (adaptive modes)."""
+    d, c = geo.d, geo.c
+    if opt.plan is not None:
+        bands = [tuple(b) for b in opt.plan[i]]
+        validate_bands(bands, d, c)
+        cands = {"plan": bands}
+    elif opt.freqfold in adaptive.MODES:
+        cands = adaptive.layer_candidates(opt.freqfold, d, c)
+        if len(cands) > opt.max_candidates:
+            cands = adaptive.shortlist(cands, band_proxy(), opt.max_candidates)
+    else:
+        cands = {f"F={int(opt.freqfold)}": uniform_bands(d, int(opt.freqfold))}
+    betas = opt.betas if opt.pca_metric == "attn" and not opt.skip_pca else (1.0,)
+    R_id = np.eye(max_rank(geo.n_kv, d, geo.rope)) if opt.skip_pca else None
+
+    def score_of(bands, beta):
+        return score(stats.build(bands, beta, R_override=R_id)[0])
+
+    return adaptive.choose(cands, score_of, betas, opt.finalists, progress)
 
 
 def _inputs(src_dir: str, opt: ConvertOptions) -> list:
@@ -166,26 +176,28 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
     cfg = SourceConfig.from_hf(ck.config)
     rope, c = _check_options(cfg, opt)
     if opt.freqfold == "auto":
-        return _auto(src_dir, out_dir, opt, cfg, overwrite)
+        return _auto(src_dir, out_dir, opt, cfg, c, overwrite)
     H, kv, d, D, r = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, opt.kv_lora_rank
     if opt.calib_ids is not None:
         ids = np.asarray(opt.calib_ids)
     else:
         ids = calibration_windows(src_dir, opt.calib_text, opt.calib_tokens, opt.calib_seq_len, opt.seed)
     N, S = ids.shape
-    if opt.skip_pca and r != max_rank(kv, d, rope):
-        raise YouzhiError(f"skip_pca needs the maximal rank {max_rank(kv, d, rope)}")
-    R_id = np.eye(max_rank(kv, d, rope)) if opt.skip_pca else None
+    full = max_rank(kv, d, rope)
+    if opt.skip_pca and r != full:
+        raise YouzhiError(f"skip_pca needs the maximal rank {full}")
+    R_id = np.eye(full) if opt.skip_pca else None
     check_rank(r, kv, d, rope, tokens=N * S)
     if opt.plan is not None and len(opt.plan) != cfg.num_layers:
         raise YouzhiError(f"the FreqFold plan has {len(opt.plan)} layers, the model {cfg.num_layers}")
 
     inv, att = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
     cos, sin = rope_tables(inv, S, att)
-    cos_r, sin_r = cos[:, ::c], sin[:, ::c]  # rope pair p rotates at omega_{c p}
+    geo = Geometry(n_heads=H, n_kv=kv, d=d, rope=rope, rank=r, eps=cfg.rms_norm_eps, cos=cos, sin=sin)
     has_q_bias = any(n.endswith("self_attn.q_proj.bias") for n in ck.names())
     has_kv_bias = any(n.endswith(("self_attn.k_proj.bias", "self_attn.v_proj.bias")) for n in ck.names())
     npx = min(opt.proxy_seqs, N)
+    standard = opt.stats == "standard"
 
     # Per-layer results go to a work directory next to the output, so an interrupted conversion resumes at the first
     # unfinished layer (same options and source); the output directory itself appears only when complete.
@@ -197,74 +209,47 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
     if h is None:
         if ck.shape("model.embed_tokens.weight") != (cfg.vocab_size, D):
             ck.get("model.embed_tokens.weight", (cfg.vocab_size, D))  # raises the shape error
-        h = ck.take_rows("model.embed_tokens.weight", ids)  # [N,S,D]
+        emb = ck.take_rows("model.embed_tokens.weight", ids)  # [N,S,D]
+        # conv: the converted model; orig: the source (all windows only when it feeds statistics); stage1: the
+        # partial-RoPE model (statistics 'standard')
+        h = {"conv": emb, "orig": emb if standard else emb[:npx]}
+        if standard:
+            h["stage1"] = emb
     elif records:
         log.info("resuming the conversion at layer %d (%s)", len(records), work)
     bar = tqdm(range(len(records), cfg.num_layers), desc=f"convert r={r}", unit="layer", disable=not opt.progress,
                initial=len(records), total=cfg.num_layers)
     for i in bar:
-        w = _layer_weights(ck, i, cfg)
-        x = rms_norm(h, w["ln1"], cfg.rms_norm_eps)
-        X = x.reshape(N * S, D)
-        K = linear(X, w["wk"], w.get("bk"))
+        w = calibrate.layer_weights(ck, i, cfg)
         src = {k: w[k] for k in ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo") if k in w}
-        a_ref, probs = gqa_attention(x[:npx], src, H, kv, d, cos, sin, return_probs=True)
-        SX = input_moments(X)
-        Sq = query_moments(src, SX, H, d)
+        x = {k: rms_norm(v, w["ln1"], cfg.rms_norm_eps) for k, v in h.items()}
+        a_orig = geo.gqa(x["orig"], src)
+        flat = {k: v.reshape(-1, D) for k, v in x.items()}
+        stats = LayerStats(geo, src, keys_x=flat["orig" if standard else "conv"],
+                           pca_x=flat["stage1" if standard else "conv"], pca_metric=opt.pca_metric,
+                           rorope_metric=opt.rorope_metric, damping=opt.damping)
+        a_loc, probs = geo.gqa(x["conv"][:npx], src, return_probs=True)
+        score = ResidualScore(geo, w, h["conv"][:npx], h["orig"][:npx], a_orig[:npx], opt.score, a_loc,
+                              opt.score_stride)
 
-        def moments(bands):
-            km = band_moments(K, kv, d, bands)
-            if opt.rorope_metric == "qk":
-                return qk_moments(km, query_band_moments(Sq, H, kv, d, bands))
-            return km
-        ref_energy = float((a_ref.astype(np.float64) ** 2).sum())
+        def band_proxy():
+            from youzhi_ms.convert.attention_np import gqa_qkv
+            q, k, _ = gqa_qkv(x["conv"][:npx], src, H, kv, d)
+            return adaptive.BandProxy(q, k, probs, inv, kv, stats.moments, c, d ** -0.5).error
 
-        def attn_err(bands, beta=1.0, Q=None):
-            if Q is None:
-                Q, _ = rotation(kv, d, c, bands, moments(bands), opt.damping)
-            m, info = build_layer(src, Q, SX, H, kv, d, rope, r, opt.damping, metric=opt.pca_metric, beta=beta, Sq=Sq)
-            a = mla_attention(x[:npx], m, H, d, rope, d, r, cos_r, sin_r)
-            return float(((a - a_ref).astype(np.float64) ** 2).sum() / ref_energy)
-
-        rec = LayerRecord(layer=i, bands=[], choice="")
-        if opt.plan is not None:
-            bands = [tuple(b) for b in opt.plan[i]]
-            validate_bands(bands, d, c)
-            rec.choice = "plan"
-        elif opt.freqfold not in ("adaptive", "adaptive-layer"):
-            bands = uniform_bands(d, int(opt.freqfold))
-            rec.choice = f"F={int(opt.freqfold)}"
-        else:
-            band_err = None
-            if opt.freqfold == "adaptive":
-                q, k, _ = gqa_qkv(x[:npx], src, H, kv, d)
-                proxy = adaptive.BandProxy(q, k, probs, inv, kv,
-                                           lambda b: moments([b])[0], c, d ** -0.5)
-                band_err = {b: proxy.error(b) for b in adaptive.candidate_bands(d, c)}
-            cands = adaptive.layer_candidates(opt.freqfold, d, c, band_err)
-            rec.proxy_errors = {name: attn_err(b) for name, b in cands.items()}
-            rec.choice = min(rec.proxy_errors, key=rec.proxy_errors.get)
-            bands = cands[rec.choice]
-        Q, _ = rotation(kv, d, c, bands, moments(bands), opt.damping)
-        beta = 1.0
-        if opt.pca_metric == "attn" and not opt.skip_pca and len(opt.betas) > 1:
-            rec.beta_errors = {str(b): attn_err(bands, b, Q) for b in opt.betas}
-            beta = float(min(rec.beta_errors, key=rec.beta_errors.get))
-        rec.beta = beta
-        m, info = build_layer(src, Q, SX, H, kv, d, rope, r, opt.damping, R_override=R_id, metric=opt.pca_metric,
-                              beta=beta, Sq=Sq)
-        rec.bands = [list(b) for b in bands]
-        rec.alpha, rec.pca_energy_kept = info["alpha"], info.get("pca_energy_kept", 1.0)
-        a_full = mla_attention(x, m, H, d, rope, d, r, cos_r, sin_r)
-        rec.attn_rel_err = float(((a_full[:npx] - a_ref).astype(np.float64) ** 2).sum() / ref_energy)
+        dec = _decide(opt, i, stats, score, geo, band_proxy,
+                      lambda k, n: bar.set_postfix_str(f"layer {i}: built {k}/{n} candidates", refresh=True))
+        m, info = stats.build(dec.bands, dec.beta, R_override=R_id)
+        a_conv = geo.mla(x["conv"], m)
+        rec = LayerRecord(layer=i, bands=[list(b) for b in dec.bands], choice=dec.name, beta=dec.beta,
+                          score=dec.score, scores=dec.scores, refined=dec.refined, alpha=info["alpha"],
+                          pca_energy_kept=info.get("pca_energy_kept", 1.0),
+                          attn_rel_err=float(((a_conv[:npx] - a_loc).astype(np.float64) ** 2).sum()
+                                             / (a_loc.astype(np.float64) ** 2).sum()))
         if opt.export == "deepseek":
-            lat = X @ m["kv_a_proj_with_mqa.weight"][:r].T
-            # weight each key token by the attention it receives (mean over heads/queries), plus a floor of 1
-            recv = probs.sum(2).mean(1)  # [npx, S]
-            wts = np.ones((N, S))
-            wts[:npx] += recv / recv.mean()
-            wts[npx:] += (recv / recv.mean()).mean(0)  # same per-position profile for the other windows
-            norm_w, kvb, e0, e1 = refit_kv_b(lat, m["kv_b_proj.weight"], wts.reshape(-1), cfg.rms_norm_eps)
+            lat = flat["conv"] @ m["kv_a_proj_with_mqa.weight"][:r].T
+            wts = attention_token_weights(probs, N)
+            norm_w, kvb, e0, e1 = refit_kv_b(lat, m["kv_b_proj.weight"], wts, cfg.rms_norm_eps)
             m["kv_b_proj.weight"] = kvb
             m["kv_a_layernorm.weight"] = norm_w
             for b in ("q_proj.bias", "kv_a_proj_with_mqa.bias", "o_proj.bias"):
@@ -274,32 +259,41 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
             m["o_proj.bias"] = np.zeros(D, np.float32)  # attention_bias=true gives o_proj a bias in DeepSeek-V3
         pre = f"model.layers.{i}.self_attn."
         save_safetensors(os.path.join(work, f"layer_{i:05d}.safetensors"), [(pre + k_, v_) for k_, v_ in m.items()])
-        # propagate through the converted (exact) layer
-        h = h + a_full
-        h = h + _mlp(rms_norm(h, w["ln2"], cfg.rms_norm_eps), w)
+        # propagate every stream through its own version of the layer
+        nxt = {"conv": block_output(h["conv"], a_conv, w, cfg.rms_norm_eps),
+               "orig": block_output(h["orig"], a_orig, w, cfg.rms_norm_eps)}
+        if standard:
+            m1, _ = stats.build(dec.bands, 1.0, rank=full, R_override=np.eye(full))
+            nxt["stage1"] = block_output(h["stage1"], geo.mla(x["stage1"], m1, rank=full), w,
+                                                   cfg.rms_norm_eps)
+        h = nxt
         records.append(rec)
         _commit_layer(work, i, h, rec)
-        bar.set_postfix(choice=rec.choice, err=f"{rec.attn_rel_err:.3g}")
-        log.info("layer %d: FreqFold %s bands=%s attn_rel_err=%.4g proxies=%s", i, rec.choice,
-                 describe_bands(bands), rec.attn_rel_err, json.dumps(rec.proxy_errors))
-        del w, K, x, X
+        bar.set_postfix(choice=rec.choice, err=f"{rec.score:.3g}")
+        line = _layer_line(rec, describe_bands(dec.bands))
+        if opt.progress:
+            bar.write(line, file=sys.stderr)  # through the bar, so the line is not glued onto it
+        else:
+            log.info(line)
+        del w, x, flat, stats
     L = kv * d
+    mode = "plan" if opt.plan is not None else opt.freqfold
     report = {
         "source": os.path.abspath(src_dir), "source_model_type": cfg.arch, "export": opt.export,
-        "kv_lora_rank": r, "qk_rope_head_dim": rope, "collapse_c": c, "freqfold_mode": opt.freqfold,
-        "pca_metric": opt.pca_metric,
+        "kv_lora_rank": r, "qk_rope_head_dim": rope, "collapse_c": c, "freqfold_mode": mode,
+        "pca_metric": opt.pca_metric, "stats": opt.stats,
         "calibration": {"text": opt.calib_text, "tokens": int(N * S), "seq_len": S, "seed": opt.seed,
-                        "proxy_tokens": int(npx * S)},
+                        "proxy_tokens": int(npx * S), "score_stride": opt.score_stride},
         "cache_values_per_token_per_layer": {"gqa": 2 * L, "mla": r + rope},
         "cache_ratio": 2 * L / (r + rope),
         "layers": [rec.__dict__ for rec in records],
         "seconds": round(time.time() - t0, 1),
     }
-    youzhi = {"freqfold_mode": opt.freqfold, "freqfold": [rec.bands for rec in records],
+    youzhi = {"freqfold_mode": mode, "freqfold": [rec.bands for rec in records],
               "freqfold_summary": [describe_bands([tuple(b) for b in rec.bands]) for rec in records],
               "kv_lora_rank": r, "qk_rope_head_dim": rope, "source_model": os.path.abspath(src_dir),
               "source_architecture": ck.config.get("architectures", ["?"])[0],
-              "calibration": report["calibration"]}
+              "calibration": report["calibration"], "stats": opt.stats, "pca_metric": opt.pca_metric}
     config = mla_config(ck.config, r, rope, opt.export, torch_dtype=opt.out_dtype, q_bias=has_q_bias,
                         kv_bias=has_kv_bias, youzhi=youzhi)
     report["warnings"] = deployment_warnings(H, r, rope, attention_bias=config["attention_bias"])
@@ -317,6 +311,14 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
         write_plot(report, os.path.join(tmp, "freqfold.png"))
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _layer_line(rec: LayerRecord, bands: str) -> str:
+    beta = f", K/V balance {rec.beta:g}" if rec.refined else ""
+    others = sorted(rec.scores.values())
+    runner = f" (next best {others[1]:.4f} of {len(others)} candidates)" if len(others) > 1 else ""
+    return (f"layer {rec.layer:3d}: {rec.choice:<14s} bands {bands:<18s} residual error {rec.score:.4f}{runner}"
+            f"{beta}, attention error {rec.attn_rel_err:.4f}")
 
 
 def _read_records(work: str):
@@ -342,7 +344,7 @@ def _read_records(work: str):
 
 
 def _resume(work: str, fingerprint: dict):
-    """(records, hidden states) of a matching unfinished conversion, else a fresh work dir and ([], None)."""
+    """(records, hidden-state streams) of a matching unfinished conversion, else a fresh work dir and ([], None)."""
     meta = os.path.join(work, "meta.json")
     if os.path.isfile(meta):
         try:
@@ -352,10 +354,11 @@ def _resume(work: str, fingerprint: dict):
             same = False
         if same:
             recs, lines = _read_records(work)
-            hid = os.path.join(work, f"hidden_{len(recs):05d}.npy")
+            hid = os.path.join(work, f"hidden_{len(recs):05d}.npz")
             if recs and os.path.isfile(hid):
                 try:
-                    h = np.load(hid, allow_pickle=False)
+                    with np.load(hid, allow_pickle=False) as z:
+                        h = {k: z[k] for k in z.files}
                 except (OSError, ValueError):
                     h = None
                 if h is not None:
@@ -379,14 +382,14 @@ def _rewrite_records(work: str, lines: list) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _commit_layer(work: str, i: int, h: np.ndarray, rec: "LayerRecord") -> None:
+def _commit_layer(work: str, i: int, h: Dict[str, np.ndarray], rec: "LayerRecord") -> None:
     """Hidden states after layer i, then the record line (the commit point), then drop the previous states."""
-    tmp = os.path.join(work, "hidden.tmp.npy")
-    np.save(tmp, h, allow_pickle=False)
-    os.replace(tmp, os.path.join(work, f"hidden_{i + 1:05d}.npy"))
+    tmp = os.path.join(work, "hidden.tmp.npz")
+    np.savez(tmp, **h)
+    os.replace(tmp, os.path.join(work, f"hidden_{i + 1:05d}.npz"))
     with open(os.path.join(work, "records.jsonl"), "a") as f:
         f.write(json.dumps(rec.__dict__) + "\n")
-    prev = os.path.join(work, f"hidden_{i:05d}.npy")
+    prev = os.path.join(work, f"hidden_{i:05d}.npz")
     if os.path.exists(prev):
         os.remove(prev)
 
@@ -418,15 +421,12 @@ def _copy(writer, ck: HFCheckpoint, name: str) -> None:
         writer.add_blocks(name, ck.shape(name), ck.row_blocks(name))
 
 
-def _auto(src_dir: str, out_dir: str, opt: ConvertOptions, cfg: SourceConfig, overwrite: bool) -> dict:
+def _auto(src_dir: str, out_dir: str, opt: ConvertOptions, cfg: SourceConfig, c: int, overwrite: bool) -> dict:
     """TransMLA's uniform search: F = c, 2c, ... while calibration perplexity of the converted model improves."""
     import dataclasses
-    import shutil
     import tempfile
     from youzhi_ms.checkpoint.mindspore_ckpt import load_model
     from youzhi_ms.eval.ppl import perplexity
-    rope = opt.qk_rope_dim or cfg.head_dim // 2
-    c = cfg.head_dim // rope
     if opt.calib_ids is not None:
         ids = np.asarray(opt.calib_ids)[:8]
     else:

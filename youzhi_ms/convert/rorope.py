@@ -1,4 +1,4 @@
-"""Stage 1: RoRoPE with FreqFold bands: rotate the key latent per frequency band, keep RoPE on qk_rope_dim dims.
+"""Stage 2 of 5: RoRoPE with FreqFold bands: rotate the key latent per frequency band, keep RoPE on qk_rope_dim dims.
 
 A *band* is a run of F contiguous frequencies (F a multiple of c = d / qk_rope_dim, starting at a multiple of c). One
 PCA per band over its n_kv*F complex features (x and y halves as samples, the same real orthogonal U for both, so the
@@ -103,15 +103,18 @@ def pca(H: np.ndarray, damping: float = 0.01) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def rotation(n_kv: int, d: int, c: int, bands: Sequence[Band], moments: Sequence[np.ndarray], damping=0.01):
-    """Orthogonal Q [L, L]: new latent = Q^T c_K, columns ordered [rope pairs interleaved (x,y) | NoPE dims].
+    """Orthogonal U_rot [L, L]: new latent = U_rot^T c_K, columns ordered [rope pairs interleaved (x,y) | NoPE dims].
 
-    Returns Q and per-band eigenvalues (energy kept with RoPE is the top F/c of each band).
+    A band's kept components go to its rope pairs (frequencies omega_f, omega_{f+c}, ...) in eigenvalue order: the
+    strongest component at the band's highest frequency. (Matching them by their energy-weighted mean frequency
+    instead was measured worse: docs/benchmarks.md, section 2.)
+    Returns U_rot and per-band eigenvalues (energy kept with RoPE is the top F/c of each band).
     """
     validate_bands(bands, d, c)
     L = n_kv * d
     r_R = d // c
     xi, yi = half_split_index(n_kv, d)
-    Q = np.zeros((L, L))
+    U_rot = np.zeros((L, L))
     nope_cols = []
     eigs = []
     for (f, F), H in zip(bands, moments):
@@ -126,27 +129,27 @@ def rotation(n_kv: int, d: int, c: int, bands: Sequence[Band], moments: Sequence
             coly[rows_y] = U[:, m]
             if m < keep:
                 p = f // c + m
-                Q[:, 2 * p], Q[:, 2 * p + 1] = colx, coly
+                U_rot[:, 2 * p], U_rot[:, 2 * p + 1] = colx, coly
             else:
                 nope_cols += [colx, coly]
     if nope_cols:
-        Q[:, r_R:] = np.stack(nope_cols, 1)
-    return Q, eigs
+        U_rot[:, r_R:] = np.stack(nope_cols, 1)
+    return U_rot, eigs
 
 
 def exact_rotation_keep_all(n_kv: int, d: int, moments_per_freq: Sequence[np.ndarray]):
     """The rotation alone, with every component keeping RoPE at its own frequency (F = 1): the exact reference.
 
-    Returns Q [L, L] and the frequency index of every column pair (columns 2m, 2m+1 rotate at omega_{freq[m]})."""
+    Returns U_rot [L, L] and the frequency index of every column pair (columns 2m, 2m+1 rotate at omega_{freq[m]})."""
     L = n_kv * d
     xi, yi = half_split_index(n_kv, d)
-    Q = np.zeros((L, L))
+    U_rot = np.zeros((L, L))
     freq = []
     col = 0
     for j, H in enumerate(moments_per_freq):
         _, U = pca(H)
         for m in range(U.shape[1]):
-            Q[xi[:, j], col], Q[yi[:, j], col + 1] = U[:, m], U[:, m]
+            U_rot[xi[:, j], col], U_rot[yi[:, j], col + 1] = U[:, m], U[:, m]
             freq.append(j)
             col += 2
-    return Q, np.array(freq)
+    return U_rot, np.array(freq)

@@ -28,6 +28,10 @@ Packing (`pack_tokens`): every document is preceded by the tokenizer's end-of-te
 `<|endoftext|>` = 0 for SmolLM2), so the stream reads `<eot> doc0 <eot> doc1 ...`; tokenized wiki splits are cached as
 `<cache>/tokens/<split>-v<TEXT_VERSION>-<sha256(tokenizer file)[:16]>-eot<id>.npy` (int32, np.save without pickle).
 
+Held-out text of another domain: `news` = the 300 ABC (Australian Broadcasting Corporation) news articles of the Lee
+corpus, `gensim/test/test_data/lee_background.cor` in the same wheel (one article per line; ~80K SmolLM2 tokens). The
+converter never calibrates on it unless asked to, so it measures how a calibration choice transfers to other text.
+
 User documents (`load_documents(path)`): a `.jsonl` file gives one document per line (its "text" field; blank lines
 ignored); any other file is read as UTF-8 plain text and split into documents at blank lines (one or more empty or
 whitespace-only lines); line breaks inside a document are kept.
@@ -61,6 +65,10 @@ MIN_ARTICLE_CHARS = 2000
 EVAL_EVERY = 5  # article i is eval when i % EVAL_EVERY == 0
 TEXT_VERSION = "1"
 WIKI_SPLITS = ("wiki-calib", "wiki-eval")
+NEWS_MEMBER = "gensim/test/test_data/lee_background.cor"
+NEWS_SHA256 = "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb"
+NEWS = "news"
+BUILTIN_TEXTS = WIKI_SPLITS + (NEWS,)
 
 
 def cache_dir() -> str:
@@ -78,11 +86,11 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _extract_member(archive: str, dest: str) -> bool:
-    """Copy WIKI_MEMBER out of a wheel (zip) or sdist (tar.gz) into dest; False if the archive lacks it."""
+def _extract_member(archive: str, dest: str, member: str = WIKI_MEMBER) -> bool:
+    """Copy `member` out of a wheel (zip) or sdist (tar.gz) into dest; False if the archive lacks it."""
     if archive.endswith(".whl") or zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:
-            names = [n for n in z.namelist() if n.endswith(WIKI_MEMBER)]
+            names = [n for n in z.namelist() if n.endswith(member)]
             if not names:
                 return False
             with z.open(names[0]) as src, open(dest, "wb") as dst:
@@ -90,7 +98,7 @@ def _extract_member(archive: str, dest: str) -> bool:
             return True
     if tarfile.is_tarfile(archive):
         with tarfile.open(archive) as t:
-            members = [m for m in t.getmembers() if m.name.endswith(WIKI_MEMBER) and m.isfile()]
+            members = [m for m in t.getmembers() if m.name.endswith(member) and m.isfile()]
             if not members:
                 return False
             with t.extractfile(members[0]) as src, open(dest, "wb") as dst:
@@ -101,8 +109,18 @@ def _extract_member(archive: str, dest: str) -> bool:
 
 def ensure_wiki_sample() -> str:
     """Path of the cached Wikipedia sample (.xml.bz2), fetching it from the gensim 4.4.0 wheel the first time."""
+    return _ensure_gensim_member(WIKI_MEMBER, WIKI_SHA256, "Wikipedia sample")
+
+
+def ensure_news_sample() -> str:
+    """Path of the cached Lee news corpus (one article per line), from the same wheel."""
+    return _ensure_gensim_member(NEWS_MEMBER, NEWS_SHA256, "news sample")
+
+
+def _ensure_gensim_member(member: str, sha256: str, what: str) -> str:
     cdir = cache_dir()
-    path = os.path.join(cdir, WIKI_FILE)
+    name = os.path.basename(member)
+    path = os.path.join(cdir, name)
     if os.path.isfile(path):
         return path
     from youzhi_ms.progress import step
@@ -113,22 +131,22 @@ def ensure_wiki_sample() -> str:
             with step(f"fetching the Wikipedia sample from the {GENSIM_REQ} wheel (first use only)"):
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise YouzhiError(f"could not run pip to fetch the Wikipedia sample ({exc}); run `{' '.join(cmd[2:])}` "
-                              f"yourself and put {WIKI_MEMBER} from the wheel into {cdir}") from None
+            raise YouzhiError(f"could not run pip to fetch the {what} ({exc}); run `{' '.join(cmd[2:])}` "
+                              f"yourself and put {member} from the wheel into {cdir}") from None
         archives = sorted(glob.glob(os.path.join(tmp, "gensim-*")))
         if proc.returncode != 0 or not archives:
             tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-3:])
-            raise YouzhiError(f"pip could not download {GENSIM_REQ} (needed only for its Wikipedia test sample): "
+            raise YouzhiError(f"pip could not download {GENSIM_REQ} (needed only for its {what}): "
                               f"{tail or 'no archive downloaded'}; check network/index access, or download the wheel "
-                              f"elsewhere and copy {WIKI_MEMBER} from it into {cdir}")
-        part = os.path.join(tmp, WIKI_FILE)
-        if not _extract_member(archives[0], part):
-            raise YouzhiError(f"{os.path.basename(archives[0])} does not contain {WIKI_MEMBER}; copy that file into "
+                              f"elsewhere and copy {member} from it into {cdir}")
+        part = os.path.join(tmp, name)
+        if not _extract_member(archives[0], part, member):
+            raise YouzhiError(f"{os.path.basename(archives[0])} does not contain {member}; copy that file into "
                               f"{cdir} by hand")
         digest = _sha256(part)
-        if digest != WIKI_SHA256:
-            raise YouzhiError(f"the Wikipedia sample from {os.path.basename(archives[0])} has sha256 {digest}, "
-                              f"expected {WIKI_SHA256}; the package index served a different file")
+        if digest != sha256:
+            raise YouzhiError(f"the {what} from {os.path.basename(archives[0])} has sha256 {digest}, "
+                              f"expected {sha256}; the package index served a different file")
         os.replace(part, path)
     return path
 
@@ -354,14 +372,22 @@ def split_plain_text(text: str) -> List[str]:
     return [d.strip() for d in _RE_BLANK_LINES.split(text) if d.strip()]
 
 
+def news_articles() -> List[str]:
+    with open(ensure_news_sample(), encoding="utf-8") as f:
+        return [ln.strip() for ln in f if ln.strip()]
+
+
 def load_documents(source: str) -> List[str]:
-    """'wiki-calib' | 'wiki-eval' | path to a .jsonl ("text" per line) or plain-text file (blank-line separated)."""
+    """'wiki-calib' | 'wiki-eval' | 'news' | path to a .jsonl ("text" per line) or plain-text file (blank-line
+    separated)."""
     if source in WIKI_SPLITS:
         return wiki_splits()[source]
+    if source == NEWS:
+        return news_articles()
     path = os.path.expanduser(os.fspath(source))
     if not os.path.isfile(path):
-        raise YouzhiError(f"text source {source!r} is neither {' nor '.join(WIKI_SPLITS)} nor an existing file; pass "
-                          "one of the wiki splits, a .jsonl file with a \"text\" field per line, or a plain-text file")
+        raise YouzhiError(f"text source {source!r} is neither {' nor '.join(BUILTIN_TEXTS)} nor an existing file; pass "
+                          "one of the built-in texts, a .jsonl file with a \"text\" field per line, or a plain-text file")
     if path.lower().endswith(".jsonl"):
         docs = _read_jsonl(path)
     else:
@@ -394,8 +420,8 @@ def pack_tokens(docs: Sequence[str], tokenizer, eot_id: Optional[int] = None) ->
 
 
 def load_token_stream(source: str, tokenizer) -> np.ndarray:
-    """`pack_tokens(load_documents(source), tokenizer)`, cached on disk for the wiki splits."""
-    if source not in WIKI_SPLITS:
+    """`pack_tokens(load_documents(source), tokenizer)`, cached on disk for the built-in texts."""
+    if source not in BUILTIN_TEXTS:
         return pack_tokens(load_documents(source), tokenizer)
     key = f"{source}-v{TEXT_VERSION}-{tokenizer.fingerprint[:16]}-eot{tokenizer.eot_id}"
     tdir = os.path.join(cache_dir(), "tokens")

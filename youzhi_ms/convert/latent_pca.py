@@ -1,10 +1,16 @@
-"""Stage 2: balanced K/V joint PCA (BKV-PCA) to kv_lora_rank, and assembly of one MLA layer's weights.
+"""Stage 4 of 5: the joint K/V latent compression to kv_lora_rank, and assembly of one MLA layer's weights.
 
 After RoRoPE the key latent splits into rope dims (kept exactly, they become k_pe) and NoPE dims. The NoPE keys are
 scaled by 1/alpha so keys and values carry equal per-dimension norms (alpha = mean per-dim L2 norm of K_nope / that of
-V, un-squared, as TransMLA's code does), then [K_nope/alpha, V] is compressed by an uncentered activation PCA in
-float64 with damping. The down projection is R_r^T [W_K_nope/alpha | b; W_V | b]; the up projection is the selectors
-times R_r, with alpha folded back into the key rows so the function is unchanged at full rank.
+V, un-squared, as TransMLA's code does), then [K_nope/alpha, V] is compressed by an uncentered PCA in float64 with
+damping, in one of two metrics:
+  * 'attn' (youzhi_ms, default): the PCA is taken in the metric of the attention itself, M = diag(beta*M_k, M_v)
+    (`attention_metric`: how a key error moves the logits under the calibration queries, how a value error moves the
+    layer output through o_proj), with separate down (V_r^T M^1/2) and up (M^-1/2 V_r) maps. The key/value balance
+    beta is a per-layer decision, taken from BALANCES by the same budget-aware error as the FreqFold bands
+    (`adaptive.choose`).
+  * 'bkv': TransMLA's balanced K/V activation PCA (down = up^T = the top eigenvectors).
+The up projection carries alpha back into the key rows, so the function is unchanged at full rank.
 """
 from __future__ import annotations
 
@@ -17,16 +23,7 @@ from youzhi_ms.convert.latent import kv_group
 from youzhi_ms.convert.rorope import pca
 from youzhi_ms.errors import YouzhiError
 
-
-def balance_alpha(K_nope: np.ndarray, V: np.ndarray) -> float:
-    if K_nope.shape[1] == 0:  # every key dim keeps RoPE: nothing to balance
-        return 1.0
-    nk = np.linalg.norm(K_nope.astype(np.float64), axis=0).mean()
-    nv = np.linalg.norm(V.astype(np.float64), axis=0).mean()
-    if not (np.isfinite(nk) and np.isfinite(nv)) or nv == 0:
-        raise YouzhiError("non-finite or zero value norms in calibration statistics; check the checkpoint and the "
-                          "calibration text")
-    return float(nk / nv)
+BALANCES = (0.25, 0.5, 1.0, 2.0, 4.0)  # key/value balance multipliers tried per layer with metric "attn"
 
 
 def input_moments(X: np.ndarray) -> np.ndarray:
@@ -57,7 +54,7 @@ def query_moments(src, SX, n_heads, d):
     return np.matmul(Wq @ SX, Wq.transpose(0, 2, 1)) / T
 
 
-def attention_metric(src, Q, Sq, n_heads, n_kv, d, rope):
+def attention_metric(src, U_rot, Sq, n_heads, n_kv, d, rope):
     """Block metrics for the latent [K_nope; V]: how a latent error reaches the attention.
 
     Keys: a NoPE-key error dk changes head h's logit by q_h^T W_UK_nope[h] dk / sqrt(d), so
@@ -71,20 +68,20 @@ def attention_metric(src, Q, Sq, n_heads, n_kv, d, rope):
     wo = src["wo"].astype(np.float64)
     for h in range(H):
         g = kv_group(h, H, n_kv)
-        uk = Q[g * d:(g + 1) * d, rope:]  # W_UK_nope[h], d x (L-rope)
+        uk = U_rot[g * d:(g + 1) * d, rope:]  # W_UK_nope[h], d x (L-rope)
         Mk += uk.T @ Sq[h] @ uk / d
         Wo_h = wo[:, h * d:(h + 1) * d]
         Mv[g * d:(g + 1) * d, g * d:(g + 1) * d] += Wo_h.T @ Wo_h
     return Mk, Mv
 
 
-def build_layer(src: Dict[str, np.ndarray], Q: np.ndarray, SX: np.ndarray, n_heads: int, n_kv: int, d: int,
+def build_layer(src: Dict[str, np.ndarray], U_rot: np.ndarray, SX: np.ndarray, n_heads: int, n_kv: int, d: int,
                 rope: int, rank: int, damping: float = 0.01, R_override: Optional[np.ndarray] = None,
                 metric: str = "bkv", beta: float = 1.0, Sq: Optional[np.ndarray] = None):
     """One exact-export MLA layer (HF DeepSeek-V3 tensor names, biases kept when the source has them).
 
-    src: wq [H*d, D], wk/wv [L, D], wo, optional bq/bk/bv/bo. Q: RoRoPE rotation [L, L]. SX: `input_moments` of the
-    calibration inputs (input-layernormed) for the joint PCA. metric 'bkv' is TransMLA's balanced activation PCA;
+    src: wq [H*d, D], wk/wv [L, D], wo, optional bq/bk/bv/bo. U_rot: the RoRoPE rotation [L, L]. SX:
+    `input_moments` of the calibration inputs (input-layernormed) for the joint PCA. metric 'bkv' is TransMLA's balanced activation PCA;
     'attn' is the attention-aware variant: PCA of M^1/2 Sigma M^1/2 with M = diag(beta*M_k, M_v) from
     `attention_metric`, down projection V_r^T M^1/2 and up projection M^-1/2 V_r (optimal for E||M^1/2 (x - x_hat)||^2;
     MLA allows different down and up maps). Returns (tensors, info)."""
@@ -95,8 +92,8 @@ def build_layer(src: Dict[str, np.ndarray], Q: np.ndarray, SX: np.ndarray, n_hea
     bk, bv = src.get("bk", zeros_L), src.get("bv", zeros_L)
     bq = src.get("bq", np.zeros(H * d))
     has_bias = "bk" in src or "bv" in src
-    Wk = Q.T @ src["wk"].astype(np.float64)  # rotated keys [L, D]
-    bk_r = Q.T @ bk
+    Wk = U_rot.T @ src["wk"].astype(np.float64)  # rotated keys [L, D]
+    bk_r = U_rot.T @ bk
     Wk_rope, Wk_nope, bk_rope, bk_nope = Wk[:rope], Wk[rope:], bk_r[:rope], bk_r[rope:]
 
     Akn, Av = _aug(Wk_nope, bk_nope), _aug(src["wv"], bv)
@@ -113,7 +110,7 @@ def build_layer(src: Dict[str, np.ndarray], Q: np.ndarray, SX: np.ndarray, n_hea
         eig = None
         down, up = R[:, :rank].T, R[:, :rank]
     elif metric == "attn":
-        Mk, Mv = attention_metric(src, Q, Sq if Sq is not None else query_moments(src, SX, H, d), H, n_kv, d, rope)
+        Mk, Mv = attention_metric(src, U_rot, Sq if Sq is not None else query_moments(src, SX, H, d), H, n_kv, d, rope)
         Mk = Mk * alpha * alpha  # the latent holds K_nope / alpha
         nk = L - rope
         # beta = 1 balances the two terms' total error energy: tr(M_k S_kk) = tr(M_v S_vv)
@@ -137,7 +134,7 @@ def build_layer(src: Dict[str, np.ndarray], Q: np.ndarray, SX: np.ndarray, n_hea
     bqh = bq.reshape(H, d)
     for h in range(H):
         g = kv_group(h, H, n_kv)
-        blk = Q[g * d:(g + 1) * d]  # W_UK[h] Q: d x L
+        blk = U_rot[g * d:(g + 1) * d]  # W_UK[h] U_rot: d x L
         uk_rope, uk_nope = blk[:, :rope], blk[:, rope:]
         kv_b[h, :d] = (uk_nope * alpha) @ Rk
         kv_b[h, d:] = Rv[g * d:(g + 1) * d]
