@@ -35,7 +35,8 @@ CFG = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_siz
        "bos_token_id": 256}
 
 
-def write_random_checkpoint(path, seed=0):
+def write_random_checkpoint(path, layers=28, seed=0):
+    cfg = dict(CFG, num_hidden_layers=layers)
     rng = np.random.default_rng(seed)
     D, I, H, kv, d, V = 3584, 18944, 28, 4, 128, 152064
 
@@ -53,7 +54,7 @@ def write_random_checkpoint(path, seed=0):
     os.makedirs(path, exist_ok=True)
     w = ShardedWriter(path, dtype="bf16", max_shard_bytes=2 << 30)
     w.add("model.embed_tokens.weight", rnd(V, D), raw_dtype="BF16")
-    for i in range(CFG["num_hidden_layers"]):
+    for i in range(layers):
         p = f"model.layers.{i}."
         for n, shape in (("self_attn.q_proj.weight", (H * d, D)), ("self_attn.k_proj.weight", (kv * d, D)),
                          ("self_attn.v_proj.weight", (kv * d, D)), ("self_attn.o_proj.weight", (D, H * d)),
@@ -68,7 +69,7 @@ def write_random_checkpoint(path, seed=0):
     w.add("model.norm.weight", f32_to_bf16(np.ones(D, np.float32)), raw_dtype="BF16")
     w.add("lm_head.weight", rnd(V, D), raw_dtype="BF16")
     w.close()
-    write_json(os.path.join(path, "config.json"), CFG)
+    write_json(os.path.join(path, "config.json"), cfg)
     # a byte-level tokenizer so the CLI's text calibration path is exercised (ids < 257 exist in the vocabulary)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
@@ -113,28 +114,34 @@ def main():
     ap.add_argument("--freqfold", default="4")
     ap.add_argument("--kv-lora-rank", type=int, default=320)
     ap.add_argument("--calib-tokens", type=int, default=1024)
+    ap.add_argument("--proxy-seqs", type=int, default=1, help="windows the FreqFold candidates are scored on")
+    ap.add_argument("--layers", type=int, default=28,
+                    help="decoder layers of the 7B shape (fewer: the same per-layer peak in less time; the adaptive "
+                         "search builds every candidate of every layer, ~48 per layer at head_dim 128)")
     ap.add_argument("--out", default="benchmarks/results/stream_7b.json")
     ap.add_argument("--keep", action="store_true", help="keep the random source and the converted output")
     ap.add_argument("--write-source-only", metavar="DIR", help=argparse.SUPPRESS)  # the source-writing child
     args = ap.parse_args()
     if args.write_source_only:
-        write_random_checkpoint(args.write_source_only)
+        write_random_checkpoint(args.write_source_only, args.layers)
         return
-    src, dst = os.path.join(args.work, "qwen2_5_7b_random"), os.path.join(args.work, "qwen2_5_7b_mla")
+    tag = "" if args.layers == 28 else f"_{args.layers}l"
+    src, dst = os.path.join(args.work, f"qwen2_5_7b{tag}_random"), os.path.join(args.work, f"qwen2_5_7b{tag}_mla")
     t0 = time.time()
     if not os.path.isfile(os.path.join(src, "config.json")):
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--write-source-only", src], check=True)
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--write-source-only", src,
+                        "--layers", str(args.layers)], check=True)
     t_write = time.time() - t0
     cmd = [sys.executable, os.path.join(ROOT, "tools/convert_gqa_to_mla.py"), "--hf-dir", src, "--output-dir", dst,
            "--kv-lora-rank", str(args.kv_lora_rank), "--qk-rope-dim", "64", "--freqfold", args.freqfold,
-           "--calib-text", "wiki-calib", "--calib-tokens", str(args.calib_tokens), "--proxy-seqs", "1",
+           "--calib-text", "wiki-calib", "--calib-tokens", str(args.calib_tokens), "--proxy-seqs", str(args.proxy_seqs),
            "--out-dtype", "bf16", "--quiet"]
     rc, stderr, wall, peak_gb, hwm_gb = run_measured(cmd)
     if rc != 0:
         print(stderr[-3000:])
         sys.exit(1)
     rep = json.load(open(os.path.join(dst, "conversion_report.json")))
-    res = {"shape": "Qwen2.5-7B (random bf16)", "kv_lora_rank": args.kv_lora_rank, "qk_rope_dim": 64,
+    res = {"shape": f"Qwen2.5-7B (random bf16, {args.layers} layers)", "layers": args.layers, "kv_lora_rank": args.kv_lora_rank, "qk_rope_dim": 64,
            "freqfold": args.freqfold, "calib_tokens": args.calib_tokens, "write_source_seconds": round(t_write, 1),
            "convert_wall_seconds": round(wall, 1), "peak_rss_gb": round(peak_gb, 2),
            "peak_vmhwm_polled_gb": round(hwm_gb, 2), "parent_rss_gb": round(

@@ -81,7 +81,7 @@ def test_plain_text_and_jsonl(tmp_path):
     bad.write_text('{"text": "ok"}\nnot json\n')
     with pytest.raises(YouzhiError, match=r"bad.jsonl:2: not valid JSON"):
         T.load_documents(str(bad))
-    with pytest.raises(YouzhiError, match="neither wiki-calib nor wiki-eval nor an existing file"):
+    with pytest.raises(YouzhiError, match="neither wiki-calib nor wiki-eval nor news nor an existing file"):
         T.load_documents(str(tmp_path / "missing.txt"))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")

@@ -67,6 +67,11 @@ def main(argv=None):
     ap.add_argument("--calib-seq-len", type=int_at_least(2), default=256)
     ap.add_argument("--proxy-seqs", type=POSITIVE, default=8,
                     help="calibration windows the FreqFold candidates are scored on (default 8)")
+    ap.add_argument("--freqfold-score", choices=["local-block", "local", "residual", "normed"], default="local-block",
+                    help="what each FreqFold candidate is scored by against the source model: local-block = the "
+                         "layer's output after its MLP on the same inputs (default); local = after attention only; "
+                         "residual / normed = the residual stream with the converted prefix's drift (the issue's "
+                         "recipe; measured worse on held-out text, docs/benchmarks.md section 2)")
     ap.add_argument("--export", choices=["exact", "deepseek"], default="exact")
     ap.add_argument("--out-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="dtype of the written checkpoint (the math runs in fp32/fp64 either way)")
@@ -92,6 +97,7 @@ def main(argv=None):
                          calib_text=args.calib_text, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
                          proxy_seqs=args.proxy_seqs, export=args.export, seed=args.seed, plan=plan,
                          out_dtype=args.out_dtype, pca_metric=args.pca_metric, stats=args.stats,
+                         score=args.freqfold_score,
                          progress=not args.quiet)
     rep = convert(args.hf_dir, args.output_dir, opt, overwrite=args.overwrite)
     print(f"converted to MLA r={rep['kv_lora_rank']}+{rep['qk_rope_head_dim']} ({rep['cache_ratio']:.2f}x smaller KV "
