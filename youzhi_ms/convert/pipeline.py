@@ -24,9 +24,9 @@ from youzhi_ms.config import SourceConfig, _rope_type, rope_inv_freq, rope_table
 from youzhi_ms.convert import adaptive, calibrate
 from youzhi_ms.convert.attention_np import block_output, rms_norm
 from youzhi_ms.convert.calibrate import STATS, Geometry, LayerStats, ResidualScore
-from youzhi_ms.contract import check_rope_dim, deployment_warnings, mla_config
+from youzhi_ms.contract import check_rank, check_rope_dim, deployment_warnings, max_rank, mla_config
 from youzhi_ms.convert.export import attention_token_weights, refit_kv_b
-from youzhi_ms.convert.latent_pca import BALANCES, check_rank, max_rank
+from youzhi_ms.convert.latent_pca import BALANCES
 from youzhi_ms.convert.rorope import describe_bands, uniform_bands, validate_bands
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
