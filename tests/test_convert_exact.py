@@ -91,7 +91,7 @@ def plain_attention(x, w, H, kv, d, cos, sin, inv):
 
 
 def latent_attention(x, w, H, kv, d, cos, sin, inv):
-    """Stage 0: queries read the stacked KV latent through the selectors; RoPE per KV block ('big RoPE')."""
+    """Stage 1 (latent.py): queries read the stacked KV latent through the selectors; RoPE per KV block ('big RoPE')."""
     N, S, _ = x.shape
     sel = latent_selectors(H, kv, d)  # [H, d, L]
     q = A.rope_half(A.linear(x, w["wq"], w.get("bq")).reshape(N, S, H, d).transpose(0, 2, 1, 3), cos, sin)
@@ -105,7 +105,8 @@ def latent_attention(x, w, H, kv, d, cos, sin, inv):
 
 
 def rotated_attention(x, w, H, kv, d, cos, sin, inv):
-    """RoRoPE rotation with every component keeping RoPE at its own frequency (F = 1): must be exact."""
+    """Stage 2 (rorope.py): the RoRoPE rotation with every component keeping RoPE at its own frequency (F = 1): must be
+    exact."""
     N, S, _ = x.shape
     L = kv * d
     K = A.linear(x, w["wk"], w.get("bk")).reshape(N * S, L)
@@ -150,10 +151,10 @@ def _convert(src, out, **kw):
 def test_full_rank_bkv_pca_equals_partial_rope_stage(kind, tmp_path):
     make_source(kind, tmp_path / "src")
     full = 2 * 2 * 16 - 8
-    _convert(tmp_path / "src", tmp_path / "stage1", kv_lora_rank=full, skip_pca=True)
+    _convert(tmp_path / "src", tmp_path / "partial_rope", kv_lora_rank=full, skip_pca=True)
     _convert(tmp_path / "src", tmp_path / "pca", kv_lora_rank=full)
     ids = calib(2, 2, 32)
-    a = load_model(str(tmp_path / "stage1"))[0](ms.Tensor(ids, ms.int32)).asnumpy()
+    a = load_model(str(tmp_path / "partial_rope"))[0](ms.Tensor(ids, ms.int32)).asnumpy()
     b = load_model(str(tmp_path / "pca"))[0](ms.Tensor(ids, ms.int32)).asnumpy()
     assert rel_err(b, a) <= 1e-4
 

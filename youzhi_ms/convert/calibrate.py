@@ -1,12 +1,14 @@
-"""Calibration streams and one layer's statistics: what every stage decision of a layer reads.
+"""Part of stage 3 of 5 (with adaptive.py): calibration streams and one layer's statistics, what every stage decision
+of a layer reads.
 
 The converter pushes calibration hidden states through the model one layer at a time, in up to three streams:
   * `conv`: through the layers already converted at the target rank: the inputs the converted model will really see.
     The candidate scores are measured on it, so drift from earlier layers is seen and can be compensated.
   * `orig`: through the source layers: the reference the scores compare against, and (statistics 'standard') the keys
     of RoRoPE's PCA, as TransMLA takes them (its first calibration pass runs the original model).
-  * `stage1`: (statistics 'standard' only) through the layers converted with their chosen bands at full rank, i.e. the
-    partial-RoPE model: the inputs of the latent PCA, as TransMLA's second calibration pass takes them.
+  * `partial_rope`: (statistics 'standard' only) through the layers converted with their chosen bands at full rank,
+    i.e. the partial-RoPE model that stage 2 (RoRoPE) makes: the inputs of the latent PCA, as TransMLA's second
+    calibration pass takes them.
 With statistics 'cascaded' every statistic comes from `conv` (each layer is fitted to the inputs it will get) and only
 the proxy windows of `orig` are kept.
 

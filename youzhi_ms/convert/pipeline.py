@@ -1,4 +1,5 @@
-"""The GQA -> MLA conversion, layer by layer: calibrate, choose FreqFold bands, RoRoPE, latent PCA, export.
+"""The GQA -> MLA conversion, layer by layer: calibrate, then the five stages (numbered as in README "How the conversion
+works"): 1 shared latent, 2 RoRoPE, 3 the FreqFold band choice, 4 latent PCA, 5 export.
 
 This file keeps the I/O, the resume and the report; each decision lives in its stage's file (`adaptive.choose` for the
 bands and the key/value balance, `latent_pca.build_layer` for the compression, `export` for the stock-export refit).
@@ -205,16 +206,16 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
     fingerprint = {"source": os.path.abspath(src_dir), "options": {k: v for k, v in opt.__dict__.items()
                                                                    if k not in ("progress", "calib_ids")},
                    "calib_sha": hashlib.sha256(np.ascontiguousarray(ids, np.int64).tobytes()).hexdigest()}
-    records, h = _resume(work, fingerprint)
+    records, h = _resume(work, fingerprint, {"conv", "orig"} | ({"partial_rope"} if standard else set()))
     if h is None:
         if ck.shape("model.embed_tokens.weight") != (cfg.vocab_size, D):
             ck.get("model.embed_tokens.weight", (cfg.vocab_size, D))  # raises the shape error
         emb = ck.take_rows("model.embed_tokens.weight", ids)  # [N,S,D]
-        # conv: the converted model; orig: the source (all windows only when it feeds statistics); stage1: the
-        # partial-RoPE model (statistics 'standard')
+        # conv: the converted model; orig: the source (all windows only when it feeds statistics); partial_rope:
+        # the partial-RoPE model, stage 2's output at full rank (statistics 'standard')
         h = {"conv": emb, "orig": emb if standard else emb[:npx]}
         if standard:
-            h["stage1"] = emb
+            h["partial_rope"] = emb
     elif records:
         log.info("resuming the conversion at layer %d (%s)", len(records), work)
     bar = tqdm(range(len(records), cfg.num_layers), desc=f"convert r={r}", unit="layer", disable=not opt.progress,
@@ -226,7 +227,7 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
         a_orig = geo.gqa(x["orig"], src)
         flat = {k: v.reshape(-1, D) for k, v in x.items()}
         stats = LayerStats(geo, src, keys_x=flat["orig" if standard else "conv"],
-                           pca_x=flat["stage1" if standard else "conv"], pca_metric=opt.pca_metric,
+                           pca_x=flat["partial_rope" if standard else "conv"], pca_metric=opt.pca_metric,
                            rorope_metric=opt.rorope_metric, damping=opt.damping)
         a_loc, probs = geo.gqa(x["conv"][:npx], src, return_probs=True)
         score = ResidualScore(geo, w, h["conv"][:npx], h["orig"][:npx], a_orig[:npx], opt.score, a_loc,
@@ -264,8 +265,8 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
                "orig": block_output(h["orig"], a_orig, w, cfg.rms_norm_eps)}
         if standard:
             m1, _ = stats.build(dec.bands, 1.0, rank=full, R_override=np.eye(full))
-            nxt["stage1"] = block_output(h["stage1"], geo.mla(x["stage1"], m1, rank=full), w,
-                                                   cfg.rms_norm_eps)
+            nxt["partial_rope"] = block_output(h["partial_rope"], geo.mla(x["partial_rope"], m1, rank=full), w,
+                                               cfg.rms_norm_eps)
         h = nxt
         records.append(rec)
         _commit_layer(work, i, h, rec)
@@ -343,8 +344,9 @@ def _read_records(work: str):
     return recs, lines
 
 
-def _resume(work: str, fingerprint: dict):
-    """(records, hidden-state streams) of a matching unfinished conversion, else a fresh work dir and ([], None)."""
+def _resume(work: str, fingerprint: dict, streams: set):
+    """(records, hidden-state streams) of a matching unfinished conversion, else a fresh work dir and ([], None). A
+    work dir whose saved streams are not `streams` (e.g. left by a build that named them otherwise) is not resumed."""
     meta = os.path.join(work, "meta.json")
     if os.path.isfile(meta):
         try:
@@ -361,7 +363,7 @@ def _resume(work: str, fingerprint: dict):
                         h = {k: z[k] for k in z.files}
                 except (OSError, ValueError):
                     h = None
-                if h is not None:
+                if h is not None and set(h) == streams:
                     _rewrite_records(work, lines)
                     return recs, h
         log.info("discarding an unfinished conversion with other options in %s", work)
