@@ -111,10 +111,10 @@ def rotated_attention(x, w, H, kv, d, cos, sin, inv):
     L = kv * d
     K = A.linear(x, w["wk"], w.get("bk")).reshape(N * S, L)
     moments = band_moments(K, kv, d, [(j, 1) for j in range(d // 2)])
-    Q, freq = exact_rotation_keep_all(kv, d, moments)
-    assert np.allclose(Q.T @ Q, np.eye(L), atol=1e-10)
-    sel = latent_selectors(H, kv, d) @ Q  # W_UK[h] Q
-    ck = (K @ Q).reshape(N, S, L)  # rotated latent, columns (2m, 2m+1) rotate at omega_{freq[m]}
+    U_rot, freq = exact_rotation_keep_all(kv, d, moments)
+    assert np.allclose(U_rot.T @ U_rot, np.eye(L), atol=1e-10)
+    sel = latent_selectors(H, kv, d) @ U_rot  # W_UK[h] U_rot
+    ck = (K @ U_rot).reshape(N, S, L)  # rotated latent, columns (2m, 2m+1) rotate at omega_{freq[m]}
     ang = np.arange(S)[:, None] * inv[freq][None, :]
     c_, s_ = np.cos(ang), np.sin(ang)
     ck = A.rope_interleaved(ck, c_, s_)

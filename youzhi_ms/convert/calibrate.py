@@ -53,7 +53,7 @@ class Geometry:
     n_heads: int
     n_kv: int
     d: int
-    rope: int  # qk_rope_head_dim
+    rope_dim: int  # qk_rope_head_dim
     rank: int  # kv_lora_rank
     eps: float
     cos: np.ndarray  # [S, d/2] source RoPE tables
@@ -61,7 +61,7 @@ class Geometry:
 
     @property
     def c(self) -> int:
-        return self.d // self.rope
+        return self.d // self.rope_dim
 
     @property
     def cos_r(self):  # rope pair p rotates at omega_{c p}
@@ -72,7 +72,7 @@ class Geometry:
         return self.sin[:, ::self.c]
 
     def mla(self, x: np.ndarray, m: Dict[str, np.ndarray], rank: Optional[int] = None, q_pos=None) -> np.ndarray:
-        return mla_attention(x, m, self.n_heads, self.d, self.rope, self.d, rank or self.rank, self.cos_r, self.sin_r,
+        return mla_attention(x, m, self.n_heads, self.d, self.rope_dim, self.d, rank or self.rank, self.cos_r, self.sin_r,
                              q_pos=q_pos)
 
     def gqa(self, x: np.ndarray, src: Dict[str, np.ndarray], return_probs: bool = False):
@@ -111,7 +111,7 @@ class LayerStats:
               R_override: Optional[np.ndarray] = None):
         """One MLA layer (exact-export tensors) and its info dict."""
         g = self.geo
-        return build_layer(self.src, self.rotation(bands), self.SX, g.n_heads, g.n_kv, g.d, g.rope, rank or g.rank,
+        return build_layer(self.src, self.rotation(bands), self.SX, g.n_heads, g.n_kv, g.d, g.rope_dim, rank or g.rank,
                            self.damping, R_override=R_override, metric=self.pca_metric, beta=beta, Sq=self.Sq)
 
 

@@ -129,7 +129,7 @@ def _decide(opt: ConvertOptions, i: int, stats: LayerStats, score: ResidualScore
     else:
         cands = {f"F={int(opt.freqfold)}": uniform_bands(d, int(opt.freqfold))}
     betas = opt.betas if opt.pca_metric == "attn" and not opt.skip_pca else (1.0,)
-    R_id = np.eye(max_rank(geo.n_kv, d, geo.rope)) if opt.skip_pca else None
+    R_id = np.eye(max_rank(geo.n_kv, d, geo.rope_dim)) if opt.skip_pca else None
 
     def score_of(bands, beta):
         return score(stats.build(bands, beta, R_override=R_id)[0])
@@ -194,7 +194,7 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
 
     inv, att = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
     cos, sin = rope_tables(inv, S, att)
-    geo = Geometry(n_heads=H, n_kv=kv, d=d, rope=rope, rank=r, eps=cfg.rms_norm_eps, cos=cos, sin=sin)
+    geo = Geometry(n_heads=H, n_kv=kv, d=d, rope_dim=rope, rank=r, eps=cfg.rms_norm_eps, cos=cos, sin=sin)
     has_q_bias = any(n.endswith("self_attn.q_proj.bias") for n in ck.names())
     has_kv_bias = any(n.endswith(("self_attn.k_proj.bias", "self_attn.v_proj.bias")) for n in ck.names())
     npx = min(opt.proxy_seqs, N)
