@@ -13,8 +13,8 @@ from youzhi_ms.runtime import init_context
 
 init_context("graph")
 
-from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM,  # noqa: E402
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,  # noqa: E402
+                          Qwen2ForCausalLM)
 
 from youzhi_ms.checkpoint.hf import HFCheckpoint  # noqa: E402
 from youzhi_ms.checkpoint.mindspore_ckpt import load_model  # noqa: E402
@@ -26,41 +26,7 @@ from youzhi_ms.convert.pipeline import ConvertOptions, convert  # noqa: E402
 from youzhi_ms.convert.rorope import band_moments, exact_rotation_keep_all  # noqa: E402
 from youzhi_ms.models.base import DecodeCell, PrefillCell  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-V = 128
-
-
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def make_source(kind, path, seed=0):
-    common = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
-    if kind == "llama":
-        cfg = LlamaConfig(head_dim=16, rope_theta=10000.0, tie_word_embeddings=True, **common)
-        model = LlamaForCausalLM(cfg)
-    else:
-        cfg = Qwen2Config(rope_theta=1e6, tie_word_embeddings=False, **common)
-        model = Qwen2ForCausalLM(cfg)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(torch.rand_like(p) + 0.5 if "norm" in n else torch.randn_like(p) * 0.1)
-    model.eval().save_pretrained(path)
-    return model
-
-
-def add_tiny_tokenizer(path):
-    """A byte-level BPE tokenizer.json without merges (one token per printable byte) for a tiny source model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    tok = Tokenizer(models.BPE(vocab={chr(i + 33): i for i in range(V - 1)} | {"<|endoftext|>": V - 1}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.save(str(path / "tokenizer.json"))
-
-
-def calib(seed=0, n=8, s=64):
-    return np.random.default_rng(seed).integers(0, V, (n, s))
+from helpers import ROOT, V, add_tiny_tokenizer, calib, make_source, randomize, rel_err  # noqa: E402
 
 
 def ref_logits(model, ids):
@@ -148,7 +114,7 @@ def _convert(src, out, **kw):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_full_rank_bkv_pca_equals_partial_rope_stage(kind, tmp_path):
+def test_full_rank_latent_pca_equals_partial_rope_stage(kind, tmp_path):
     make_source(kind, tmp_path / "src")
     full = 2 * 2 * 16 - 8
     _convert(tmp_path / "src", tmp_path / "partial_rope", kv_lora_rank=full, skip_pca=True)
@@ -168,11 +134,7 @@ def test_single_kv_head_full_rope_conversion_is_exact(kind, stats, tmp_path):
                   num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=False)
     model = LlamaForCausalLM(LlamaConfig(head_dim=8, **common)) if kind == "llama" else \
         Qwen2ForCausalLM(Qwen2Config(**common))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(torch.rand_like(p) + 0.5 if "norm" in n else torch.randn_like(p) * 0.2)
-    model.eval().save_pretrained(tmp_path / "src")
+    randomize(model, 0, std=0.2).save_pretrained(tmp_path / "src")
     _convert(tmp_path / "src", tmp_path / "mla", kv_lora_rank=8, qk_rope_dim=8, freqfold="1", stats=stats)
     if kind == "qwen2":
         names = set(HFCheckpoint(str(tmp_path / "mla")).names())

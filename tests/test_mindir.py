@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from youzhi_ms.runtime import init_context
 
@@ -20,17 +19,10 @@ from youzhi_ms.errors import YouzhiError  # noqa: E402
 from youzhi_ms.infer.generate import EagerRunner, cache_shapes, generate  # noqa: E402
 from youzhi_ms.infer.mindir import MindIRRunner, export_mindir  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, calib, randomize, rel_err  # noqa: E402
+
 V = 128
 T = 48
-
-
-def randomize(model, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(torch.rand_like(p) + 0.5 if "norm" in n else torch.randn_like(p) * 0.1)
-    return model.eval()
 
 
 def make_llama(path, write_word_tokenizer):
@@ -55,14 +47,9 @@ def model_dirs(tmp_path_factory, write_word_tokenizer):
     make_llama(dirs["gqa"], write_word_tokenizer)
     make_dsv3(dirs["mla"])
     from youzhi_ms.convert.pipeline import ConvertOptions, convert
-    calib = np.random.default_rng(0).integers(0, V, (8, 64))
     convert(dirs["gqa"], dirs["mla-converted"], ConvertOptions(kv_lora_rank=40, qk_rope_dim=8, freqfold="2",
-                                                               calib_ids=calib, progress=False))
+                                                               calib_ids=calib(0, 8, 64, V), progress=False))
     return dirs
-
-
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.mark.parametrize("variant,batch", [("gqa", 1), ("mla", 1), ("mla-converted", 2)])
