@@ -285,3 +285,22 @@ def test_auto_uniform_search_records_its_trace(tmp_path):
     best = min(trace, key=lambda t: t["calib_ppl"])["F"]
     assert all(b[1] == best for b in chosen["freqfold"][0])
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".auto")]
+
+
+@pytest.mark.parametrize("saved,resumed", [(("conv", "orig", "partial_rope"), True),
+                                           (("conv", "orig", "stage1"), False)])
+def test_a_work_dir_is_resumed_only_with_the_same_hidden_streams(saved, resumed, tmp_path):
+    """Same options and source, but hidden states saved with other streams (a work dir of the build that named the
+    partial-RoPE stream 'stage1'): the conversion starts afresh instead of failing on a missing stream."""
+    from youzhi_ms.convert.pipeline import LayerRecord, _resume
+    work, fp = tmp_path / "work", {"source": "src", "options": {"stats": "standard"}}
+    work.mkdir()
+    (work / "meta.json").write_text(json.dumps(fp))
+    rec = LayerRecord(layer=0, bands=[[0, 2]], choice="F=2")
+    (work / "records.jsonl").write_text(json.dumps(rec.__dict__) + "\n")
+    np.savez(work / "hidden_00001.npz", **{k: np.zeros((1, 2, 4), np.float32) for k in saved})
+    records, h = _resume(str(work), fp, {"conv", "orig", "partial_rope"})
+    if resumed:
+        assert len(records) == 1 and set(h) == set(saved)
+    else:
+        assert records == [] and h is None and os.listdir(work) == ["meta.json"]

@@ -72,8 +72,8 @@ class Geometry:
         return self.sin[:, ::self.c]
 
     def mla(self, x: np.ndarray, m: Dict[str, np.ndarray], rank: Optional[int] = None, q_pos=None) -> np.ndarray:
-        return mla_attention(x, m, self.n_heads, self.d, self.rope_dim, self.d, rank or self.rank, self.cos_r, self.sin_r,
-                             q_pos=q_pos)
+        return mla_attention(x, m, self.n_heads, self.d, self.rope_dim, self.d, rank or self.rank, self.cos_r,
+                             self.sin_r, q_pos=q_pos)
 
     def gqa(self, x: np.ndarray, src: Dict[str, np.ndarray], return_probs: bool = False):
         return gqa_attention(x, src, self.n_heads, self.n_kv, self.d, self.cos, self.sin, return_probs=return_probs)
