@@ -21,6 +21,17 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def one_error_line(returncode, stderr, *expect) -> str:
+    """The bad-input rule for a tool run: exit 2, stderr exactly one `error: ...` line and no traceback; each string
+    of `expect` is in that line, which is returned."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, \
+        (returncode, stderr)
+    for e in expect:
+        assert e in lines[0], lines[0]
+    return lines[0]
+
+
 # --- random weights -------------------------------------------------------------------------------------------------
 
 def randomize(model, seed=0, std=0.1):

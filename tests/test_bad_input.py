@@ -23,7 +23,7 @@ import pytest
 
 from youzhi_ms.errors import YouzhiError
 
-from helpers import ROOT, add_tiny_tokenizer, calib
+from helpers import ROOT, add_tiny_tokenizer, calib, one_error_line
 
 TOOLS = os.path.join(ROOT, "tools")
 V = 96
@@ -79,12 +79,9 @@ def run_tool(name, *args, stdin=None, signal_after=None):
 
 
 def one_error(result, *expect) -> str:
+    """`helpers.one_error_line` of a `run_tool` result."""
     rc, _, err = result
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, (rc, err)
-    for e in expect:
-        assert e in lines[0], lines[0]
-    return lines[0]
+    return one_error_line(rc, err, *expect)
 
 
 def tool_main(name):
