@@ -26,16 +26,8 @@ def _compile_cache_in_session_tmp(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def write_word_tokenizer():
-    """write(path, vocab_size): a WordLevel tokenizer ('w1 w2 ...'; any other word is <|endoftext|>, id 0) in `path`,
-    enough for the tools on a tiny random model."""
-    def write(path, vocab_size):
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
-        tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        tok.save(os.path.join(path, "tokenizer.json"))
-        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-            json.dump({"eos_token": "<|endoftext|>"}, f)
+    """write(path, vocab_size): `helpers.write_word_tokenizer` (a WordLevel tokenizer 'w1 w2 ...'), as a fixture."""
+    from helpers import write_word_tokenizer as write
     return write
 
 

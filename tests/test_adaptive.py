@@ -6,14 +6,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import DeepseekV3ForCausalLM, LlamaForCausalLM
+from transformers import DeepseekV3ForCausalLM
 
 from youzhi_ms.checkpoint.hf import HFCheckpoint
 from youzhi_ms.convert import adaptive
 from youzhi_ms.convert.pipeline import ConvertOptions, convert
 from youzhi_ms.convert.rorope import validate_bands
 
-from test_convert_exact import ROOT, add_tiny_tokenizer, calib, make_source
+from helpers import ROOT, add_tiny_tokenizer, calib, make_source
 
 
 def _all_tilings(n, sizes):

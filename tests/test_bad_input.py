@@ -23,7 +23,8 @@ import pytest
 
 from youzhi_ms.errors import YouzhiError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, add_tiny_tokenizer, calib, one_error_line
+
 TOOLS = os.path.join(ROOT, "tools")
 V = 96
 
@@ -34,7 +35,6 @@ def tiny(tmp_path_factory):
     """(model dir, text file): a tiny Llama saved by transformers with a character-level tokenizer. Read-only: tests
     that damage a model copy it first (`copy_model`)."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     base = tmp_path_factory.mktemp("bad_input")
@@ -42,9 +42,7 @@ def tiny(tmp_path_factory):
     LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                  bos_token_id=0, eos_token_id=V - 1)).save_pretrained(d)
-    tok = Tokenizer(models.BPE(vocab={chr(i + 33): i for i in range(V - 1)} | {"<|endoftext|>": V - 1}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.save(str(d / "tokenizer.json"))
+    add_tiny_tokenizer(d, V)
     text = base / "text.txt"
     text.write_text("\n\n".join(f"Paragraph {i} says little but says it {i % 7} times over." * 4 for i in range(200)))
     return d, text
@@ -81,12 +79,9 @@ def run_tool(name, *args, stdin=None, signal_after=None):
 
 
 def one_error(result, *expect) -> str:
+    """`helpers.one_error_line` of a `run_tool` result."""
     rc, _, err = result
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, (rc, err)
-    for e in expect:
-        assert e in lines[0], lines[0]
-    return lines[0]
+    return one_error_line(rc, err, *expect)
 
 
 def tool_main(name):
@@ -400,10 +395,10 @@ def test_damaged_checkpoint_state_names_the_fix(tmp_path):
 def test_invalid_conversion_leaves_no_hidden_directories(tiny, tmp_path):
     """#11.8: a conversion refused for its input leaves neither .partial nor .tmp-* behind."""
     from youzhi_ms.convert.pipeline import ConvertOptions, convert
-    calib = np.random.default_rng(0).integers(0, V, (2, 8))  # 16 tokens: too few for the PCA
+    ids = calib(0, 2, 8, V)  # 16 tokens: too few for the PCA
     with pytest.raises(YouzhiError, match="too few"):
         convert(str(tiny[0]), str(tmp_path / "out"), ConvertOptions(kv_lora_rank=8, qk_rope_dim=4, freqfold="2",
-                                                                    calib_ids=calib, progress=False))
+                                                                    calib_ids=ids, progress=False))
     assert os.listdir(tmp_path) == []
 
 

@@ -15,7 +15,8 @@ from youzhi_ms import contract as C
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.infer import planner as P
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, calib
+
 V = 96
 SMALL = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=128)
@@ -133,7 +134,7 @@ def test_a_conversion_and_the_planner_write_the_same_config(tmp_path, export):
     LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, head_dim=16, **SMALL)).save_pretrained(tmp_path / "src")
     convert(str(tmp_path / "src"), str(tmp_path / "mla"), ConvertOptions(
         kv_lora_rank=24, qk_rope_dim=8, freqfold="2", export=export, out_dtype="bf16", progress=False,
-        calib_ids=np.random.default_rng(0).integers(0, V, (4, 32))))
+        calib_ids=calib(0, 4, 32, V)))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plan_concurrency.py"), "--model",
                         str(tmp_path / "src"), "--kv-lora-rank", "24", "--qk-rope-dim", "8", "--max-model-len", "64",
                         "--write-mla-config", str(tmp_path / "planned")], capture_output=True, text=True, cwd=ROOT)

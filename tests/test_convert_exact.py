@@ -13,8 +13,8 @@ from youzhi_ms.runtime import init_context
 
 init_context("graph")
 
-from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM,  # noqa: E402
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,  # noqa: E402
+                          Qwen2ForCausalLM)
 
 from youzhi_ms.checkpoint.hf import HFCheckpoint  # noqa: E402
 from youzhi_ms.checkpoint.mindspore_ckpt import load_model  # noqa: E402
@@ -26,41 +26,7 @@ from youzhi_ms.convert.pipeline import ConvertOptions, convert  # noqa: E402
 from youzhi_ms.convert.rorope import band_moments, exact_rotation_keep_all  # noqa: E402
 from youzhi_ms.models.base import DecodeCell, PrefillCell  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-V = 128
-
-
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def make_source(kind, path, seed=0):
-    common = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
-    if kind == "llama":
-        cfg = LlamaConfig(head_dim=16, rope_theta=10000.0, tie_word_embeddings=True, **common)
-        model = LlamaForCausalLM(cfg)
-    else:
-        cfg = Qwen2Config(rope_theta=1e6, tie_word_embeddings=False, **common)
-        model = Qwen2ForCausalLM(cfg)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(torch.rand_like(p) + 0.5 if "norm" in n else torch.randn_like(p) * 0.1)
-    model.eval().save_pretrained(path)
-    return model
-
-
-def add_tiny_tokenizer(path):
-    """A byte-level BPE tokenizer.json without merges (one token per printable byte) for a tiny source model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    tok = Tokenizer(models.BPE(vocab={chr(i + 33): i for i in range(V - 1)} | {"<|endoftext|>": V - 1}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.save(str(path / "tokenizer.json"))
-
-
-def calib(seed=0, n=8, s=64):
-    return np.random.default_rng(seed).integers(0, V, (n, s))
+from helpers import ROOT, V, add_tiny_tokenizer, calib, make_source, randomize, rel_err  # noqa: E402
 
 
 def ref_logits(model, ids):
@@ -91,7 +57,7 @@ def plain_attention(x, w, H, kv, d, cos, sin, inv):
 
 
 def latent_attention(x, w, H, kv, d, cos, sin, inv):
-    """Stage 0: queries read the stacked KV latent through the selectors; RoPE per KV block ('big RoPE')."""
+    """Stage 1 (latent.py): queries read the stacked KV latent through the selectors; RoPE per KV block ('big RoPE')."""
     N, S, _ = x.shape
     sel = latent_selectors(H, kv, d)  # [H, d, L]
     q = A.rope_half(A.linear(x, w["wq"], w.get("bq")).reshape(N, S, H, d).transpose(0, 2, 1, 3), cos, sin)
@@ -105,15 +71,16 @@ def latent_attention(x, w, H, kv, d, cos, sin, inv):
 
 
 def rotated_attention(x, w, H, kv, d, cos, sin, inv):
-    """RoRoPE rotation with every component keeping RoPE at its own frequency (F = 1): must be exact."""
+    """Stage 2 (rorope.py): the RoRoPE rotation with every component keeping RoPE at its own frequency (F = 1): must be
+    exact."""
     N, S, _ = x.shape
     L = kv * d
     K = A.linear(x, w["wk"], w.get("bk")).reshape(N * S, L)
     moments = band_moments(K, kv, d, [(j, 1) for j in range(d // 2)])
-    Q, freq = exact_rotation_keep_all(kv, d, moments)
-    assert np.allclose(Q.T @ Q, np.eye(L), atol=1e-10)
-    sel = latent_selectors(H, kv, d) @ Q  # W_UK[h] Q
-    ck = (K @ Q).reshape(N, S, L)  # rotated latent, columns (2m, 2m+1) rotate at omega_{freq[m]}
+    U_rot, freq = exact_rotation_keep_all(kv, d, moments)
+    assert np.allclose(U_rot.T @ U_rot, np.eye(L), atol=1e-10)
+    sel = latent_selectors(H, kv, d) @ U_rot  # W_UK[h] U_rot
+    ck = (K @ U_rot).reshape(N, S, L)  # rotated latent, columns (2m, 2m+1) rotate at omega_{freq[m]}
     ang = np.arange(S)[:, None] * inv[freq][None, :]
     c_, s_ = np.cos(ang), np.sin(ang)
     ck = A.rope_interleaved(ck, c_, s_)
@@ -147,13 +114,13 @@ def _convert(src, out, **kw):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_full_rank_bkv_pca_equals_partial_rope_stage(kind, tmp_path):
+def test_full_rank_latent_pca_equals_partial_rope_stage(kind, tmp_path):
     make_source(kind, tmp_path / "src")
     full = 2 * 2 * 16 - 8
-    _convert(tmp_path / "src", tmp_path / "stage1", kv_lora_rank=full, skip_pca=True)
+    _convert(tmp_path / "src", tmp_path / "partial_rope", kv_lora_rank=full, skip_pca=True)
     _convert(tmp_path / "src", tmp_path / "pca", kv_lora_rank=full)
     ids = calib(2, 2, 32)
-    a = load_model(str(tmp_path / "stage1"))[0](ms.Tensor(ids, ms.int32)).asnumpy()
+    a = load_model(str(tmp_path / "partial_rope"))[0](ms.Tensor(ids, ms.int32)).asnumpy()
     b = load_model(str(tmp_path / "pca"))[0](ms.Tensor(ids, ms.int32)).asnumpy()
     assert rel_err(b, a) <= 1e-4
 
@@ -167,11 +134,7 @@ def test_single_kv_head_full_rope_conversion_is_exact(kind, stats, tmp_path):
                   num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=False)
     model = LlamaForCausalLM(LlamaConfig(head_dim=8, **common)) if kind == "llama" else \
         Qwen2ForCausalLM(Qwen2Config(**common))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(torch.rand_like(p) + 0.5 if "norm" in n else torch.randn_like(p) * 0.2)
-    model.eval().save_pretrained(tmp_path / "src")
+    randomize(model, 0, std=0.2).save_pretrained(tmp_path / "src")
     _convert(tmp_path / "src", tmp_path / "mla", kv_lora_rank=8, qk_rope_dim=8, freqfold="1", stats=stats)
     if kind == "qwen2":
         names = set(HFCheckpoint(str(tmp_path / "mla")).names())
@@ -322,3 +285,22 @@ def test_auto_uniform_search_records_its_trace(tmp_path):
     best = min(trace, key=lambda t: t["calib_ppl"])["F"]
     assert all(b[1] == best for b in chosen["freqfold"][0])
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".auto")]
+
+
+@pytest.mark.parametrize("saved,resumed", [(("conv", "orig", "partial_rope"), True),
+                                           (("conv", "orig", "stage1"), False)])
+def test_a_work_dir_is_resumed_only_with_the_same_hidden_streams(saved, resumed, tmp_path):
+    """Same options and source, but hidden states saved with other streams (a work dir of the build that named the
+    partial-RoPE stream 'stage1'): the conversion starts afresh instead of failing on a missing stream."""
+    from youzhi_ms.convert.pipeline import LayerRecord, _resume
+    work, fp = tmp_path / "work", {"source": "src", "options": {"stats": "standard"}}
+    work.mkdir()
+    (work / "meta.json").write_text(json.dumps(fp))
+    rec = LayerRecord(layer=0, bands=[[0, 2]], choice="F=2")
+    (work / "records.jsonl").write_text(json.dumps(rec.__dict__) + "\n")
+    np.savez(work / "hidden_00001.npz", **{k: np.zeros((1, 2, 4), np.float32) for k in saved})
+    records, h = _resume(str(work), fp, {"conv", "orig", "partial_rope"})
+    if resumed:
+        assert len(records) == 1 and set(h) == set(saved)
+    else:
+        assert records == [] and h is None and os.listdir(work) == ["meta.json"]

@@ -14,9 +14,7 @@ from youzhi_ms.checkpoint.mindspore_ckpt import load_model  # noqa: E402
 from youzhi_ms.config import rope_inv_freq  # noqa: E402
 from youzhi_ms.models.base import DecodeCell, PrefillCell  # noqa: E402
 
-
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
+from helpers import rel_err, save_random  # noqa: E402
 
 
 def tiny_llama(rope_scaling=None, tie=True):
@@ -29,19 +27,6 @@ def tiny_qwen2():
     return Qwen2Config(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                        rope_theta=1e6, tie_word_embeddings=False, rms_norm_eps=1e-6)
-
-
-def save_random(model_cls, cfg, path, seed=0):
-    torch.manual_seed(seed)
-    m = model_cls(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():  # larger than default init so attention is far from uniform
-            p.normal_(0, 0.08)
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-    m.save_pretrained(path, safe_serialization=True)
-    return m
 
 
 CASES = {
@@ -59,7 +44,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_transformers(case, tmp_path):
     cls, make = CASES[case]
-    ref_model = save_random(cls, make(), tmp_path)
+    ref_model = save_random(cls, make(), tmp_path, norms_redrawn=True)
     ids = np.random.default_rng(1).integers(0, 160, (2, 40))
     with torch.no_grad():
         ref = ref_model(torch.tensor(ids)).logits.numpy()
@@ -79,7 +64,7 @@ def test_rope_frequencies_match_transformers(case):
 
 
 def test_kv_cache_decode_reproduces_full_forward(tmp_path):
-    ref_model = save_random(Qwen2ForCausalLM, tiny_qwen2(), tmp_path)
+    ref_model = save_random(Qwen2ForCausalLM, tiny_qwen2(), tmp_path, norms_redrawn=True)
     ids = np.random.default_rng(2).integers(0, 160, (2, 20))
     with torch.no_grad():
         ref = ref_model(torch.tensor(ids)).logits.numpy()
@@ -103,7 +88,7 @@ def test_kv_cache_decode_reproduces_full_forward(tmp_path):
 
 
 def test_right_padded_batch_matches_unpadded(tmp_path):
-    save_random(LlamaForCausalLM, tiny_llama(), tmp_path)
+    save_random(LlamaForCausalLM, tiny_llama(), tmp_path, norms_redrawn=True)
     model, _ = load_model(str(tmp_path))
     ids = np.random.default_rng(3).integers(0, 160, (2, 16))
     mask = np.ones((2, 16), np.int32)

@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from youzhi_ms.runtime import init_context
 
@@ -17,20 +16,13 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, L
 
 from youzhi_ms.checkpoint.mindspore_ckpt import load_model  # noqa: E402
 from youzhi_ms.errors import YouzhiError  # noqa: E402
-from youzhi_ms.infer.generate import EagerRunner, cache_shapes, generate  # noqa: E402
+from youzhi_ms.infer.generate import EagerRunner, cache_shapes, decode_state, generate  # noqa: E402
 from youzhi_ms.infer.mindir import MindIRRunner, export_mindir  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, calib, randomize, rel_err  # noqa: E402
+
 V = 128
 T = 48
-
-
-def randomize(model, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(torch.rand_like(p) + 0.5 if "norm" in n else torch.randn_like(p) * 0.1)
-    return model.eval()
 
 
 def make_llama(path, write_word_tokenizer):
@@ -55,14 +47,9 @@ def model_dirs(tmp_path_factory, write_word_tokenizer):
     make_llama(dirs["gqa"], write_word_tokenizer)
     make_dsv3(dirs["mla"])
     from youzhi_ms.convert.pipeline import ConvertOptions, convert
-    calib = np.random.default_rng(0).integers(0, V, (8, 64))
     convert(dirs["gqa"], dirs["mla-converted"], ConvertOptions(kv_lora_rank=40, qk_rope_dim=8, freqfold="2",
-                                                               calib_ids=calib, progress=False))
+                                                               calib_ids=calib(0, 8, 64, V), progress=False))
     return dirs
-
-
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.mark.parametrize("variant,batch", [("gqa", 1), ("mla", 1), ("mla-converted", 2)])
@@ -94,27 +81,18 @@ def test_mindir_matches_eager(variant, batch, model_dirs, tmp_path):
     # logits: prefill and several decode steps, MindIR vs eager
     ids = np.random.default_rng(3).integers(1, V, (batch, 12))
     P = 7
-    lm, a, b = runner.prefill(ids[:, :P])
-    le, ea, eb = eager.prefill(ids[:, :P])
+    lm, *prefilled = runner.prefill(ids[:, :P])
+    le, *prefilled_eager = eager.prefill(ids[:, :P])
     assert lm.shape == (batch, P, V) and rel_err(lm, le) <= 1e-5
-    (sa, sb), axis = cache_shapes(cfg, batch, T)
-    assert a.shape[axis] == P and tuple(a.shape[:axis]) == tuple(sa[:axis])
-
-    def place(x, shp):
-        z = np.zeros(shp, np.float32)
-        idx = [slice(None)] * len(shp)
-        idx[axis] = slice(0, P)
-        z[tuple(idx)] = x
-        return z
-
-    ca, cb = runner.to_state(place(a, sa)), runner.to_state(place(b, sb))
-    xa, xb = eager.to_state(place(ea, sa)), eager.to_state(place(eb, sb))
+    shapes, axis = cache_shapes(cfg, batch, T)
+    assert all(c.shape[axis] == P and tuple(c.shape[:axis]) == tuple(s[:axis]) for c, s in zip(prefilled, shapes))
+    caches, caches_eager = decode_state(runner, prefilled, batch, T), decode_state(eager, prefilled_eager, batch, T)
     for p in range(P, ids.shape[1]):
         pos = np.full(batch, p)
-        l1, ca, cb = runner.decode(ids[:, p:p + 1], pos, ca, cb)
-        l2, xa, xb = eager.decode(ids[:, p:p + 1], pos, xa, xb)
+        l1, *caches = runner.decode(ids[:, p:p + 1], pos, *caches)
+        l2, *caches_eager = eager.decode(ids[:, p:p + 1], pos, *caches_eager)
         assert l1.shape == (batch, 1, V) and rel_err(l1, l2) <= 1e-5, p
-        assert tuple(ca.shape) == tuple(want[list(want)[0]]) and tuple(cb.shape) == tuple(want[list(want)[1]])
+        assert [list(c.shape) for c in caches] == list(want.values())
 
     # greedy generation is token-identical (runner batch padding and cache length adaptation included)
     prompt = [int(i) for i in ids[0, :5]]

@@ -13,9 +13,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 from youzhi_ms.checkpoint.mindspore_ckpt import load_model  # noqa: E402
 from youzhi_ms.models.base import DecodeCell, PrefillCell  # noqa: E402
 
-
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
+from helpers import rel_err, save_random  # noqa: E402
 
 
 def tiny_dsv3(**kw):
@@ -27,25 +25,12 @@ def tiny_dsv3(**kw):
     return DeepseekV3Config(**base)
 
 
-def save_random(cfg, path, seed=0):
-    torch.manual_seed(seed)
-    m = DeepseekV3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.08)
-    m.save_pretrained(path, safe_serialization=True)
-    return m
-
-
 @pytest.mark.parametrize("variant", ["q-full", "q-lora-bias", "yarn"])
 def test_naive_forward_matches_transformers(variant, tmp_path):
     kw = {"q-full": {}, "q-lora-bias": dict(q_lora_rank=20, attention_bias=True),
           "yarn": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
                                      "mscale": 1.0, "mscale_all_dim": 1.0})}[variant]
-    ref_model = save_random(tiny_dsv3(**kw), tmp_path)
+    ref_model = save_random(DeepseekV3ForCausalLM, tiny_dsv3(**kw), tmp_path)
     ids = np.random.default_rng(0).integers(0, 128, (2, 40))
     with torch.no_grad():
         ref = ref_model(torch.tensor(ids)).logits.numpy()
@@ -55,7 +40,7 @@ def test_naive_forward_matches_transformers(variant, tmp_path):
 
 @pytest.mark.parametrize("q_lora", [None, 20])
 def test_absorbed_decode_equals_naive_forward(q_lora, tmp_path):
-    ref_model = save_random(tiny_dsv3(q_lora_rank=q_lora), tmp_path)
+    ref_model = save_random(DeepseekV3ForCausalLM, tiny_dsv3(q_lora_rank=q_lora), tmp_path)
     ids = np.random.default_rng(1).integers(0, 128, (2, 18))
     with torch.no_grad():
         ref = ref_model(torch.tensor(ids)).logits.numpy()

@@ -15,7 +15,7 @@ from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import (MARKER, atomic_output_dir, atomic_output_file, check_output_dir, check_output_file,
                               claim_run_dir, read_marker)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, one_error_line
 
 
 def tree_digest(path) -> dict:
@@ -190,11 +190,8 @@ def _tool(name, *args):
 
 
 def _one_error(r, *expect):
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
-    for e in expect:
-        assert e in lines[0], lines[0]
+    """`helpers.one_error_line` of a `_tool` result."""
+    one_error_line(r.returncode, r.stderr, *expect)
 
 
 def test_tools_never_replace_inputs_or_foreign_directories(tiny, tmp_path):

@@ -1,8 +1,5 @@
 """The real SmolLM2-135M-Instruct weights (dequantized from the shipped GGUF): a 4-layer truncated copy through the
 MindSpore source model, its MLA conversion and generation, against transformers on the same directory."""
-import json
-import os
-
 import numpy as np
 import pytest
 import torch

@@ -6,7 +6,6 @@ reads a model config), so every tool refuses unsupported or broken checkpoints t
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -185,7 +184,3 @@ def rope_tables(inv_freq: np.ndarray, max_len: int, attention_factor: float = 1.
     """cos/sin tables [max_len, rot_dim/2] in float32 (one frequency per column, not yet laid out per head)."""
     ang = np.arange(max_len, dtype=np.float32)[:, None] * inv_freq[None, :].astype(np.float32)
     return (np.cos(ang) * attention_factor).astype(np.float32), (np.sin(ang) * attention_factor).astype(np.float32)
-
-
-def config_to_dict(cfg) -> dict:
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "raw"}

@@ -1,12 +1,14 @@
-"""Calibration streams and one layer's statistics: what every stage decision of a layer reads.
+"""Part of stage 3 of 5 (with adaptive.py): calibration streams and one layer's statistics, what every stage decision
+of a layer reads.
 
 The converter pushes calibration hidden states through the model one layer at a time, in up to three streams:
   * `conv`: through the layers already converted at the target rank: the inputs the converted model will really see.
     The candidate scores are measured on it, so drift from earlier layers is seen and can be compensated.
   * `orig`: through the source layers: the reference the scores compare against, and (statistics 'standard') the keys
     of RoRoPE's PCA, as TransMLA takes them (its first calibration pass runs the original model).
-  * `stage1`: (statistics 'standard' only) through the layers converted with their chosen bands at full rank, i.e. the
-    partial-RoPE model: the inputs of the latent PCA, as TransMLA's second calibration pass takes them.
+  * `partial_rope`: (statistics 'standard' only) through the layers converted with their chosen bands at full rank,
+    i.e. the partial-RoPE model that stage 2 (RoRoPE) makes: the inputs of the latent PCA, as TransMLA's second
+    calibration pass takes them.
 With statistics 'cascaded' every statistic comes from `conv` (each layer is fitted to the inputs it will get) and only
 the proxy windows of `orig` are kept.
 
@@ -51,7 +53,7 @@ class Geometry:
     n_heads: int
     n_kv: int
     d: int
-    rope: int  # qk_rope_head_dim
+    rope_dim: int  # qk_rope_head_dim
     rank: int  # kv_lora_rank
     eps: float
     cos: np.ndarray  # [S, d/2] source RoPE tables
@@ -59,7 +61,7 @@ class Geometry:
 
     @property
     def c(self) -> int:
-        return self.d // self.rope
+        return self.d // self.rope_dim
 
     @property
     def cos_r(self):  # rope pair p rotates at omega_{c p}
@@ -70,8 +72,8 @@ class Geometry:
         return self.sin[:, ::self.c]
 
     def mla(self, x: np.ndarray, m: Dict[str, np.ndarray], rank: Optional[int] = None, q_pos=None) -> np.ndarray:
-        return mla_attention(x, m, self.n_heads, self.d, self.rope, self.d, rank or self.rank, self.cos_r, self.sin_r,
-                             q_pos=q_pos)
+        return mla_attention(x, m, self.n_heads, self.d, self.rope_dim, self.d, rank or self.rank, self.cos_r,
+                             self.sin_r, q_pos=q_pos)
 
     def gqa(self, x: np.ndarray, src: Dict[str, np.ndarray], return_probs: bool = False):
         return gqa_attention(x, src, self.n_heads, self.n_kv, self.d, self.cos, self.sin, return_probs=return_probs)
@@ -109,7 +111,7 @@ class LayerStats:
               R_override: Optional[np.ndarray] = None):
         """One MLA layer (exact-export tensors) and its info dict."""
         g = self.geo
-        return build_layer(self.src, self.rotation(bands), self.SX, g.n_heads, g.n_kv, g.d, g.rope, rank or g.rank,
+        return build_layer(self.src, self.rotation(bands), self.SX, g.n_heads, g.n_kv, g.d, g.rope_dim, rank or g.rank,
                            self.damping, R_override=R_override, metric=self.pca_metric, beta=beta, Sq=self.Sq)
 
 

@@ -18,7 +18,6 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from youzhi_ms.contract import check_rank, max_rank  # noqa: F401  (the contract's; imported from here too)
 from youzhi_ms.convert.latent import kv_group
 from youzhi_ms.convert.rorope import pca
 from youzhi_ms.errors import YouzhiError

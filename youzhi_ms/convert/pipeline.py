@@ -1,4 +1,5 @@
-"""The GQA -> MLA conversion, layer by layer: calibrate, choose FreqFold bands, RoRoPE, latent PCA, export.
+"""The GQA -> MLA conversion, layer by layer: calibrate, then the five stages (numbered as in README "How the conversion
+works"): 1 shared latent, 2 RoRoPE, 3 the FreqFold band choice, 4 latent PCA, 5 export.
 
 This file keeps the I/O, the resume and the report; each decision lives in its stage's file (`adaptive.choose` for the
 bands and the key/value balance, `latent_pca.build_layer` for the compression, `export` for the stock-export refit).
@@ -24,9 +25,9 @@ from youzhi_ms.config import SourceConfig, _rope_type, rope_inv_freq, rope_table
 from youzhi_ms.convert import adaptive, calibrate
 from youzhi_ms.convert.attention_np import block_output, rms_norm
 from youzhi_ms.convert.calibrate import STATS, Geometry, LayerStats, ResidualScore
-from youzhi_ms.contract import check_rope_dim, deployment_warnings, mla_config
+from youzhi_ms.contract import check_rank, check_rope_dim, deployment_warnings, max_rank, mla_config
 from youzhi_ms.convert.export import attention_token_weights, refit_kv_b
-from youzhi_ms.convert.latent_pca import BALANCES, check_rank, max_rank
+from youzhi_ms.convert.latent_pca import BALANCES
 from youzhi_ms.convert.rorope import describe_bands, uniform_bands, validate_bands
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
@@ -128,7 +129,7 @@ def _decide(opt: ConvertOptions, i: int, stats: LayerStats, score: ResidualScore
     else:
         cands = {f"F={int(opt.freqfold)}": uniform_bands(d, int(opt.freqfold))}
     betas = opt.betas if opt.pca_metric == "attn" and not opt.skip_pca else (1.0,)
-    R_id = np.eye(max_rank(geo.n_kv, d, geo.rope)) if opt.skip_pca else None
+    R_id = np.eye(max_rank(geo.n_kv, d, geo.rope_dim)) if opt.skip_pca else None
 
     def score_of(bands, beta):
         return score(stats.build(bands, beta, R_override=R_id)[0])
@@ -193,7 +194,7 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
 
     inv, att = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
     cos, sin = rope_tables(inv, S, att)
-    geo = Geometry(n_heads=H, n_kv=kv, d=d, rope=rope, rank=r, eps=cfg.rms_norm_eps, cos=cos, sin=sin)
+    geo = Geometry(n_heads=H, n_kv=kv, d=d, rope_dim=rope, rank=r, eps=cfg.rms_norm_eps, cos=cos, sin=sin)
     has_q_bias = any(n.endswith("self_attn.q_proj.bias") for n in ck.names())
     has_kv_bias = any(n.endswith(("self_attn.k_proj.bias", "self_attn.v_proj.bias")) for n in ck.names())
     npx = min(opt.proxy_seqs, N)
@@ -205,16 +206,16 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
     fingerprint = {"source": os.path.abspath(src_dir), "options": {k: v for k, v in opt.__dict__.items()
                                                                    if k not in ("progress", "calib_ids")},
                    "calib_sha": hashlib.sha256(np.ascontiguousarray(ids, np.int64).tobytes()).hexdigest()}
-    records, h = _resume(work, fingerprint)
+    records, h = _resume(work, fingerprint, {"conv", "orig"} | ({"partial_rope"} if standard else set()))
     if h is None:
         if ck.shape("model.embed_tokens.weight") != (cfg.vocab_size, D):
             ck.get("model.embed_tokens.weight", (cfg.vocab_size, D))  # raises the shape error
         emb = ck.take_rows("model.embed_tokens.weight", ids)  # [N,S,D]
-        # conv: the converted model; orig: the source (all windows only when it feeds statistics); stage1: the
-        # partial-RoPE model (statistics 'standard')
+        # conv: the converted model; orig: the source (all windows only when it feeds statistics); partial_rope:
+        # the partial-RoPE model, stage 2's output at full rank (statistics 'standard')
         h = {"conv": emb, "orig": emb if standard else emb[:npx]}
         if standard:
-            h["stage1"] = emb
+            h["partial_rope"] = emb
     elif records:
         log.info("resuming the conversion at layer %d (%s)", len(records), work)
     bar = tqdm(range(len(records), cfg.num_layers), desc=f"convert r={r}", unit="layer", disable=not opt.progress,
@@ -226,7 +227,7 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
         a_orig = geo.gqa(x["orig"], src)
         flat = {k: v.reshape(-1, D) for k, v in x.items()}
         stats = LayerStats(geo, src, keys_x=flat["orig" if standard else "conv"],
-                           pca_x=flat["stage1" if standard else "conv"], pca_metric=opt.pca_metric,
+                           pca_x=flat["partial_rope" if standard else "conv"], pca_metric=opt.pca_metric,
                            rorope_metric=opt.rorope_metric, damping=opt.damping)
         a_loc, probs = geo.gqa(x["conv"][:npx], src, return_probs=True)
         score = ResidualScore(geo, w, h["conv"][:npx], h["orig"][:npx], a_orig[:npx], opt.score, a_loc,
@@ -264,8 +265,8 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
                "orig": block_output(h["orig"], a_orig, w, cfg.rms_norm_eps)}
         if standard:
             m1, _ = stats.build(dec.bands, 1.0, rank=full, R_override=np.eye(full))
-            nxt["stage1"] = block_output(h["stage1"], geo.mla(x["stage1"], m1, rank=full), w,
-                                                   cfg.rms_norm_eps)
+            nxt["partial_rope"] = block_output(h["partial_rope"], geo.mla(x["partial_rope"], m1, rank=full), w,
+                                               cfg.rms_norm_eps)
         h = nxt
         records.append(rec)
         _commit_layer(work, i, h, rec)
@@ -343,8 +344,9 @@ def _read_records(work: str):
     return recs, lines
 
 
-def _resume(work: str, fingerprint: dict):
-    """(records, hidden-state streams) of a matching unfinished conversion, else a fresh work dir and ([], None)."""
+def _resume(work: str, fingerprint: dict, streams: set):
+    """(records, hidden-state streams) of a matching unfinished conversion, else a fresh work dir and ([], None). A
+    work dir whose saved streams are not `streams` (e.g. left by a build that named them otherwise) is not resumed."""
     meta = os.path.join(work, "meta.json")
     if os.path.isfile(meta):
         try:
@@ -361,7 +363,7 @@ def _resume(work: str, fingerprint: dict):
                         h = {k: z[k] for k in z.files}
                 except (OSError, ValueError):
                     h = None
-                if h is not None:
+                if h is not None and set(h) == streams:
                     _rewrite_records(work, lines)
                     return recs, h
         log.info("discarding an unfinished conversion with other options in %s", work)

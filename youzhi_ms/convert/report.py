@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from youzhi_ms.convert.rorope import describe_bands
-
 COLUMNS = """\
 Columns:
 - **choice**: the candidate the search kept (`F=4` = uniform bands of 4 frequencies; `2x4,4x2,16x1` = four bands of

@@ -18,6 +18,20 @@ def cache_shapes(cfg, batch: int, max_len: int):
     return (shp, shp), 3
 
 
+def decode_state(runner, prefilled, batch: int, max_len: int) -> tuple:
+    """The decode state after a prefill: each cache the prefill returned (the model's `cache_names`: GQA k and v, MLA
+    c_kv and k_pe) at the start of a zeroed cache of length max_len, as `runner.to_state` takes it."""
+    shapes, axis = cache_shapes(runner.cfg, batch, max_len)
+    state = []
+    for arr, shape in zip(prefilled, shapes):
+        full = np.zeros(shape, np.float32)
+        idx = [slice(None)] * len(shape)
+        idx[axis] = slice(0, arr.shape[axis])
+        full[tuple(idx)] = arr
+        state.append(runner.to_state(full))
+    return tuple(state)
+
+
 def sample_next(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
     """Greedy when temperature == 0; else softmax(logits / T) restricted to the smallest top-p nucleus."""
     if temperature <= 0:
@@ -119,13 +133,8 @@ def generate(runner, prompt_ids: List[int], max_new_tokens: int = 32, temperatur
     T = max_len or cache_length(S + max_new_tokens)
     if S + max_new_tokens > T:
         raise ValueError(f"prompt ({S}) + max_new_tokens ({max_new_tokens}) exceed the cache length {T}")
-    (sa, sb), axis = cache_shapes(runner.cfg, 1, T)
-    logits, a, b = runner.prefill(np.array([prompt_ids]))
-    ca, cb = np.zeros(sa, np.float32), np.zeros(sb, np.float32)
-    idx = [slice(None)] * len(sa)
-    idx[axis] = slice(0, S)
-    ca[tuple(idx)], cb[tuple(idx)] = a, b
-    ca, cb = runner.to_state(ca), runner.to_state(cb)
+    logits, *prefilled = runner.prefill(np.array([prompt_ids]))
+    caches = decode_state(runner, prefilled, 1, T)
     out: List[int] = []
     nxt = sample_next(logits[0, -1], temperature, top_p, rng)
     stop = set(stop_ids)
@@ -136,7 +145,7 @@ def generate(runner, prompt_ids: List[int], max_new_tokens: int = 32, temperatur
             on_token(nxt)
         if last:
             break
-        logits, ca, cb = runner.decode(np.array([[nxt]]), np.array([S + step]), ca, cb)
+        logits, *caches = runner.decode(np.array([[nxt]]), np.array([S + step]), *caches)
         if on_token and step == 0:
             on_token(nxt)  # shown after the first decode call, so its compile is announced before any text
         nxt = sample_next(logits[0, -1], temperature, top_p, rng)

@@ -25,7 +25,7 @@ import numpy as np
 from youzhi_ms.config import MLAConfig, load_any_config
 from youzhi_ms.contract import read_config_json
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.infer.generate import cache_shapes
+from youzhi_ms.infer.generate import cache_shapes, decode_state
 
 MANIFEST = "manifest.json"
 FORMAT = "youzhi-mindir/1"
@@ -159,18 +159,16 @@ def verify_export(export_dir: str, model, cfg, manifest: dict, prompt_len: int =
     prompt_len = min(prompt_len, T - steps)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, prompt_len + steps))
     errs = {}
-    la, a, b = runner.prefill(ids[:, :prompt_len])
-    le, ea, eb = eager.prefill(ids[:, :prompt_len])
+    la, *prefilled = runner.prefill(ids[:, :prompt_len])
+    le, *prefilled_eager = eager.prefill(ids[:, :prompt_len])
     errs["prefill_logits"] = float(np.abs(la - le).max())
-    shapes, axis = cache_shapes(cfg, B, T)
-    ca, cb = runner.to_state(_place(a, shapes[0], axis)), runner.to_state(_place(b, shapes[1], axis))
-    xa, xb = eager.to_state(_place(ea, shapes[0], axis)), eager.to_state(_place(eb, shapes[1], axis))
+    caches, caches_eager = decode_state(runner, prefilled, B, T), decode_state(eager, prefilled_eager, B, T)
     worst = 0.0
     for s in range(steps):
         p = prompt_len + s
         pos = np.full(B, p)
-        l1, ca, cb = runner.decode(ids[:, p:p + 1], pos, ca, cb)
-        l2, xa, xb = eager.decode(ids[:, p:p + 1], pos, xa, xb)
+        l1, *caches = runner.decode(ids[:, p:p + 1], pos, *caches)
+        l2, *caches_eager = eager.decode(ids[:, p:p + 1], pos, *caches_eager)
         worst = max(worst, float(np.abs(l1 - l2).max()))
     errs["decode_logits"] = worst
     scale = float(np.abs(le).max()) or 1.0
@@ -178,14 +176,6 @@ def verify_export(export_dir: str, model, cfg, manifest: dict, prompt_len: int =
         raise YouzhiError(f"the exported graphs disagree with the eager model ({errs}); the export is not usable — "
                           "report this with the MindSpore version")
     return errs
-
-
-def _place(arr, shape, axis):
-    out = np.zeros(shape, np.float32)
-    idx = [slice(None)] * len(shape)
-    idx[axis] = slice(0, arr.shape[axis])
-    out[tuple(idx)] = arr
-    return out
 
 
 def _pos(v) -> int:

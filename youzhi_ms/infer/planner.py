@@ -440,14 +440,6 @@ class RankChoice:
         return self.candidates[max(0, idx - n): idx + n + 1]
 
 
-def concurrency_ratio(source: ModelShape, target: ModelShape, settings: PlanSettings = PlanSettings()) -> float:
-    a, b = plan_concurrency(source, settings), plan_concurrency(target, settings)
-    if a.max_concurrency <= 0:
-        raise YouzhiError(f"{source.name or 'the source model'} does not fit under these settings, so no ratio "
-                          "exists; use a larger card or lower --max-model-len")
-    return b.max_concurrency / a.max_concurrency
-
-
 def rank_for_ratio(source: ModelShape, target_ratio: float, settings: PlanSettings = PlanSettings(),
                    qk_rope_head_dim: Optional[int] = None, multiple: int = 16, mode: str = "closest") -> RankChoice:
     """The `kv_lora_rank` (a multiple of `multiple`) whose max-concurrency gain over `source` meets `target_ratio`.

@@ -304,19 +304,14 @@ class StudentContinuation:
         return out
 
     def __call__(self, prompts: List[np.ndarray], rngs: List[np.random.Generator]) -> Dict[str, np.ndarray]:
-        from youzhi_ms.infer.generate import cache_shapes, sample_next
+        from youzhi_ms.infer.generate import decode_state, sample_next
         B, S, P, N = len(prompts), self.seq_len, self.prompt_max, self.max_new
         lens = np.array([len(p) for p in prompts])
         pre = np.full((B, P), self.pad_id, np.int32)
         for b, p in enumerate(prompts):
             pre[b, :len(p)] = p
-        logits, a, c = self.runner.prefill(pre)
-        (sa, sc), axis = cache_shapes(self.cfg, B, S)
-        cache_a, cache_c = np.zeros(sa, np.float32), np.zeros(sc, np.float32)
-        idx = [slice(None)] * len(sa)
-        idx[axis] = slice(0, P)
-        cache_a[tuple(idx)], cache_c[tuple(idx)] = a, c
-        cache_a, cache_c = self.runner.to_state(cache_a), self.runner.to_state(cache_c)
+        logits, *prefilled = self.runner.prefill(pre)
+        caches = decode_state(self.runner, prefilled, B, S)
         gen: List[List[int]] = [[] for _ in range(B)]
         done = np.zeros(B, bool)
         nxt = [sample_next(logits[b, lens[b] - 1], self.temperature, self.top_p, rngs[b]) for b in range(B)]
@@ -328,7 +323,7 @@ class StudentContinuation:
             if step == N - 1 or done.all():
                 break
             feed = np.array([[nxt[b] if not done[b] else self.pad_id] for b in range(B)], np.int32)
-            logits, cache_a, cache_c = self.runner.decode(feed, lens + step, cache_a, cache_c)
+            logits, *caches = self.runner.decode(feed, lens + step, *caches)
             nxt = [sample_next(logits[b, 0], self.temperature, self.top_p, rngs[b]) if not done[b] else self.pad_id
                    for b in range(B)]
         ids = np.full((B, S), self.pad_id, np.int32)
