@@ -68,7 +68,7 @@ class LayerRecord:
     bands: List[List[int]]
     choice: str
     beta: float = 1.0
-    score: float = 0.0  # residual-stream error of the built layer (what the search minimised)
+    score: float = 0.0  # the FreqFold score of the built layer (what the search minimised; opt.score's kind)
     attn_rel_err: float = 0.0  # the built layer's attention error against the source attention on the same inputs
     scores: Dict[str, float] = field(default_factory=dict)  # every candidate at balance 1
     refined: Dict[str, float] = field(default_factory=dict)  # finalists x balances
