@@ -35,17 +35,23 @@ _square_sum = ops.MultitypeFuncGraph("youzhi_square_sum")
 @_adamw.register("Number", "Number", "Number", "Tensor", "Tensor", "Tensor", "Tensor", "Number", "Number", "Tensor",
                  "Tensor", "Tensor", "Tensor")
 def _adamw_update(beta1, beta2, eps, lrs, bc1, bc2, coef, group, weight_decay, param, m, v, grad):
+    m_new, v_new, p_new = adamw_values(beta1, beta2, eps, lrs[group], bc1, bc2, coef, weight_decay, param, m, v, grad)
+    ops.assign(m, m_new)
+    ops.assign(v, v_new)
+    ops.assign(param, p_new)
+    return True
+
+
+def adamw_values(beta1, beta2, eps, lr, bc1, bc2, coef, weight_decay, param, m, v, grad):
+    """One AdamW step's new (m, v, param) in float32 moments (param back in its own dtype), without writing them: the
+    plain update writes them, the guarded sharded one (parallel_step.py) selects them first."""
     g = ops.cast(grad, ms.float32) * coef
     m_new = beta1 * m + (1.0 - beta1) * g
     v_new = beta2 * v + (1.0 - beta2) * g * g
-    lr = lrs[group]
     update = (m_new / bc1) / (ops.sqrt(v_new / bc2) + eps)
     p32 = ops.cast(param, ms.float32)
     p_new = p32 - lr * (update + weight_decay * p32)
-    ops.assign(m, m_new)
-    ops.assign(v, v_new)
-    ops.assign(param, ops.cast(p_new, param.dtype))
-    return True
+    return m_new, v_new, ops.cast(p_new, param.dtype)
 
 
 @_accumulate.register("Tensor", "Tensor")

@@ -26,7 +26,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from youzhi_ms.train.optim import UpdateCore
+from youzhi_ms.train.optim import UpdateCore, adamw_values
 
 __all__ = ["ShardedUpdateCore", "ShardedStep", "stage_peers"]
 
@@ -47,16 +47,10 @@ def _sharded_square_sum(g):
                          "Number", "Tensor", "Tensor", "Tensor", "Tensor")
 def _adamw_guarded_update(beta1, beta2, eps, lrs, bc1, bc2, coef, ok, group, weight_decay, param, m, v, grad):
     """optim._adamw_update, with every write selected by `ok` (False: parameter and moments keep their values)."""
-    g = ops.cast(grad, ms.float32) * coef
-    m_new = beta1 * m + (1.0 - beta1) * g
-    v_new = beta2 * v + (1.0 - beta2) * g * g
-    lr = lrs[group]
-    update = (m_new / bc1) / (ops.sqrt(v_new / bc2) + eps)
-    p32 = ops.cast(param, ms.float32)
-    p_new = p32 - lr * (update + weight_decay * p32)
+    m_new, v_new, p_new = adamw_values(beta1, beta2, eps, lrs[group], bc1, bc2, coef, weight_decay, param, m, v, grad)
     ops.assign(m, ops.select(ok, m_new, m))
     ops.assign(v, ops.select(ok, v_new, v))
-    ops.assign(param, ops.select(ok, ops.cast(p_new, param.dtype), param))
+    ops.assign(param, ops.select(ok, p_new, param))
     return True
 
 
