@@ -19,7 +19,7 @@ from youzhi_ms.fsutil import OVERWRITE_HELP, check_output_file, write_json_outpu
 def main(argv=None):
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="Hugging Face (or MindSpore-layout) model directory")
-    ap.add_argument("--text", default="wiki-eval", help="wiki-eval | wiki-calib | a .txt or .jsonl file")
+    ap.add_argument("--text", default="wiki-eval", help="wiki-eval | wiki-calib | news | a .txt or .jsonl file")
     ap.add_argument("--seq-len", type=int_at_least(2), default=512,
                     help="window length; every token but a window's first is scored (default 512)")
     ap.add_argument("--max-tokens", type=int_at_least(2), default=None, help="truncate the token stream first")
