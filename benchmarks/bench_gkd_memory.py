@@ -60,10 +60,10 @@ def main():
     phases = {"setup": _status("VmHWM")}
     reset_peak()
     tr = Trainer(cfg)
-    tr._check_output(False)
+    tr._check_output(False, False)
     tr._setup_models()
     tr._setup_data()
-    tr._prepare_output(False)
+    tr._prepare_output(False, False)
     phases["models"] = _status("VmHWM")
     rows = []
     for step in range(args.steps):

@@ -100,6 +100,16 @@ def config(models, out, *overrides):
 
 
 # --------------------------------------------------------------------------------------------------------- GKD
+def test_attention_plus_norms_selects_attention_and_every_norm_weight(models, tmp_path):
+    tr = Trainer(config(models, tmp_path / "run", "model.trainable=attention+norms"))
+    tr._setup_models()
+    every = {p.name for p in tr.student.get_parameters()}
+    norms = {n for n in every if n.endswith("layernorm.weight")}
+    assert {p.name for p in tr.trainable} == {n for n in every if ".self_attention." in n} | norms
+    assert {n.split(".")[-2] for n in norms} >= {"input_layernorm", "pre_mlp_layernorm", "final_layernorm"}
+    assert all(p.requires_grad == (p.name in norms or ".self_attention." in p.name) for p in tr.student.get_parameters())
+
+
 def test_gkd_lowers_loss_attention_only_keeps_the_rest(models, tmp_path):
     _, student_dir, _ = models
     # two windows = one global batch: every step sees the same sequences, so the logged loss is the distillation

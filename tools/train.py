@@ -53,7 +53,7 @@ def main(argv=None):
         losses = res["losses"]
         tail = f", loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
         print(f"trained steps {res['start_step']}..{res['end_step']} on {res['world']} worker(s){tail} "
-              f"[{res['seconds']} s]; log {res['loss_log']}" + (f"; model {res['hf_model']}" if res.get("hf_model")
+              f"[{res['seconds']} s, peak memory {res['peak_rss_mib'] / 1024:.1f} GB]; log {res['loss_log']}" + (f"; model {res['hf_model']}" if res.get("hf_model")
                                                                   else ""))
 
 

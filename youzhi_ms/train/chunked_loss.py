@@ -31,6 +31,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from youzhi_ms.errors import YouzhiError
+from youzhi_ms.models.layers import spread
 from youzhi_ms.train.losses import _check_gkd_args, jsd_from_logprobs
 
 __all__ = ["ChunkedGKDLoss", "TopKGKDLoss", "ChunkedGKDNet", "TeacherHidden", "TopKGKDNet", "head_weight",
@@ -68,7 +69,7 @@ _sum_keep = ops.ReduceSum(keep_dims=True)
 def _lse(x):
     """logsumexp over the last axis, kept as a [.., 1] column."""
     m = _max_keep(x, -1)
-    return m + ops.log(_sum_keep(ops.exp(x - m), -1))
+    return m + ops.log(_sum_keep(ops.exp(x - spread(m, x)), -1))
 
 
 def _chunks(n, rows):
@@ -84,7 +85,7 @@ def _chunks(n, rows):
 
 def _soft_grad(p, g):
     """d/dz of a loss whose derivative w.r.t. p = softmax(z) is g (rows)."""
-    return p * (g - _sum_keep(p * g, -1))
+    return p * (g - spread(_sum_keep(p * g, -1), g))
 
 
 class _ChunkedHead(nn.Cell):
@@ -182,7 +183,7 @@ class TopKGKDLoss(_ChunkedHead):
         """Student log-probs: per word [c, V], per bucket [c, k + 1] (the stored words, then the tail)."""
         z = ops.dense(ops.cast(h_c, ms.float32), ops.cast(w, ms.float32)) * self.inv_tau
         lse = _lse(z)
-        lp = z - lse
+        lp = z - spread(lse, z)
         off = ops.tensor_scatter_elements(z, ids_c, _zeros_like(ops.cast(ids_c, ms.float32)) + NEG_LOGMASS, 1)
         lp_tail = ops.maximum(_lse(off) - lse, NEG_LOGMASS)
         return lp, ops.concat((ops.gather_elements(lp, 1, ids_c), lp_tail), -1)
@@ -204,12 +205,12 @@ class TopKGKDLoss(_ChunkedHead):
         p = ops.exp(lp)
         if self.beta == 0.0:
             # p_i - q_b p_i / p_b: for a stored word p_i = p_b; for the tail, q_tail exp(lp_i - lp_tail)
-            q_word = ops.exp(lq_b[:, -1:] + lp - lp_b[:, -1:])
+            q_word = ops.exp(lp + spread(lq_b[:, -1:] - lp_b[:, -1:], lp))
             return p - ops.tensor_scatter_elements(q_word, ids_c, ops.exp(lq_b[:, :-1]), 1)
         g = self.grad_p(lp_b, lq_b)  # per bucket [c, k + 1]
         g_mean = _sum_keep(ops.exp(lp_b) * g, -1)
         g_word = ops.tensor_scatter_elements(ops.broadcast_to(g[:, -1:], lp.shape), ids_c, g[:, :-1], 1)
-        return p * (g_word - g_mean)
+        return p * (g_word - spread(g_mean, g_word))
 
     def construct(self, h, w, ids, lq_top, lq_tail, mask, scale):
         return self.summed(h, w, (ids, lq_top, lq_tail), mask, scale)

@@ -11,7 +11,7 @@ Sections (MindFormers names where MindFormers has the concept):
                    AdamW moments and the weights over the data-parallel replicas)
   parallel_config  data_parallel (null = all workers), model_parallel, pipeline_stage, micro_batch_num,
                    use_seq_parallel, vocab_emb_dp
-  model            student (converted MLA Hugging Face dir), trainable (all | attention), save_dtype
+  model            student (converted MLA Hugging Face dir), trainable (all | attention | attention+norms), save_dtype
   runner_config    max_steps, batch_size (per worker, per micro-batch), gradient_accumulation_steps, seq_length,
                    stop_at_step (end this invocation early, with a checkpoint), progress
   optimizer        type (AdamW), betas, eps, weight_decay, max_grad_norm (<= 0: no clipping)
@@ -259,8 +259,8 @@ def validate(cfg: Dict[str, Any]) -> None:
     _int(cfg, "parallel_config", "data_parallel", 1, allow_none=True)
     for k in ("model_parallel", "pipeline_stage", "micro_batch_num"):
         _int(cfg, "parallel_config", k, 1)
-    _need(cfg["model"]["trainable"] in ("all", "attention"),
-          f"model.trainable must be 'all' or 'attention', got {cfg['model']['trainable']!r}")
+    _need(cfg["model"]["trainable"] in ("all", "attention", "attention+norms"),
+          f"model.trainable must be 'all', 'attention' or 'attention+norms', got {cfg['model']['trainable']!r}")
     _need(cfg["model"]["save_dtype"] in ("fp32", "bf16", "fp16"),
           f"model.save_dtype must be fp32, bf16 or fp16, got {cfg['model']['save_dtype']!r}")
     for k in ("max_steps", "batch_size", "gradient_accumulation_steps", "seq_length"):

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -185,12 +186,15 @@ class Trainer:
                 p.requires_grad = False
 
     def _select_trainable(self):
-        """model.trainable: every student parameter, or the attention ones only (`.self_attention.`)."""
+        """model.trainable: every student parameter, the attention ones only (`.self_attention.`), or those plus
+        every RMSNorm weight (`attention+norms`: 35K more parameters, the layers' input scales)."""
         params = list(self.student.get_parameters())
-        if self.cfg["model"]["trainable"] == "attention":
-            train = [p for p in params if ".self_attention." in p.name]
-        else:
+        kind = self.cfg["model"]["trainable"]
+        if kind == "all":
             train = params
+        else:
+            train = [p for p in params if ".self_attention." in p.name
+                     or (kind == "attention+norms" and p.name.endswith("layernorm.weight"))]
         chosen = {id(p) for p in train}
         for p in params:
             p.requires_grad = id(p) in chosen
@@ -600,7 +604,7 @@ class Trainer:
         result = {"start_step": start, "end_step": step, "steps_run": step - start, "rank": self.rank,
                   "world": self.world, "seconds": round(seconds, 3), "last_checkpoint": last_saved,
                   "losses": [r["loss"] for r in rows], "weights_sha256": self.weights_digest(),
-                  "loss_log": log_path}
+                  "loss_log": log_path, "peak_rss_mib": peak_rss_mib()}
         os.makedirs(os.path.join(self.out, "ranks"), exist_ok=True)
         with open(os.path.join(self.out, "ranks", f"rank_{self.rank}.json"), "w") as f:
             json.dump({k: v for k, v in result.items() if k != "losses"}, f, indent=1)
@@ -613,6 +617,11 @@ class Trainer:
                             "into a Hugging Face directory with tools/merge_slices.py --run %s",
                             self.checkpoints()[-1], self.out)
         return result
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (what decides whether workers fit side by side on one machine)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # KiB on Linux
 
 
 def train(cfg: Dict[str, Any], resume: bool = False, progress: Optional[bool] = None,
