@@ -138,7 +138,7 @@ class _ChunkedHead(nn.Cell):
         for s, e in _chunks(h.shape[0], self.rows):
             h_c = ops.depend(h[s:e], prev)
             dz = self.chunk_dz(h_c, w, teacher, s, e) * coef
-            dz = ops.masked_fill(dz, ops.logical_not(ops.expand_dims(keep[s:e], -1)), 0.0)
+            dz = ops.masked_fill(dz, spread(ops.logical_not(ops.expand_dims(keep[s:e], -1)), dz), 0.0)
             dh_c = ops.matmul(dz, w32)
             if self.weight_grad:
                 dw = dw + ops.matmul(dz.T, ops.cast(h_c, ms.float32))
