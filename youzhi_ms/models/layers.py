@@ -64,9 +64,10 @@ class Linear(nn.Cell):
 def spread(a, like):
     """`a` broadcast to `like`'s shape, as its own op, before an element-wise op with `like`.
 
-    Why: MindSpore 2.10's CPU kernels for an element-wise op whose operands differ in shape ([B,S,D] * [B,S,1],
-    [B,H,S,d] * [B,1,S,d], [B,H,S,d] * [S,d]) allocate about four output-sized temporaries per op, and in a
-    training graph they stay allocated (measured: 8 such products of 100 MB peak at 3.3 GB, 0.2 GB with this).
+    Why: MindSpore 2.10's CPU kernels for an element-wise op whose operands differ in shape ([N,D] * [N,1],
+    [B,H,S,d] * [B,1,S,d], masked_fill with a [.., 1] mask) take about four output-sized temporaries per op
+    (benchmarks/bench_broadcast_memory.py: 8 such ops on 100 MB peak at 3.2 GB, 0.3 GB with this). In a training
+    step they add to the held activations: 8.67 -> 5.31 GB with this and the fused AdamW (docs/benchmarks.md 6b).
     The values are the same; broadcast_to's gradient is the reduce-sum the implicit broadcast would use.
     """
     return ops.broadcast_to(a, like.shape)
