@@ -19,6 +19,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from youzhi_ms.errors import cli_main  # noqa: E402
+
 
 def _status(key: str) -> float:
     with open("/proc/self/status") as f:
@@ -33,37 +35,55 @@ def reset_peak() -> None:
         f.write("5")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", required=True)
-    ap.add_argument("--student", required=True)
+def memory_parser(doc: str, steps: int, work: str, out: str) -> argparse.ArgumentParser:
+    """The options every GKD memory benchmark takes (this one and bench_step_graphs.py)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", required=True, help="teacher: the source (GQA) Hugging Face directory")
+    ap.add_argument("--student", required=True, help="the converted MLA directory")
     ap.add_argument("--name", required=True, help="label of this variant in the output")
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--config", default="yaml_configs/distill_smollm2_mla.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    ap.add_argument("--work", default="output/bench_gkd_memory")
-    ap.add_argument("--out", default="benchmarks/results/gkd_memory.jsonl")
-    args = ap.parse_args()
-    import shutil
-    from youzhi_ms.runtime import init_context
-    init_context("graph")
+    ap.add_argument("--work", default=work, help="run directories go to WORK/NAME (an earlier run of the same name is "
+                    "replaced, as train.py --overwrite does: only a directory a run created)")
+    ap.add_argument("--out", default=out)
+    return ap
+
+
+def ready_trainer(args):
+    """The trainer of --config + --set on the pair, set up as tools/train.py --overwrite would (models, optimizer,
+    graph cells, data, run directory), no step run yet. Call after youzhi_ms.runtime.init_context("graph")."""
     from youzhi_ms.train.run_config import load_run_config
     from youzhi_ms.train.trainer import Trainer
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config_path = args.config if os.path.isfile(args.config) else os.path.join(root, args.config)
-    work = os.path.join(args.work, args.name)
-    if os.path.isdir(work):
-        shutil.rmtree(work)
     cfg = load_run_config(config_path, [f"model.student={args.student}", f"distill.teacher={args.source}",
-                                        f"output_dir={work}", "runner_config.progress=false"] + args.overrides)
+                                        f"output_dir={os.path.join(args.work, args.name)}",
+                                        "runner_config.progress=false"] + args.overrides)
+    tr = Trainer(cfg)
+    tr._check_output(False, True)
+    tr._setup_models()
+    tr._setup_data()
+    tr._prepare_output(False, True)
+    return tr
+
+
+def append_record(out: str, rec: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(json.dumps(rec))
+
+
+@cli_main
+def main():
+    args = memory_parser(__doc__, 4, "output/bench_gkd_memory", "benchmarks/results/gkd_memory.jsonl").parse_args()
+    from youzhi_ms.runtime import init_context
+    init_context("graph")
     load0 = os.getloadavg()
     phases = {"setup": _status("VmHWM")}
     reset_peak()
-    tr = Trainer(cfg)
-    tr._check_output(False, False)
-    tr._setup_models()
-    tr._setup_data()
-    tr._prepare_output(False, False)
+    tr = ready_trainer(args)
     phases["models"] = _status("VmHWM")
     rows = []
     for step in range(args.steps):
@@ -80,10 +100,7 @@ def main():
            "losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows],
            "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
            "machine": f"{os.cpu_count()} cores"}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-    print(json.dumps(rec))
+    append_record(args.out, rec)
 
 
 if __name__ == "__main__":

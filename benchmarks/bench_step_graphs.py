@@ -10,59 +10,35 @@ process peak RSS after `models` grows by what the micro-step graph holds, then b
 call: the peak RSS (GiB) since the previous call (the kernel's high-water mark, reset through /proc/self/clear_refs)
 and the seconds it took (the first call of each graph includes its compile). One json line per run in --out.
 """
-import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from youzhi_ms.errors import cli_main  # noqa: E402
+
+from bench_gkd_memory import _status, append_record, memory_parser, ready_trainer, reset_peak  # noqa: E402
+
 
 def peak_gib() -> float:
-    with open("/proc/self/status") as f:
-        return round(next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 2 ** 20, 2)
+    return round(_status("VmHWM") / 1024.0, 2)
 
 
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
+@cli_main
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", required=True, help="teacher: the source (GQA) Hugging Face directory")
-    ap.add_argument("--student", required=True, help="the converted MLA directory")
-    ap.add_argument("--name", required=True, help="label of this variant in the output")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--config", default="yaml_configs/distill_smollm2_mla.yaml")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    ap.add_argument("--work", default="output/bench_step_graphs", help="run directory parent (NAME below it must "
-                    "not exist yet)")
-    ap.add_argument("--out", default="benchmarks/results/gkd_step_graphs.jsonl")
-    args = ap.parse_args()
+    args = memory_parser(__doc__, 3, "output/bench_step_graphs", "benchmarks/results/gkd_step_graphs.jsonl").parse_args()
     import numpy as np
     from youzhi_ms.runtime import init_context
     init_context("graph")
     import mindspore as ms
-    from youzhi_ms.train.run_config import load_run_config
-    from youzhi_ms.train.trainer import Trainer
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    config_path = args.config if os.path.isfile(args.config) else os.path.join(root, args.config)
-    cfg = load_run_config(config_path, [f"model.student={args.student}", f"distill.teacher={args.source}",
-                                        f"output_dir={os.path.join(args.work, args.name)}",
-                                        "runner_config.progress=false"] + args.overrides)
     reset_peak()
-    tr = Trainer(cfg)
-    tr._check_output(False, False)
-    tr._setup_models()
-    tr._setup_data()
-    tr._prepare_output(False, False)
+    tr = ready_trainer(args)
     if tr.fused is not None:
         sys.exit("error: this run compiles one fused step graph (no accumulation, no loss bound); nothing to split")
     calls = {"models": [peak_gib(), 0.0]}
     losses = []
-    b1, b2 = cfg["optimizer"]["betas"]
+    b1, b2 = tr.cfg["optimizer"]["betas"]
     for step in range(args.steps):
         batches = [tr.next_micro_batch(step, m) for m in range(tr.accum)]
         scale = ms.Tensor(1.0 / float(sum(b["loss_mask"].sum() for b in batches)), ms.float32)
@@ -83,10 +59,7 @@ def main():
     rec = {"name": args.name, "overrides": args.overrides, "date": time.strftime("%Y-%m-%d %H:%M"),
            "peak_gib": max(v[0] for v in calls.values()), "calls_peak_gib_seconds": calls, "losses": losses,
            "loadavg": [round(x, 2) for x in os.getloadavg()], "machine": f"{os.cpu_count()} cores"}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-    print(json.dumps(rec))
+    append_record(args.out, rec)
 
 
 if __name__ == "__main__":
