@@ -13,7 +13,7 @@ import pytest
 
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import (MARKER, atomic_output_dir, atomic_output_file, check_output_dir, check_output_file,
-                              claim_run_dir, read_marker)
+                              claim_run_dir, read_marker, record_written)
 
 from helpers import ROOT, one_error_line
 
@@ -150,24 +150,31 @@ def test_something_appearing_meanwhile_is_not_replaced(tmp_path):
 
 def test_training_run_directory(tmp_path):
     run = tmp_path / "run"
-    claim_run_dir(str(run), False, False, [], ("loss_log.jsonl", "checkpoint"))
+    claim_run_dir(str(run), False, False, [])
+    record_written(str(run), ["loss_log.jsonl", "checkpoint/"])
     (run / "loss_log.jsonl").write_text("{}\n")
-    (run / ".loss_log.jsonl.tmp").write_text("")  # a leftover of the run's own
+    (run / ".loss_log.jsonl.tmp-999999999-abcd_123").write_text("")  # a temp of the run's own, named as fsutil does
     with pytest.raises(YouzhiError, match="--overwrite"):
-        claim_run_dir(str(run), False, False, [], ("loss_log.jsonl", "checkpoint"))
-    claim_run_dir(str(run), True, False, [], ("loss_log.jsonl", "checkpoint"))
-    assert os.listdir(run) == [MARKER]
+        claim_run_dir(str(run), False, False, [])
+    mode = os.stat(run).st_mode
+    os.chmod(run, 0o700)
+    ino = os.stat(run).st_ino
+    claim_run_dir(str(run), True, False, [])
+    assert os.listdir(run) == [MARKER] and os.stat(run).st_ino == ino and os.stat(run).st_mode & 0o777 == 0o700
+    os.chmod(run, mode)
+    record_written(str(run), ["loss_log.jsonl", "checkpoint/"])
     (run / "my_notes.md").write_text("x")
-    with pytest.raises(YouzhiError, match="my_notes.md"):
-        claim_run_dir(str(run), True, False, [], ("loss_log.jsonl", "checkpoint"))
+    (run / "loss_log.jsonl.old-v1").write_text("x")  # named like a leftover, but not as the tools name theirs
+    with pytest.raises(YouzhiError, match="loss_log.jsonl.old-v1, my_notes.md"):
+        claim_run_dir(str(run), True, False, [])
     other = tmp_path / "other"
     other.mkdir()
     (other / "a").write_text("a")
     with pytest.raises(YouzhiError, match="not written by youzhi_ms"):
-        claim_run_dir(str(other), True, False, [], ("a",))
+        claim_run_dir(str(other), True, False, [])
     assert (other / "a").read_text() == "a"
     with pytest.raises(YouzhiError, match="lies inside the input model.student"):
-        claim_run_dir(str(other / "run"), False, True, [("model.student", str(other))], ())
+        claim_run_dir(str(other / "run"), False, True, [("model.student", str(other))])
 
 
 # ------------------------------------------------------------------------------------------------- the tools

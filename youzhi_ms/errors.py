@@ -17,9 +17,12 @@ a graph has run a Ctrl-C ends with 143 and the line says `Ctrl-C or SIGTERM`.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import logging
 import os
+import shutil
 import signal
 import sys
 
@@ -156,6 +159,22 @@ def _interrupted(term: bool, notes) -> None:
     _leave(143 if term else 130, f"interrupted ({name}): {notes}")
 
 
+def disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_message(exc: OSError) -> str:
+    """A full disk as one line: where, how much is free there, and what the job kept for a resume (the notes that the
+    writers on the way out added: layers kept, the newest checkpoint, how far the removed output had got)."""
+    where, free = exc.filename, ""
+    if where:
+        with contextlib.suppress(OSError, TypeError, ValueError):
+            free = f", {shutil.disk_usage(os.path.dirname(os.path.abspath(where))).free / 2**20:.1f} MiB free there"
+    notes = "; ".join(getattr(exc, "__notes__", ())) or "nothing was kept"
+    return (f"the disk is full ({os.strerror(exc.errno)}) while writing {where or 'the output'}{free}; {notes}. Free some space or "
+            "choose an output on a larger disk, then run the same command again")
+
+
 def cli_main(fn):
     """Decorate a tool's `main()`: YouzhiError -> 'error: <message>' on stderr, exit code 2; Ctrl-C / SIGTERM ->
     'interrupted: ...', exit code 130 / 143."""
@@ -182,6 +201,10 @@ def cli_main(fn):
         except KeyboardInterrupt as exc:
             _interrupted(isinstance(exc, Terminated), getattr(exc, "__notes__", ()))
         except BaseException as exc:
+            if disk_full(exc) and not os.environ.get("YOUZHI_TRACEBACK") and _signalled is None:
+                _end_progress_bars()
+                print(f"error: {disk_full_message(exc)}", file=sys.stderr)
+                sys.exit(2)
             if _signalled is not None and not isinstance(exc, SystemExit):
                 # the interrupt surfaced as another error: MindSpore turns a KeyboardInterrupt raised inside a compile
                 # into a RuntimeError ("analyze_fail.ir") now and then

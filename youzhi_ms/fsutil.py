@@ -20,8 +20,11 @@ writing the same output.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -93,45 +96,123 @@ def read_marker(path: str) -> Optional[dict]:
     return m if isinstance(m, dict) and m.get("written_by") == "youzhi_ms" else None
 
 
-def write_marker(path: str, kind: str, files: Optional[Sequence[str]]) -> None:
-    """`files`: the top-level entries the output consists of (None: a directory that grows, e.g. a training run)."""
-    with open(os.path.join(path, MARKER), "w", encoding="utf-8") as f:
-        json.dump({"written_by": "youzhi_ms", "kind": kind, "tool": os.path.basename(sys.argv[0] or "python"),
-                   "time": time.strftime("%Y-%m-%d %H:%M:%S"), "files": None if files is None else sorted(files)},
-                  f, indent=1)
-        f.write("\n")
+def _replace_json(path: str, obj) -> None:
+    """Write `obj` to `path` through a pid-tagged temp sibling: a torn marker would make an output look foreign."""
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
-def _leftover_of(name: str) -> str:
-    """The entry a temp / set-aside leftover belongs to ('.hf_model.tmp-x1' -> 'hf_model', 'a.json.tmp' -> 'a.json')."""
-    base = name[1:] if name.startswith(".") else name
-    for tag in (".tmp", ".old-"):
-        if tag in base:
-            base = base[:base.index(tag)]
-    return base
+def write_marker(path: str, kind: str, files: Sequence[str]) -> None:
+    """`files`: every entry the output consists of, as paths relative to `path` ('/' between parts, a directory with a
+    trailing '/'); `--overwrite` later removes these and refuses if the directory holds anything else."""
+    _replace_json(os.path.join(path, MARKER),
+                  {"written_by": "youzhi_ms", "kind": kind, "tool": os.path.basename(sys.argv[0] or "python"),
+                   "time": time.strftime("%Y-%m-%d %H:%M:%S"), "files": sorted(set(files) | {MARKER})})
 
 
-def _own_output(path: str, names: Sequence[str], legacy_marker: Optional[str],
-                allowed: Optional[Iterable[str]]) -> Tuple[bool, str]:
-    """(replaceable, why not): a marked directory holding only what its marker (or `allowed`) lists."""
+def tree_entries(path: str) -> list:
+    """Every entry under `path` as write_marker lists them (symbolic links as files, never followed)."""
+    out = []
+    for root, dirs, files in os.walk(path):
+        rel = os.path.relpath(root, path)
+        pre = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        out += [pre + d + "/" for d in dirs] + [pre + f for f in files]
+    return out
+
+
+def record_written(path: str, entries: Iterable[str]) -> None:
+    """Add `entries` (relative paths, directories with a trailing '/') to the marker of the directory `path` that a job
+    fills over time (training), before the job writes them. An entry that already exists and is not listed is someone
+    else's (a folder adopted by `--resume`) and is never added, so `--overwrite` can never remove it."""
     marker = read_marker(path)
     if marker is None:
-        if legacy_marker and os.path.isfile(os.path.join(path, legacy_marker)):
-            return True, ""
-        return False, f"it was not written by youzhi_ms (no {MARKER})"
-    listed = marker.get("files")
-    if listed is None and allowed is None:
-        return True, ""
-    known = set(listed if isinstance(listed, list) else []) | set(allowed or ()) | {MARKER}
-    extra = sorted(n for n in names if n not in known and _leftover_of(n) not in known)
-    if extra:
-        return False, f"it holds entries youzhi_ms did not write there ({', '.join(extra[:4])})"
+        return
+    listed = set(marker.get("files") or ())
+    new = [e for e in entries if e not in listed and not os.path.lexists(os.path.join(path, e.rstrip("/")))]
+    if new:
+        marker["files"] = sorted(listed | set(new))
+        _replace_json(os.path.join(path, MARKER), marker)
+
+
+# the hidden names the tools give their temporary and set-aside siblings of an entry NAME (tempfile's 8 random
+# characters): only these exact forms count as our leftovers, so a user's 'config.json.old-v1' never does
+_LEFTOVER = re.compile(r"\.(?P<base>.+)\.(?:tmp-\d+-[a-z0-9_]{8}|old-[a-z0-9_]{8}|lock)")
+
+
+def _unknown_entries(path: str, marker: dict) -> list:
+    """The entries under `path` that its marker does not list (a listed directory carrying its own marker is checked
+    against that marker), nor are leftovers of a listed entry named exactly as the tools name their temps."""
+    listed = set(marker.get("files") or ()) | {MARKER}
+    unknown = []
+
+    def walk(rel_dir: str) -> None:
+        try:
+            names = sorted(os.listdir(os.path.join(path, rel_dir)))
+        except OSError:
+            unknown.append(rel_dir or ".")
+            return
+        for name in names:
+            rel = rel_dir + name
+            full = os.path.join(path, rel)
+            is_dir = os.path.isdir(full) and not os.path.islink(full)
+            if is_dir and rel + "/" in listed:
+                sub = read_marker(full)
+                if sub is not None and rel + "/" + MARKER not in listed:
+                    unknown.extend(rel + "/" + u for u in _unknown_entries(full, sub))
+                else:
+                    walk(rel + "/")
+                continue
+            if not is_dir and rel in listed:
+                continue
+            m = _LEFTOVER.fullmatch(name)
+            if m and (rel_dir + m.group("base") in listed or rel_dir + m.group("base") + "/" in listed):
+                continue
+            unknown.append(rel + ("/" if is_dir else ""))
+
+    walk("")
+    return unknown
+
+
+def _legacy_unknown(path: str, legacy: Tuple[str, str]) -> Optional[list]:
+    """An output written before markers existed: carries the file `legacy[0]`, and every entry must match the pattern
+    `legacy[1]` of what that tool wrote (the same contents check as a marker's list). None: not such an output."""
+    if not os.path.isfile(os.path.join(path, legacy[0])):
+        return None
+    pattern = re.compile(legacy[1])
+    return [e for e in tree_entries(path) if not pattern.fullmatch(e)]
+
+
+def _own_output(path: str, names: Sequence[str], legacy_marker: Optional[Tuple[str, str]]) -> Tuple[bool, str]:
+    """(replaceable, why not): a marked directory holding only what its marker lists."""
+    marker = read_marker(path)
+    if marker is None:
+        unknown = _legacy_unknown(path, legacy_marker) if legacy_marker else None
+        if unknown is None:
+            return False, f"it was not written by youzhi_ms (no {MARKER})"
+    elif not isinstance(marker.get("files"), list):
+        return False, (f"its {MARKER} was written by an older youzhi_ms that did not record which files it wrote, so "
+                       "nothing in it can be told from your own files")
+    else:
+        unknown = _unknown_entries(path, marker)
+    if unknown:
+        return False, f"it holds entries youzhi_ms did not write there ({', '.join(unknown[:4])}" \
+                      f"{', ...' if len(unknown) > 4 else ''})"
     return True, ""
 
 
 def check_output_dir(path: str, overwrite: bool = False, inputs: Inputs = (), flag: str = "--output-dir",
-                     legacy_marker: Optional[str] = None, allowed: Optional[Iterable[str]] = None) -> str:
-    """Apply the output rule to a directory path; returns its resolved absolute path. Nothing is created."""
+                     legacy_marker: Optional[Tuple[str, str]] = None) -> str:
+    """Apply the output rule to a directory path; returns its resolved absolute path. Nothing is created.
+    `legacy_marker`: (file name, regex of every entry) of an output written before markers existed."""
     if not isinstance(path, str) or not path.strip():
         raise YouzhiError(f"{flag} is empty; give a directory path")
     check_not_input(path, inputs, flag)
@@ -150,7 +231,7 @@ def check_output_dir(path: str, overwrite: bool = False, inputs: Inputs = (), fl
             if not overwrite:
                 raise YouzhiError(f"{flag} {path} already exists and is not empty ({what}); choose a new directory, "
                                   "or pass --overwrite to replace an earlier youzhi_ms output there")
-            ok, why = _own_output(real, names, legacy_marker, allowed)
+            ok, why = _own_output(real, names, legacy_marker)
             if not ok:
                 raise YouzhiError(f"{flag} {path} is not replaced even with --overwrite: {why}; it holds {what}. "
                                   "Choose a new directory, or move that one away yourself")
@@ -205,49 +286,142 @@ def _remove_stale_temps(real: str) -> None:
                 os.remove(path)
 
 
-def _swap_in(tmp: str, real: str) -> None:
-    """Rename `tmp` to `real`; a directory already there (checked replaceable) is moved aside first, then deleted."""
+_held_locks: dict = {}  # resolved output path -> [lock file path, fd, depth]: this process's output locks
+
+
+@contextlib.contextmanager
+def output_lock(real: str, flag: str = "--output-dir"):
+    """Hold an exclusive lock on the output `real` (a hidden `.NAME.lock` file next to it) for the block, so that a
+    second run writing the same output is refused at once instead of racing the first (both would write the same
+    temp names and work directory). Re-entrant within a process. The lock file is removed on release; a process killed
+    meanwhile leaves it unlocked (the kernel drops the lock), and the next run takes it over."""
+    real = _real(real)
+    held = _held_locks.get(real)
+    if held is not None:
+        held[2] += 1
+        try:
+            yield
+        finally:
+            held[2] -= 1
+        return
     parent = os.path.dirname(real)
-    old = None
-    if os.path.exists(real):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(real)}.old-", dir=parent)
-        os.rmdir(old)
-        os.rename(real, old)
+    os.makedirs(parent, exist_ok=True)
+    lock = os.path.join(parent, f".{os.path.basename(real)}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            except OSError:
+                pid = ""
+            os.close(fd)
+            raise YouzhiError(f"{flag} {real} is being written by another youzhi_ms run right now"
+                              f"{f' (pid {pid})' if pid.isdigit() else ''}; wait for it to finish, or choose another "
+                              "output path") from None
+        try:  # the holder before us may have removed the file after we opened it: lock the file at the path
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[real] = [lock, fd, 1]
     try:
+        yield
+    finally:
+        del _held_locks[real]
+        with contextlib.suppress(OSError):
+            os.remove(lock)  # while still locked, so nobody holds a lock on a removed file unnoticed
+        os.close(fd)
+
+
+def _move_entries(src: str, dst: str, names: Sequence[str]) -> list:
+    """Rename the entries `names` from `src` into `dst` (one filesystem); returns those moved, in order."""
+    moved = []
+    for n in names:
+        os.rename(os.path.join(src, n), os.path.join(dst, n))
+        moved.append(n)
+    return moved
+
+
+def _fill_in_place(tmp: str, real: str) -> None:
+    """Commit the complete temp directory `tmp` to `real`. A new path: one rename. An existing directory (empty, or
+    an earlier output checked replaceable): the folder itself is kept (its inode, mode and owner are the user's); its
+    entries are moved aside into a hidden `.NAME.old-*` sibling, the new entries are moved in with the marker last (an
+    output without its marker never counts as complete), then the old entries are deleted. A failure part-way moves
+    everything back."""
+    if not os.path.lexists(real):
+        os.chmod(tmp, 0o755)
         os.rename(tmp, real)
-    except OSError:
-        if old:
-            os.rename(old, real)
+        return
+    parent = os.path.dirname(real)
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(real)}.old-", dir=parent)
+    olds = sorted(os.listdir(real), key=lambda n: n != MARKER)  # the marker out first
+    news = sorted(os.listdir(tmp), key=lambda n: n == MARKER)  # and in last
+    moved_out = moved_in = []
+    try:
+        moved_out = _move_entries(real, old, olds)
+        moved_in = _move_entries(tmp, real, news)
+    except BaseException:
+        for n in reversed(moved_in):
+            with contextlib.suppress(OSError):
+                os.rename(os.path.join(real, n), os.path.join(tmp, n))
+        for n in reversed(moved_out):
+            with contextlib.suppress(OSError):
+                os.rename(os.path.join(old, n), os.path.join(real, n))
+        with contextlib.suppress(OSError):
+            os.rmdir(old)
         raise
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    os.rmdir(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _enospc_note(exc: BaseException, tmp: str, real: str) -> None:
+    """On a full disk: how much the unfinished output had reached (a lower bound of what it needs) and that it is gone.
+    A write through a file object reports no file name: the output path stands in for it in the error line."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        size = 0
+        for root, _, files in os.walk(tmp):
+            for f in files:
+                with contextlib.suppress(OSError):
+                    size += os.lstat(os.path.join(root, f)).st_size
+        if exc.filename is None:
+            exc.filename = real
+        exc.add_note(f"the unfinished output had reached {size / 1024:.0f} KiB (it needs more) and was removed")
 
 
 @contextlib.contextmanager
 def atomic_output_dir(path: str, overwrite: bool = False, inputs: Inputs = (), flag: str = "--output-dir",
-                      legacy_marker: Optional[str] = None, kind: str = "output"):
-    """Yield a temp directory next to `path`; when the block completes it gets the marker and is renamed to `path`
-    (replacing an earlier youzhi_ms output there only with `overwrite`, see the module docstring). On any exception
-    the temp directory is removed and `path` is untouched.
+                      legacy_marker: Optional[Tuple[str, str]] = None, kind: str = "output"):
+    """Yield a temp directory next to `path`; when the block completes it gets the marker (listing every entry written)
+    and becomes `path` (see `_fill_in_place`; an earlier youzhi_ms output there is replaced only with `overwrite`, see
+    the module docstring). On any exception the temp directory is removed and `path` is untouched. The output is
+    locked for the block (`output_lock`): a second run writing the same path is refused at once.
 
     The temp dir lives in the same parent so the final step is a rename on one filesystem, never a copy.
-    `legacy_marker`: a file whose presence also identifies an output written before markers existed.
+    `legacy_marker`: see check_output_dir.
     """
     real = check_output_dir(path, overwrite, inputs, flag, legacy_marker)
-    parent = os.path.dirname(real)
-    os.makedirs(parent, exist_ok=True)
-    _remove_stale_temps(real)
-    tmp = tempfile.mkdtemp(prefix=_temp_prefix(real), dir=parent)
-    try:
-        yield tmp
-        raise_if_interrupted()
+    with output_lock(real, flag):
         check_output_dir(path, overwrite, inputs, flag, legacy_marker)
-        write_marker(tmp, kind, os.listdir(tmp) + [MARKER])
-        os.chmod(tmp, 0o755)
-        _swap_in(tmp, real)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        parent = os.path.dirname(real)
+        os.makedirs(parent, exist_ok=True)
+        _remove_stale_temps(real)
+        tmp = tempfile.mkdtemp(prefix=_temp_prefix(real), dir=parent)
+        try:
+            yield tmp
+            raise_if_interrupted()
+            check_output_dir(path, overwrite, inputs, flag, legacy_marker)
+            write_marker(tmp, kind, tree_entries(tmp))
+            _fill_in_place(tmp, real)
+        except BaseException as exc:
+            _enospc_note(exc, tmp, real)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 @contextlib.contextmanager
@@ -279,30 +453,30 @@ def write_json_output(path: str, obj, overwrite: bool = False, inputs: Inputs = 
             f.write("\n")
 
 
-def claim_run_dir(path: str, overwrite: bool, resume: bool, inputs: Inputs, allowed: Iterable[str],
-                  flag: str = "output_dir") -> str:
+def claim_run_dir(path: str, overwrite: bool, resume: bool, inputs: Inputs, flag: str = "output_dir") -> str:
     """A directory a job fills step by step (training): new or empty, or a run to resume, or (with `overwrite`) an
     earlier youzhi_ms run that is started over. Returns the resolved path; the directory exists and is marked after.
 
-    `allowed`: the entries a run directory may hold (what a run writes), so a directory with anything else is never
-    started over."""
+    The marker lists what the run writes, added by `record_written` before each new entry is written; `--overwrite`
+    removes exactly those (a run holding anything else is refused) and keeps the folder itself. `resume` into a folder
+    without a marker adopts it with an empty list: what was there before is never listed, so never removed."""
     if resume:
         check_not_input(path, inputs, flag)
         real = _real(path)
         os.makedirs(real, exist_ok=True)
         if read_marker(real) is None:
-            write_marker(real, "run", None)
+            write_marker(real, "run", [])
         return real
-    real = check_output_dir(path, overwrite, inputs, flag, allowed=allowed)
-    if os.path.isdir(real) and os.listdir(real):  # replaceable (checked): move the old run aside, then delete it
+    real = check_output_dir(path, overwrite, inputs, flag)
+    if os.path.isdir(real) and os.listdir(real):  # replaceable (checked): its entries go, the folder stays
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(real)}.old-", dir=os.path.dirname(real))
-        os.rmdir(old)
-        os.rename(real, old)
+        _move_entries(real, old, sorted(os.listdir(real), key=lambda n: n != MARKER))
         shutil.rmtree(old, ignore_errors=True)
     os.makedirs(real, exist_ok=True)
-    write_marker(real, "run", None)
+    write_marker(real, "run", [])
     return real
 
 
-OVERWRITE_HELP = ("replace an existing output: a directory only if an earlier youzhi_ms run wrote it (it carries "
-                  f"{MARKER}), a file named by an output option as given; inputs are never replaced")
+OVERWRITE_HELP = ("replace an existing output: in a directory, exactly the files an earlier youzhi_ms run wrote there "
+                  f"(listed in its {MARKER}; anything else there stops the run), a file named by an output option "
+                  "as given; inputs are never replaced")

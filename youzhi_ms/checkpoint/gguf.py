@@ -605,6 +605,10 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
 
 
 SOURCE_FILE = "youzhi_source.json"  # provenance of a converted directory (GGUF name, sha256, converter version)
+# an output of gguf_to_hf written before output markers existed: SOURCE_FILE and exactly these entries (fsutil)
+LEGACY_OUTPUT = (SOURCE_FILE, r"config\.json|generation_config\.json|special_tokens_map\.json|tokenizer\.json|"
+                              r"tokenizer_config\.json|youzhi_source\.json|model\.safetensors(\.index\.json)?|"
+                              r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "fp32", progress: bool = True,
@@ -620,7 +624,7 @@ def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "fp32", progress: b
         raise YouzhiError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
     path = resolve_gguf(gguf_path)
     inputs = [("--gguf", path)]
-    check_output_dir(output_dir, overwrite, inputs, legacy_marker=SOURCE_FILE)
+    check_output_dir(output_dir, overwrite, inputs, legacy_marker=LEGACY_OUTPUT)
     g = GGUFFile(path)
     cfg = _llama_config(g)
     pairs = _hf_tensors(g, cfg)
@@ -628,7 +632,7 @@ def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "fp32", progress: b
     H, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     type_counts: Dict[str, int] = {}
     n_params = 0
-    with atomic_output_dir(output_dir, overwrite, inputs, legacy_marker=SOURCE_FILE) as tmp:
+    with atomic_output_dir(output_dir, overwrite, inputs, legacy_marker=LEGACY_OUTPUT) as tmp:
         _write_tokenizer_files(g, tmp, cfg)
         writer = ShardedWriter(tmp, dtype=dtype)
         it = pairs

@@ -30,7 +30,7 @@ from youzhi_ms.convert.export import attention_token_weights, refit_kv_b
 from youzhi_ms.convert.latent_pca import BALANCES
 from youzhi_ms.convert.rorope import describe_bands, uniform_bands, validate_bands
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
+from youzhi_ms.fsutil import atomic_output_dir, check_output_dir, output_lock
 
 log = logging.getLogger("youzhi_ms.convert")
 
@@ -154,21 +154,23 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool = F
     the error says so; otherwise nothing is left behind."""
     check_output_dir(out_dir, overwrite, _inputs(src_dir, opt))
     work = _work_dir(out_dir)
-    try:
-        return _convert(src_dir, out_dir, opt, overwrite)
-    except BaseException as exc:
-        done = len(_read_records(work)[0]) if os.path.isfile(os.path.join(work, "meta.json")) else 0
-        if done == 0:
-            if os.path.isfile(os.path.join(work, "meta.json")):
-                shutil.rmtree(work, ignore_errors=True)
+    with output_lock(out_dir):  # one conversion per output at a time: the work directory is shared by name
+        try:
+            return _convert(src_dir, out_dir, opt, overwrite)
+        except BaseException as exc:
+            if isinstance(exc, OSError) and exc.filename is None:
+                exc.filename = work  # a write through a file object names no file (the output's own are named inside)
+            done = len(_read_records(work)[0]) if os.path.isfile(os.path.join(work, "meta.json")) else 0
+            if done == 0:
+                if os.path.isfile(os.path.join(work, "meta.json")):
+                    shutil.rmtree(work, ignore_errors=True)
+                raise
+            note = (f"{done} converted layer(s) are kept in {work}: run the same command again to resume there, or "
+                    "delete that directory")
+            if isinstance(exc, YouzhiError):
+                raise YouzhiError(f"{exc} ({note})") from None
+            exc.add_note(note)  # shown in the error / interrupt line
             raise
-        note = (f"{done} converted layer(s) are kept in {work}: run the same command again to resume there, or "
-                "delete that directory")
-        if isinstance(exc, YouzhiError):
-            raise YouzhiError(f"{exc} ({note})") from None
-        log.warning("stopped: %s", note)
-        exc.add_note(note)
-        raise
 
 
 def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -> dict:

@@ -33,6 +33,8 @@ directory.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -54,7 +56,8 @@ from youzhi_ms.checkpoint.mindspore_ckpt import hf_state_dict_from_model, load_m
 from youzhi_ms.config import load_any_config
 from youzhi_ms.data.tokenizer import Tokenizer
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.fsutil import atomic_output_dir, check_not_input, check_output_dir, claim_run_dir
+from youzhi_ms.fsutil import (atomic_output_dir, check_not_input, check_output_dir, claim_run_dir, output_lock,
+                              record_written)
 from youzhi_ms.runtime import init_context
 from youzhi_ms.train.checkpointing import RunCheckpoints, rng_from_json, rng_state_to_json
 from youzhi_ms.train.chunked_loss import ChunkedGKDNet, TeacherHidden, TopKGKDNet, head_weight
@@ -73,7 +76,6 @@ log = logging.getLogger("youzhi_ms.train")
 
 HF_DIR = "hf_model"
 # What a run writes into output_dir: a directory holding anything else is never started over by --overwrite.
-RUN_ENTRIES = ("checkpoint", LOSS_LOG, "loss_curve.png", HF_DIR, "ranks", "run_config.yaml", "strategy")
 CORRUPT_RETRIES = 1       # recomputations of a GKD step whose loss is out of range
 CORRUPT_STEPS_MAX = 3     # consecutive skipped steps before the run stops (state saved; --resume continues)
 
@@ -385,6 +387,10 @@ class Trainer:
         keep = (self._callback("CheckpointMonitor") or {}).get("keep_checkpoint_max", 2)
         state = {"data": self.sampler.state_dict(), "rng": rng_state_to_json(self.coin),
                  "signature": self._run_signature(), "world_size": self.world}
+        if self.is_main:
+            step_dir = os.path.relpath(self.ckpt.step_dir(step), self.out).replace(os.sep, "/") + "/"
+            record_written(self.out, [step_dir] + [f"{step_dir}rank_{r}/" for r in range(self.world)
+                                                   if self.sharded])
         if self.sharded:
             self._publish_strategy()
         return self.ckpt.save(step, self._held(self.student.get_parameters()), self._optimizer_params(), state, keep)
@@ -413,7 +419,7 @@ class Trainer:
         if resume or not self.is_main:  # other ranks: rank 0 may already have claimed output_dir
             check_not_input(self.out, self._inputs(), "output_dir")
         else:
-            check_output_dir(self.out, overwrite, self._inputs(), "output_dir", allowed=RUN_ENTRIES)
+            check_output_dir(self.out, overwrite, self._inputs(), "output_dir")
         if resume and self.is_main:
             # replaced when the resumed run completes: refuse now, not after the training, if it is not ours
             check_output_dir(os.path.join(self.out, HF_DIR), True, flag="the trained model directory")
@@ -424,7 +430,14 @@ class Trainer:
         if resume:
             start = self.load_checkpoint(self.checkpoints()[-1])
         if self.is_main:
-            claim_run_dir(self.out, overwrite, resume, self._inputs(), RUN_ENTRIES)
+            claim_run_dir(self.out, overwrite, resume, self._inputs())
+            # the marker lists what this run writes (so --overwrite removes exactly that), each entry added before it
+            # is first written; one already there that the run did not write (an adopted folder) is never listed
+            record_written(self.out, ["run_config.yaml", LOSS_LOG, LOSS_LOG + ".tmp", "loss_curve.png",
+                                      "loss_curve.png.tmp.png", "ranks/", "checkpoint/", HF_DIR + "/"]
+                           + [f"ranks/rank_{r}.json" for r in range(self.world)]
+                           + (["strategy/"] + [f"strategy/strategy_rank_{r}.ckpt{t}" for r in range(self.world)
+                                               for t in ("", ".tmp")] if self.sharded else []))
             if resume:
                 truncate_loss_log(os.path.join(self.out, LOSS_LOG), start)
             import yaml
@@ -539,7 +552,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ the loop
     def run(self, resume: bool = False, progress: Optional[bool] = None, overwrite: bool = False) -> Dict[str, Any]:
-        """`overwrite`: start over in an output_dir holding an earlier youzhi_ms run (it is replaced)."""
+        """`overwrite`: start over in an output_dir holding an earlier youzhi_ms run (what it wrote is removed).
+        Rank 0 holds output_dir's lock throughout, so a second run into it is refused at once."""
+        try:
+            with output_lock(self.out, "output_dir") if self.is_main else contextlib.nullcontext():
+                return self._run(resume, progress, overwrite)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                done = self.checkpoints()
+                exc.add_note(f"the newest complete checkpoint {done[-1]} is kept: run the same command with --resume "
+                             "to continue from it" if done else "no checkpoint was complete yet: the run starts over")
+            raise
+
+    def _run(self, resume: bool, progress: Optional[bool], overwrite: bool) -> Dict[str, Any]:
         resume = resume or self.cfg["resume_training"]
         self._check_output(resume, overwrite)
         self._setup_models()

@@ -1,0 +1,279 @@
+"""Nothing lost on any path (#19), through the tools as a user runs them (subprocesses on tiny models built by
+transformers): `--overwrite` removes exactly what an earlier run wrote (its marker lists it, training included) and
+refuses, in one `error:` line naming them, anything else; an existing folder is reused, never swapped (its inode, mode
+and group stay the user's); two runs into one output at once: the second is refused at once and the first finishes
+bit-identical to a lone run; a full disk ends in one line saying so and what was kept.
+
+Every refusal: exit 2, exactly one short `error:` line, no traceback, and every input and user file byte-identical.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT, add_tiny_tokenizer, one_error_line
+
+from youzhi_ms.fsutil import MARKER, read_marker
+
+V = 96
+TOOLS = os.path.join(ROOT, "tools")
+
+
+def run(name, *args, wait=True):
+    p = subprocess.Popen([sys.executable, os.path.join(TOOLS, name), *map(str, args)], cwd=ROOT, text=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if not wait:
+        return p
+    out, err = p.communicate(timeout=600)
+    return p.returncode, out, err
+
+
+def one_error(r, *expect):
+    """helpers.one_error_line, besides progress bar lines and the conversion's deployment warnings about the tiny model's head count (logged
+    before the work; a user sees them on every run of such a model)."""
+    err = "\n".join(ln for ln in r[2].splitlines() if not ln.startswith(("warning: vLLM", "warning: kv_lora_rank"))
+                    and "%|" not in ln)  # nor a progress bar's lines before the error
+    line = one_error_line(r[0], err, *expect)
+    assert len(line) < 600, line  # one short line
+    return line
+
+
+def digest(*paths) -> dict:
+    """{file: sha256} of every file under the given paths, plus each directory's (mode, uid, gid, inode)."""
+    out = {}
+    for p in map(str, paths):
+        for root, dirs, files in ([(os.path.dirname(p), [], [os.path.basename(p)])] if os.path.isfile(p)
+                                  else os.walk(p)):
+            st = os.stat(root)
+            out[root] = (st.st_mode, st.st_uid, st.st_gid, st.st_ino)
+            for f in files:
+                out[os.path.join(root, f)] = hashlib.sha256(open(os.path.join(root, f), "rb").read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(teacher dir, text file): a tiny one-layer Llama saved by transformers, with a character tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    base = tmp_path_factory.mktemp("nothing_lost")
+    d = base / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 bos_token_id=0, eos_token_id=V - 1)).save_pretrained(d)
+    add_tiny_tokenizer(d, V)
+    text = base / "text.txt"
+    text.write_text("\n\n".join(f"Paragraph {i} says little but says it {i % 7} times over." * 4 for i in range(60)))
+    return d, text
+
+
+def convert_args(tiny, out, *extra):
+    return ("--hf-dir", tiny[0], "--output-dir", out, "--kv-lora-rank", 16, "--qk-rope-dim", 4, "--freqfold", 2,
+            "--calib-text", tiny[1], "--calib-tokens", 512, "--calib-seq-len", 32, "--quiet", *extra)
+
+
+@pytest.fixture(scope="module")
+def converted(tiny, tmp_path_factory):
+    """A lone conversion of the tiny model (the reference for the two-runs test, and the student for training)."""
+    out = tmp_path_factory.mktemp("lone") / "mla"
+    r = run("convert_gqa_to_mla.py", *convert_args(tiny, out))
+    assert r[0] == 0, r[2]
+    return out
+
+
+def train_args(tiny, student, out, *extra):
+    sets = [f"output_dir={out}", f"model.student={student}", f"distill.teacher={tiny[0]}",
+            f"train_dataset.data_path={tiny[1]}", "runner_config.seq_length=16", "runner_config.batch_size=2",
+            "runner_config.max_steps=2", "runner_config.progress=false", "lr_schedule.warmup_steps=1",
+            "distill.max_new_tokens=4", "distill.lmbda=0.0", "callbacks.CheckpointMonitor.save_checkpoint_steps=1",
+            *extra]
+    return ["--config", "yaml_configs/distill_smollm2_mla.yaml"] + [a for s in sets for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, converted, tmp_path_factory):
+    """A finished two-step training run (train.py), kept pristine: tests copy it."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    r = run("train.py", *train_args(tiny, converted, out))
+    assert r[0] == 0, r[2]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- what is removed
+def test_a_training_run_lists_what_it_wrote_and_overwrite_keeps_user_files(tiny, converted, trained, tmp_path):
+    """The run's marker lists every file it wrote (checkpoints through their own markers); a user's notes, LoRA
+    folder and a file inside checkpoint/ stop any later --overwrite (training's or another tool's), listed."""
+    marker = read_marker(str(trained))
+    assert {"run_config.yaml", "loss_log.jsonl", "loss_curve.png", "hf_model/", "checkpoint/",
+            "checkpoint/step_00000002/", "ranks/rank_0.json", MARKER} <= set(marker["files"])
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    (run_dir / "notes.md").write_text("my results")
+    (run_dir / "lora").mkdir()
+    (run_dir / "lora" / "adapter.safetensors").write_bytes(b"weights")
+    (run_dir / "checkpoint" / "step_00000002" / "mine.txt").write_text("x")
+    (run_dir / "config.json.old-v1").write_text("old config")  # named like a leftover of the tools, but not one
+    before = digest(run_dir, tiny[0], converted)
+    line = one_error(run("train.py", *train_args(tiny, converted, run_dir), "--overwrite"),
+                     "not replaced even with --overwrite", "checkpoint/step_00000002/mine.txt", "config.json.old-v1",
+                     "lora/")
+    assert "notes.md" in line or "..." in line
+    one_error(run("convert_hf_weights.py", "--input-dir", tiny[0], "--output-dir", run_dir, "--overwrite"),
+              "not replaced even with --overwrite")
+    assert digest(run_dir, tiny[0], converted) == before
+
+
+def test_overwrite_of_a_clean_run_keeps_the_folder(tiny, converted, trained, tmp_path):
+    """A run holding only what it wrote is started over in place: same inode, mode and group."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    os.chmod(run_dir, 0o700)
+    os.chown(run_dir, -1, 100) if os.geteuid() == 0 else None
+    st = os.stat(run_dir)
+    r = run("convert_hf_weights.py", "--input-dir", tiny[0], "--output-dir", run_dir, "--overwrite")
+    assert r[0] == 0, r[2]
+    st2 = os.stat(run_dir)
+    assert (st2.st_ino, st2.st_mode, st2.st_gid) == (st.st_ino, st.st_mode, st.st_gid)
+    assert "checkpoint" not in os.listdir(run_dir) and set(read_marker(str(run_dir))["files"]) == \
+        set(os.listdir(run_dir))
+
+
+def test_resume_adopting_a_foreign_folder_lists_only_what_it_writes(tiny, converted, trained, tmp_path):
+    """A user copies a run's checkpoint into their own folder (no marker) beside their notes and resumes there: the
+    marker then lists only what the resumed run wrote, so --overwrite refuses instead of removing the notes."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.md").write_text("mine")
+    shutil.copytree(trained / "checkpoint", mine / "checkpoint")
+    shutil.rmtree(mine / "checkpoint" / "step_00000002")
+    notes = digest(mine / "notes.md")
+    r = run("train.py", *train_args(tiny, converted, mine), "--resume")
+    assert r[0] == 0, r[2]
+    listed = read_marker(str(mine))["files"]
+    assert "notes.md" not in listed and "checkpoint/" not in listed and "hf_model/" in listed
+    before = digest(mine)
+    one_error(run("train.py", *train_args(tiny, converted, mine), "--overwrite"), "notes.md")
+    assert digest(mine) == before and digest(mine / "notes.md") == notes
+
+
+def test_an_empty_user_folder_is_filled_not_swapped(tiny, tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir(mode=0o700)
+    os.chmod(out, 0o700)
+    if os.geteuid() == 0:
+        os.chown(out, -1, 100)
+    st = os.stat(out)
+    for extra in ((), ("--overwrite",)):
+        r = run("convert_hf_weights.py", "--input-dir", tiny[0], "--output-dir", out, *extra)
+        assert r[0] == 0, r[2]
+        st2 = os.stat(out)
+        assert (st2.st_ino, st2.st_mode, st2.st_uid, st2.st_gid) == (st.st_ino, st.st_mode, st.st_uid, st.st_gid)
+    assert sorted(os.listdir(tmp_path)) == ["empty"]  # no temp, lock or set-aside sibling left
+
+
+def test_leftover_names_and_the_legacy_marker_grant_nothing(tiny, tmp_path):
+    """A user's `config.json.old-v1` / `model.safetensors.tmp-notes` in an earlier output, and a `cp dir/* new/` copy
+    (the legacy provenance file without the dot-file marker) plus the user's own file: --overwrite refuses."""
+    out = tmp_path / "out"
+    assert run("convert_hf_weights.py", "--input-dir", tiny[0], "--output-dir", out)[0] == 0
+    names = sorted(read_marker(str(out))["files"])
+    (out / "config.json.old-v1").write_text("v1")
+    (out / "model.safetensors.tmp-notes").write_text("notes")
+    (out / ".config.json.old-v1").write_text("hidden v1")
+    before = digest(out, tiny[0])
+    one_error(run("convert_hf_weights.py", "--input-dir", tiny[0], "--output-dir", out, "--overwrite"),
+              ".config.json.old-v1, config.json.old-v1, model.safetensors.tmp-notes")
+    assert digest(out, tiny[0]) == before
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for n in names:
+        if n != MARKER:
+            shutil.copy(out / n, copy / n)
+    (copy / "youzhi_source.json").write_text("{}")
+    (copy / "thesis.tex").write_text("years of work")
+    before = digest(copy)
+    from youzhi_ms.checkpoint.gguf import LEGACY_OUTPUT
+    from youzhi_ms.errors import YouzhiError
+    from youzhi_ms.fsutil import check_output_dir
+    with pytest.raises(YouzhiError, match="thesis.tex"):
+        check_output_dir(str(copy), True, legacy_marker=LEGACY_OUTPUT)
+    assert digest(copy) == before
+
+
+# ------------------------------------------------------------------------------------------------- two runs at once
+def test_two_conversions_into_one_output_at_once(tiny, converted, tmp_path):
+    out = tmp_path / "mla"
+    procs = [run("convert_gqa_to_mla.py", *convert_args(tiny, out), wait=False) for _ in range(2)]
+    res = [(p.returncode, *p.communicate(timeout=600)) for p in procs]
+    res = [(p.returncode, o, e) for p, (_, o, e) in zip(procs, res)]
+    assert sorted(r[0] for r in res) == [0, 2], [r[2] for r in res]
+    one_error(next(r for r in res if r[0] == 2), "--output-dir")
+    for name in os.listdir(converted):
+        if name.endswith((".safetensors", ".json")) and name not in (MARKER, "conversion_report.json"):
+            assert (out / name).read_bytes() == (converted / name).read_bytes(), name
+    assert sorted(os.listdir(tmp_path)) == ["mla"]
+
+
+# ------------------------------------------------------------------------------------------------- a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A fresh filesystem to fill: a tmpfs (as root), else a folder on the test's own filesystem (the test then fills
+    it up to the free space it needs)."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(d)], capture_output=True)
+    yield d
+    if r.returncode == 0:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def fill(disk, leave: int) -> None:
+    """Fill `disk` so that `leave` bytes stay free."""
+    free = shutil.disk_usage(disk).free
+    with open(disk / "filler", "wb") as f:
+        left = free - leave
+        while left > 0:
+            f.write(b"\0" * min(left, 1 << 20))
+            left -= min(left, 1 << 20)
+
+
+@pytest.mark.parametrize("leave,kept", [(40_000, "nothing was kept"), (170_000, "converted layer(s) are kept")])
+def test_full_disk_during_conversion(tiny, converted, small_disk, leave, kept):
+    """The layer journal (little room) or the sharded writer (room for the journal, not the output): one line."""
+    fill(small_disk, leave)
+    before = digest(tiny[0], tiny[1])
+    line = one_error(run("convert_gqa_to_mla.py", *convert_args(tiny, small_disk / "mla")), "the disk is full",
+                     kept, "MiB free")
+    assert digest(tiny[0], tiny[1]) == before
+    assert "mla" not in os.listdir(small_disk), line
+    if "kept" in kept and "layer" in kept:
+        os.remove(small_disk / "filler")
+        r = run("convert_gqa_to_mla.py", *convert_args(tiny, small_disk / "mla"))
+        assert r[0] == 0, r[2]  # resumed from the kept layer: the same bytes as a lone run
+        assert (small_disk / "mla" / "model.safetensors").read_bytes() == (converted / "model.safetensors").read_bytes()
+
+
+def test_full_disk_in_convert_hf_weights(tiny, small_disk):
+    fill(small_disk, 20_000)
+    line = one_error(run("convert_hf_weights.py", "--input-dir", tiny[0], "--output-dir", small_disk / "ms"),
+                     "the disk is full", "the unfinished output had reached", "KiB")
+    assert sorted(os.listdir(small_disk)) == ["filler"], line
+
+
+def test_full_disk_during_training_keeps_the_last_checkpoint(tiny, converted, trained, small_disk):
+    """Room for one checkpoint, not two: the error names the kept one, and --resume finishes once there is room."""
+    ck = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(trained / "checkpoint" / "step_00000001")
+             for f in fs)
+    fill(small_disk, int(ck * 1.5) + 20_000)
+    out = small_disk / "run"
+    line = one_error(run("train.py", *train_args(tiny, converted, out)), "the disk is full",
+                     "step_00000001 is kept", "--resume")
+    assert os.listdir(out / "checkpoint") == ["step_00000001"], line
+    os.remove(small_disk / "filler")
+    r = run("train.py", *train_args(tiny, converted, out), "--resume")
+    assert r[0] == 0, r[2]
