@@ -159,6 +159,18 @@ def _interrupted(term: bool, notes) -> None:
     _leave(143 if term else 130, f"interrupted ({name}): {notes}")
 
 
+MAX_MESSAGE = 600  # characters of an error line: a message quoting hostile input (a yaml value, a header) is cut
+
+
+def one_line(message: str) -> str:
+    """The message on one line (a quoted multi-line value or a library's message keeps no line breaks), cut in the
+    middle if longer than MAX_MESSAGE so that both the problem and the fix at its end stay visible."""
+    text = " ".join(message.split())
+    if len(text) > MAX_MESSAGE:
+        text = f"{text[:MAX_MESSAGE - 200]} [... {len(text) - MAX_MESSAGE + 5} characters cut ...] {text[-195:]}"
+    return text
+
+
 def disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
@@ -196,14 +208,14 @@ def cli_main(fn):
             if os.environ.get("YOUZHI_TRACEBACK"):
                 raise
             _end_progress_bars()
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {one_line(str(exc))}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt as exc:
             _interrupted(isinstance(exc, Terminated), getattr(exc, "__notes__", ()))
         except BaseException as exc:
             if disk_full(exc) and not os.environ.get("YOUZHI_TRACEBACK") and _signalled is None:
                 _end_progress_bars()
-                print(f"error: {disk_full_message(exc)}", file=sys.stderr)
+                print(f"error: {one_line(disk_full_message(exc))}", file=sys.stderr)
                 sys.exit(2)
             if _signalled is not None and not isinstance(exc, SystemExit):
                 # the interrupt surfaced as another error: MindSpore turns a KeyboardInterrupt raised inside a compile

@@ -16,9 +16,12 @@ with `bos_token` / `eos_token` / `unk_token` / `pad_token` strings available as 
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import os
+import re
+import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from youzhi_ms.errors import YouzhiError
@@ -259,13 +262,62 @@ def _jinja_env():
     def strftime_now(fmt):
         return datetime.datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationBlock, loopcontrols])
+    def too_big(what):
+        raise jinja2.exceptions.TemplateError(f"the template builds {what} (over {MAX_TEMPLATE_CHARS} items)")
+
+    def _check_args(name, args, kwargs):
+        if any(isinstance(a, int) and abs(a) > MAX_TEMPLATE_CHARS for a in (*args, *kwargs.values())):
+            too_big(f"a call of {name} with a count")
+
+    def bounded_filter(name, f):
+        """Filters are called directly, not through the sandbox's `call`: the same checks (center(10**10), a '%...s'
+        format of a huge width)."""
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            _check_args(name, args, kwargs)
+            if name == "format" and any(isinstance(a, str) and _HUGE_WIDTH.search(a) for a in args[:2]):
+                too_big("a format with a huge width")
+            return f(*args, **kwargs)
+        return wrapper
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        """The sandbox bounds range() (jinja2's MAX_RANGE); these bound the other ways a template can ask for memory
+        in one step: repeating a string or list, a huge power, a call with a huge count (ljust, center, format)."""
+
+        intercepted_binops = frozenset(["*", "**", "%"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_CHARS:
+                        too_big(f"a {type(seq).__name__} repeated {n} times")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 256 and \
+                    isinstance(left, (int, float)) and abs(left) > 1:
+                too_big(f"a power {left} ** {right}")
+            if operator == "%" and isinstance(left, str) and _HUGE_WIDTH.search(left):
+                too_big("a %-format with a huge width")
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):
+            fmt = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # the sandbox wraps str.format
+            if isinstance(fmt, str) and getattr(__obj, "__name__", "") in ("format", "format_map") and \
+                    _HUGE_WIDTH.search(fmt):
+                too_big("a format with a huge width")
+            _check_args(getattr(__obj, "__name__", "a function"), args, kwargs)
+            return super().call(__context, __obj, *args, **kwargs)
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
     env.filters["tojson"] = tojson
+    env.filters.update({name: bounded_filter(name, f) for name, f in env.filters.items()})
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     _ENV_CACHE["env"] = env
     return env
+
+
+_HUGE_WIDTH = re.compile(r"[%{:][^%{}]*?\d{8,}")  # a width / precision of 8 digits in a format spec: 100 M characters
+MAX_TEMPLATE_CHARS = 1 << 24  # a rendered prompt (or one step of building it) above 16 M characters is refused
+MAX_TEMPLATE_SECONDS = 30
 
 
 def render_chat_template(template: str, messages: List[Dict[str, Any]], add_generation_prompt: bool = True,
@@ -274,7 +326,18 @@ def render_chat_template(template: str, messages: List[Dict[str, Any]], add_gene
     import jinja2
     try:
         compiled = _jinja_env().from_string(template)
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
-    except jinja2.exceptions.TemplateError as exc:
-        raise YouzhiError(f"chat template failed: {exc}; check the messages (roles/order the template expects) or "
+        # streamed, so a template that writes without end is stopped at the budget, not when memory runs out
+        out, size, t0 = [], 0, time.monotonic()
+        for piece in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt, **variables):
+            out.append(piece)
+            size += len(piece)
+            if size > MAX_TEMPLATE_CHARS or time.monotonic() - t0 > MAX_TEMPLATE_SECONDS:
+                raise jinja2.exceptions.TemplateError(
+                    f"the rendered prompt grew past {size} characters in {time.monotonic() - t0:.1f} s (limits "
+                    f"{MAX_TEMPLATE_CHARS} characters, {MAX_TEMPLATE_SECONDS} s)")
+        return "".join(out)
+    except (jinja2.exceptions.TemplateError, OverflowError, MemoryError, RecursionError) as exc:
+        what = str(exc) if isinstance(exc, jinja2.exceptions.TemplateError) else \
+            f"{type(exc).__name__} ({exc or 'out of memory'})"
+        raise YouzhiError(f"chat template failed: {what}; check the messages (roles/order the template expects) or "
                           "the template in tokenizer_config.json") from None

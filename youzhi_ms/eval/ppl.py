@@ -126,7 +126,10 @@ def evaluate_dir(model_dir: str, text: str = "wiki-eval", seq_len: int = 512, ma
                               "run's checkpoint/ directory")
     tok = Tokenizer.from_dir(model_dir)
     stream = token_stream(text, tok, max_tokens)
-    windows(stream, seq_len)  # too short a text is an error now, not after loading the model
+    n_win = len(windows(stream, seq_len))  # too short a text is an error now, not after loading the model
+    if batch_size > n_win:  # a batch larger than the windows would only be padded with copies (and allocated)
+        raise YouzhiError(f"--batch-size {batch_size} is more than the {n_win} window(s) of {seq_len} tokens in the "
+                          f"text; use at most {n_win}")
     with (step(f"loading {model_dir}") if progress else contextlib.nullcontext()):
         model, cfg = load_model(model_dir, table_len=seq_len)
     if train_checkpoint:

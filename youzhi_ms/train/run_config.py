@@ -75,9 +75,22 @@ DEFAULTS: Dict[str, Any] = {
 RUN_MODES = ("distill", "sft")
 
 
+MAX_ALIASES = 100  # a run config needs a few (*anchor references) at most; nested ones multiply (a "billion laughs")
+
+
 class _Loader(yaml.SafeLoader):
     """yaml.SafeLoader that also reads exponent floats without a dot (1e-4, 5E3) as numbers, as YAML 1.2 does;
-    plain PyYAML (YAML 1.1) would return the string '1e-4'."""
+    plain PyYAML (YAML 1.1) would return the string '1e-4'. At most MAX_ALIASES alias references: a few nested ones
+    build a structure whose every message or copy is gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases = getattr(self, "_aliases", 0) + 1
+            if self._aliases > MAX_ALIASES:
+                event = self.peek_event()
+                raise yaml.YAMLError(f"more than {MAX_ALIASES} alias references (*name), line "
+                                     f"{event.start_mark.line + 1}; a run config needs only a few")
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
@@ -146,7 +159,7 @@ def parse_override(text: str) -> tuple:
     try:
         value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise YouzhiError(f"--set {text!r}: the value is not a yaml scalar ({exc.problem})") from None
+        raise YouzhiError(f"--set {text!r}: the value is not a yaml scalar ({getattr(exc, 'problem', None) or exc})") from None
     return key.split("."), value
 
 
@@ -181,7 +194,7 @@ def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[
             with open(path, encoding="utf-8") as f:
                 data = yaml.load(f, Loader=_Loader) or {}
         except yaml.YAMLError as exc:
-            raise YouzhiError(f"{path} is not valid yaml: {exc}") from None
+            raise YouzhiError(f"{path} is not valid yaml: {' '.join(str(exc).split())}") from None
         except UnicodeDecodeError:
             raise YouzhiError(f"{path} is not UTF-8 text; save the yaml as UTF-8") from None
         if not isinstance(data, dict):
