@@ -234,3 +234,45 @@ def test_temp_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path):
     (tmp_path / ".out.tmp-notes").mkdir()
     _write_into(tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == [".out.tmp-1-live", ".out.tmp-notes", "out"]
+
+
+def test_markers_without_a_file_list_and_nested_outputs(tmp_path):
+    """A marker from before #19 with `files: null` (training runs) grants nothing; one listing top-level names still
+    lets --overwrite replace exactly those; a listed folder with its own marker is checked against that marker."""
+    import json
+    old = tmp_path / "old_run"
+    old.mkdir()
+    (old / MARKER).write_text(json.dumps({"written_by": "youzhi_ms", "kind": "run", "files": None}))
+    (old / "loss_log.jsonl").write_text("{}\n")
+    with pytest.raises(YouzhiError, match="older youzhi_ms that did not record which files"):
+        check_output_dir(str(old), True)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / MARKER).write_text(json.dumps({"written_by": "youzhi_ms", "files": ["a.json", "sub", MARKER]}))
+    (flat / "a.json").write_text("{}")
+    _write_into(tmp_path / "flat_sub")
+    os.rename(tmp_path / "flat_sub", flat / "sub")  # a folder with its own marker listing its files
+    check_output_dir(str(flat), True)
+    (flat / "sub" / "mine.txt").write_text("x")
+    with pytest.raises(YouzhiError, match=r"sub/mine.txt"):
+        check_output_dir(str(flat), True)
+
+
+def test_a_second_writer_of_the_same_output_is_refused_at_once(tmp_path):
+    """The lock is per output path and per process (re-entrant); another process holding it refuses ours."""
+    from youzhi_ms.fsutil import output_lock
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from youzhi_ms.fsutil import output_lock\n"
+                               f"with output_lock({str(out)!r}):\n print('held', flush=True); time.sleep(60)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(YouzhiError, match=rf"being written by another youzhi_ms run right now \(pid {holder.pid}\)"):
+            _write_into(out)
+        assert sorted(os.listdir(tmp_path)) == [".out.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    with output_lock(str(out)):  # the killed holder's lock file is taken over, then removed
+        _write_into(out)
+    assert sorted(os.listdir(tmp_path)) == ["out"]

@@ -4,10 +4,12 @@ The output rule every tool follows (README, "Output paths"):
 
 - an output that is, contains or lies inside one of the tool's inputs is refused (writing it would replace or alter
   the input);
-- a directory output is written as a new directory, or into an existing empty one. An existing non-empty directory is
-  refused unless `--overwrite` is given, and even then it is replaced only if it is a previous youzhi_ms output: it
-  carries `MARKER` (written into every output directory) and holds nothing but what that output listed. A directory
-  the tools did not create is never deleted or replaced;
+- a directory output is written as a new directory, or into an existing empty one (the folder is kept, never swapped).
+  Every output directory carries `MARKER`, listing every entry the run wrote (recursively; a training run adds each
+  before writing it, `record_written`). An existing non-empty directory is refused unless `--overwrite` is given, and
+  then exactly the listed entries (and the tools' own exactly-named temp leftovers of them) are replaced; anything
+  else in it stops the run, listed. A directory the tools did not create is never deleted or replaced;
+- one run per output at a time (`output_lock`): a second is refused at once;
 - a file output (`--json`, `--out`) is refused if it exists unless `--overwrite` is given: the path names exactly the
   one file that gets replaced, so nothing else can be lost.
 
@@ -164,7 +166,7 @@ def _unknown_entries(path: str, marker: dict) -> list:
             rel = rel_dir + name
             full = os.path.join(path, rel)
             is_dir = os.path.isdir(full) and not os.path.islink(full)
-            if is_dir and rel + "/" in listed:
+            if is_dir and (rel + "/" in listed or rel in listed):  # markers before #19 listed folders without '/'
                 sub = read_marker(full)
                 if sub is not None and rel + "/" + MARKER not in listed:
                     unknown.extend(rel + "/" + u for u in _unknown_entries(full, sub))
@@ -207,6 +209,12 @@ def _own_output(path: str, names: Sequence[str], legacy_marker: Optional[Tuple[s
         return False, f"it holds entries youzhi_ms did not write there ({', '.join(unknown[:4])}" \
                       f"{', ...' if len(unknown) > 4 else ''})"
     return True, ""
+
+
+def written_exactly(path: str) -> bool:
+    """True if the directory `path` holds only what its marker lists (what a run may remove as its own)."""
+    marker = read_marker(path)
+    return marker is not None and isinstance(marker.get("files"), list) and not _unknown_entries(path, marker)
 
 
 def check_output_dir(path: str, overwrite: bool = False, inputs: Inputs = (), flag: str = "--output-dir",

@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 
-from youzhi_ms.checkpoint.hf import ShardedWriter, write_json
+from youzhi_ms.checkpoint.hf import ShardedWriter, check_finite, write_json
 from youzhi_ms.contract import check_runnable, parse_config
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
@@ -297,7 +297,9 @@ class GGUFFile:
     def get(self, name: str) -> np.ndarray:
         """Dequantized float32 copy of one tensor, numpy shape (e.g. (out_features, in_features))."""
         t = self._tensor(name)
-        return dequantize(self.raw(name), t.type_id, t.shape)
+        w = dequantize(self.raw(name), t.type_id, t.shape)
+        check_finite(w, "F32", self.path, name)
+        return w
 
     def _tensor(self, name: str) -> GGUFTensor:
         if name not in self.tensors:

@@ -38,6 +38,21 @@ _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np
               "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
+def check_finite(arr: np.ndarray, st_dtype: str, where: str, name: str) -> None:
+    """Refuse a tensor holding NaN or Inf (stored dtype `st_dtype`, BF16 as its uint16 bits): carried into a conversion
+    or a training run it poisons every output that touches it (an Inf embedding row makes the model emit token 0)."""
+    if st_dtype == "BF16":
+        bad = (np.asarray(arr).view(np.uint16) & 0x7F80) == 0x7F80
+    elif st_dtype in ("F32", "F16", "F64"):
+        bad = ~np.isfinite(arr)
+    else:
+        return
+    if bad.any():
+        at = np.unravel_index(int(np.argmax(bad)), np.shape(bad)) if np.ndim(bad) else ()
+        raise YouzhiError(f"{where}: tensor {name} holds {int(bad.sum())} NaN/Inf value(s) (first at index "
+                          f"{tuple(int(i) for i in at)}); the weights are damaged: re-export or re-download them")
+
+
 def _more(names: list) -> str:
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
@@ -238,6 +253,7 @@ class HFCheckpoint:
         arr = np.fromfile(path, dtype=dt, count=count, offset=offset + start)
         if arr.nbytes != end - start:
             raise YouzhiError(f"{path}: tensor {name} is truncated; the file is incomplete")
+        check_finite(arr, meta["dtype"], path, name)
         return arr.reshape(meta["shape"])
 
     def file_range(self, name: str) -> Tuple[str, int, int]:
@@ -261,6 +277,7 @@ class HFCheckpoint:
             arr = np.fromfile(path, dtype=dt, count=n * row, offset=start + r0 * row * dt.itemsize)
             if arr.size != n * row:
                 raise YouzhiError(f"{path}: tensor {name} is truncated; the file is incomplete")
+            check_finite(arr, meta["dtype"], path, name)
             arr = bf16_to_f32(arr) if meta["dtype"] == "BF16" else arr.astype(np.float32, copy=False)
             yield arr.reshape((n,) + shape[1:])
 
@@ -271,6 +288,7 @@ class HFCheckpoint:
         mm = np.memmap(path, dtype=dt, mode="r", offset=offset + meta["data_offsets"][0], shape=tuple(meta["shape"]))
         out = np.asarray(mm[np.asarray(rows)])
         del mm
+        check_finite(out, meta["dtype"], path, name)
         return bf16_to_f32(out) if meta["dtype"] == "BF16" else out.astype(np.float32)
 
     def get(self, name: str, expect_shape: Optional[tuple] = None) -> np.ndarray:
@@ -381,8 +399,10 @@ class ShardedWriter:
         arr = np.ascontiguousarray(arr)
         self._start(name, raw_dtype, arr.shape, arr.nbytes).write(memoryview(arr).cast("B"))
 
-    def add_file_range(self, name: str, st_dtype: str, shape, path: str, offset: int, nbytes: int) -> None:
-        """A tensor whose encoded bytes are `nbytes` at `offset` of `path`, copied in chunks."""
+    def add_file_range(self, name: str, st_dtype: str, shape, path: str, offset: int, nbytes: int,
+                       source_name: Optional[str] = None) -> None:
+        """A tensor whose encoded bytes are `nbytes` at `offset` of `path` (where it is `source_name`), copied in
+        chunks, each checked finite."""
         f = self._start(name, st_dtype, shape, nbytes)
         with open(path, "rb") as src:
             src.seek(offset)
@@ -391,6 +411,8 @@ class ShardedWriter:
                 buf = src.read(min(self.CHUNK, left))
                 if not buf:
                     raise YouzhiError(f"{path}: tensor {name} is truncated; the file is incomplete")
+                if st_dtype in _ST_DTYPES and len(buf) % np.dtype(_ST_DTYPES[st_dtype]).itemsize == 0:
+                    check_finite(np.frombuffer(buf, _ST_DTYPES[st_dtype]), st_dtype, path, source_name or name)
                 f.write(buf)
                 left -= len(buf)
 

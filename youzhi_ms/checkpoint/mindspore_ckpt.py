@@ -47,7 +47,7 @@ def convert_dir(input_dir: str, output_dir: str, dtype: str = "keep", reverse: b
         for name in tqdm(names, desc="convert", unit="tensor", disable=not progress):
             new = mapper(name, kind)
             if dtype == "keep":
-                writer.add_file_range(new, ckpt.dtype(name), ckpt.shape(name), *ckpt.file_range(name))
+                writer.add_file_range(new, ckpt.dtype(name), ckpt.shape(name), *ckpt.file_range(name), source_name=name)
             else:
                 writer.add_blocks(new, ckpt.shape(name), ckpt.row_blocks(name))
         writer.close()

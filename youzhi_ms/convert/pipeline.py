@@ -142,7 +142,7 @@ def _inputs(src_dir: str, opt: ConvertOptions) -> list:
 
 
 def _work_dir(out_dir: str) -> str:
-    out = os.path.abspath(out_dir)
+    out = os.path.abspath(os.path.expanduser(out_dir))  # '~/x' is the home folder's (as the output rule reads it)
     return os.path.join(os.path.dirname(out), "." + os.path.basename(out) + ".partial")
 
 
@@ -437,7 +437,7 @@ def _auto(src_dir: str, out_dir: str, opt: ConvertOptions, cfg: SourceConfig, c:
         ids = calibration_windows(src_dir, opt.calib_text, min(opt.calib_tokens, 8 * opt.calib_seq_len),
                                   opt.calib_seq_len, opt.seed + 1)
     trace, best, best_dir = [], None, None
-    work = tempfile.mkdtemp(prefix=".auto-", dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
+    work = tempfile.mkdtemp(prefix=".auto-", dir=os.path.dirname(os.path.abspath(os.path.expanduser(out_dir))))
     try:
         for F in adaptive.fold_sizes(cfg.head_dim, c):
             cand = os.path.join(work, f"F{F}")

@@ -135,7 +135,8 @@ def _ensure_gensim_member(member: str, sha256: str, what: str) -> str:
                               f"yourself and put {member} from the wheel into {cdir}") from None
         archives = sorted(glob.glob(os.path.join(tmp, "gensim-*")))
         if proc.returncode != 0 or not archives:
-            tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-3:])
+            said = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
+            tail = " ".join([ln for ln in said if ln.startswith("ERROR")][-2:] or said[-1:])  # pip's reason, one line
             raise YouzhiError(f"pip could not download {GENSIM_REQ} (needed only for its {what}): "
                               f"{tail or 'no archive downloaded'}; check network/index access, or download the wheel "
                               f"elsewhere and copy {member} from it into {cdir}")

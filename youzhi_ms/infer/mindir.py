@@ -16,7 +16,10 @@ batches smaller than the exported B are padded with copies of the first row whos
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -178,6 +181,28 @@ def verify_export(export_dir: str, model, cfg, manifest: dict, prompt_len: int =
     return errs
 
 
+@contextlib.contextmanager
+def _native_stderr_kept_on_success():
+    """MindSpore's C++ logs its own `[ERROR] CORE ...` lines to fd 2 before a failed load raises: they are held in a
+    temp file and dropped when the load fails (our one error line says it), shown as usual when it succeeds."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if ok:
+                held.seek(0)
+                data = held.read()
+                if data:
+                    os.write(2, data)
+
+
 def _pos(v) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{v!r} is not a positive integer")
@@ -222,7 +247,8 @@ class MindIRRunner:
             if not os.path.isfile(f):
                 raise YouzhiError(f"{f} is missing; the export is incomplete — re-run tools/export_mindir.py")
             try:
-                self.graphs[key] = nn.GraphCell(ms.load(f))
+                with _native_stderr_kept_on_success():
+                    self.graphs[key] = nn.GraphCell(ms.load(f))
             except (RuntimeError, ValueError) as exc:
                 raise YouzhiError(f"{f} could not be loaded by MindSpore {ms.__version__} ({exc}); re-export it "
                                   "with this MindSpore version") from None

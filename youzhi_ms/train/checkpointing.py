@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 import time
@@ -25,7 +26,9 @@ import numpy as np
 
 from youzhi_ms.checkpoint.hf import HFCheckpoint, save_safetensors, write_json
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.fsutil import atomic_output_dir
+from youzhi_ms.fsutil import atomic_output_dir, written_exactly
+
+log = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.json"
@@ -108,6 +111,9 @@ class RunCheckpoints:
             write_json(os.path.join(tmp, STATE_FILE), {"version": STATE_VERSION, "step": step, **state,
                                                        "time": time.strftime("%Y-%m-%d %H:%M:%S")})
         for old in self.complete()[:-keep]:
+            if not written_exactly(self.files_dir(old)):  # someone put a file of their own into it: keep it all
+                log.warning("keeping the old checkpoint %s: it holds files the run did not write", old)
+                continue
             shutil.rmtree(self.files_dir(old), ignore_errors=True)
             if self.sharded and os.path.isdir(old) and not os.listdir(old):
                 os.rmdir(old)

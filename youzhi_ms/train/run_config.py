@@ -279,6 +279,9 @@ def validate(cfg: Dict[str, Any]) -> None:
     for k in ("max_steps", "batch_size", "gradient_accumulation_steps", "seq_length"):
         _int(cfg, "runner_config", k, 1)
     _int(cfg, "runner_config", "stop_at_step", 1, allow_none=True)
+    _need(cfg["runner_config"]["seq_length"] >= 2,
+          f"runner_config.seq_length {cfg['runner_config']['seq_length']} leaves no token to learn from (each window's "
+          "first token is never predicted); use at least 2, e.g. the default 256")
     _need(cfg["optimizer"]["type"] == "AdamW", f"optimizer.type must be AdamW, got {cfg['optimizer']['type']!r}")
     betas = cfg["optimizer"]["betas"]
     _need(isinstance(betas, (list, tuple)) and len(betas) == 2 and

@@ -106,7 +106,7 @@ class Trainer:
         self.accum = rc["gradient_accumulation_steps"]
         self.seq_len = rc["seq_length"]
         self.seed = cfg["seed"]
-        self.out = os.path.abspath(cfg["output_dir"])
+        self.out = os.path.abspath(os.path.expanduser(cfg["output_dir"]))  # '~/x' is the home folder's, not ./~
         self.device = cfg["context"]["device_target"]
         check_device(cfg["parallel_config"], self.device)  # before anything heavy
         if cfg["model"]["student"] is None:
