@@ -113,12 +113,15 @@ def _replace_json(path: str, obj) -> None:
         raise
 
 
-def write_marker(path: str, kind: str, files: Sequence[str]) -> None:
+def write_marker(path: str, kind: str, files: Sequence[str], preexisting: Optional[Sequence[str]] = None) -> None:
     """`files`: every entry the output consists of, as paths relative to `path` ('/' between parts, a directory with a
-    trailing '/'); `--overwrite` later removes these and refuses if the directory holds anything else."""
-    _replace_json(os.path.join(path, MARKER),
-                  {"written_by": "youzhi_ms", "kind": kind, "tool": os.path.basename(sys.argv[0] or "python"),
-                   "time": time.strftime("%Y-%m-%d %H:%M:%S"), "files": sorted(set(files) | {MARKER})})
+    trailing '/'); `--overwrite` later removes these and refuses if the directory holds anything else. `preexisting`:
+    what a folder adopted by `train --resume` held already (never listed in `files`, see record_written)."""
+    m = {"written_by": "youzhi_ms", "kind": kind, "tool": os.path.basename(sys.argv[0] or "python"),
+         "time": time.strftime("%Y-%m-%d %H:%M:%S"), "files": sorted(set(files) | {MARKER})}
+    if preexisting:
+        m["preexisting"] = sorted(preexisting)
+    _replace_json(os.path.join(path, MARKER), m)
 
 
 def tree_entries(path: str) -> list:
@@ -133,13 +136,16 @@ def tree_entries(path: str) -> list:
 
 def record_written(path: str, entries: Iterable[str]) -> None:
     """Add `entries` (relative paths, directories with a trailing '/') to the marker of the directory `path` that a job
-    fills over time (training), before the job writes them. An entry that already exists and is not listed is someone
-    else's (a folder adopted by `--resume`) and is never added, so `--overwrite` can never remove it."""
+    fills over time (training), before the job writes them. An entry the folder held when `--resume` adopted it (the
+    marker's `preexisting`) is someone else's and is never added, so `--overwrite` can never remove it."""
     marker = read_marker(path)
     if marker is None:
         return
     listed = set(marker.get("files") or ())
-    new = [e for e in entries if e not in listed and not os.path.lexists(os.path.join(path, e.rstrip("/")))]
+    # what was there when the folder was adopted (by name, not "exists now": another rank of this run may already
+    # have made an entry that this rank records)
+    before = set(marker.get("preexisting") or ())
+    new = [e for e in entries if e not in listed and e not in before and e.rstrip("/") not in before]
     if new:
         marker["files"] = sorted(listed | set(new))
         _replace_json(os.path.join(path, MARKER), marker)
@@ -473,7 +479,7 @@ def claim_run_dir(path: str, overwrite: bool, resume: bool, inputs: Inputs, flag
         real = _real(path)
         os.makedirs(real, exist_ok=True)
         if read_marker(real) is None:
-            write_marker(real, "run", [])
+            write_marker(real, "run", [], preexisting=tree_entries(real))
         return real
     real = check_output_dir(path, overwrite, inputs, flag)
     if os.path.isdir(real) and os.listdir(real):  # replaceable (checked): its entries go, the folder stays
