@@ -274,9 +274,28 @@ def test_full_disk_during_conversion(tiny, converted, small_disk, leave, kept):
 
 
 def test_full_disk_in_convert_hf_weights(tiny, small_disk):
+    """Clearly too little room: refused before writing, with the size needed; the disk filling up meanwhile (the
+    check passes, then another process takes the space): the writer's error says the disk is full."""
     fill(small_disk, 20_000)
     line = one_error(run("convert_hf_weights.py", "--input-dir", tiny[0], "--output-dir", small_disk / "ms"),
-                     "the disk is full", "the unfinished output had reached", "KiB")
+                     "needs about", "MiB free")
+    assert sorted(os.listdir(small_disk)) == ["filler"], line
+    os.remove(small_disk / "filler")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    # the space check sees an empty disk, then a filler takes all but 20 kB before the first tensor is written
+    code = (f"import os, runpy, sys; sys.path.insert(0, {TOOLS!r}); import youzhi_ms.fsutil as fs\n"
+            "check = fs.check_free_space\n"
+            "def then_fill(path, need, what):\n"
+            "    check(path, need, what)\n"
+            f"    f = open({str(small_disk / 'filler')!r}, 'wb')\n"
+            "    free = os.statvfs(os.path.dirname(path)).f_bavail * os.statvfs(os.path.dirname(path)).f_frsize\n"
+            "    f.write(bytes(free - 20000)); f.close()\n"
+            "import youzhi_ms.checkpoint.mindspore_ckpt as m; m.check_free_space = then_fill\n"
+            f"sys.argv = ['convert_hf_weights.py', '--input-dir', {str(tiny[0])!r}, '--output-dir', "
+            f"{str(small_disk / 'ms')!r}]\n"
+            f"runpy.run_path({os.path.join(TOOLS, 'convert_hf_weights.py')!r}, run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    line = one_error((r.returncode, r.stdout, r.stderr), "the disk is full", "the unfinished output had reached")
     assert sorted(os.listdir(small_disk)) == ["filler"], line
 
 

@@ -253,6 +253,21 @@ def check_output_dir(path: str, overwrite: bool = False, inputs: Inputs = (), fl
     return real
 
 
+def check_free_space(path: str, need: int, what: str) -> None:
+    """Refuse before the work when the disk that will hold `path` has clearly less than `need` bytes free (a full disk
+    found at the end costs the whole run; what is free may still shrink meanwhile, which the writers report)."""
+    p = os.path.dirname(_real(path))
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return
+    if free < need:
+        raise YouzhiError(f"{what} needs about {need / 2**20:.1f} MiB but the disk holding {p} has {free / 2**20:.1f} "
+                          "MiB free; free some space or choose an output on a larger disk")
+
+
 def check_output_file(path: str, overwrite: bool = False, inputs: Inputs = (), flag: str = "--json") -> str:
     """Apply the output rule to a file path; returns its resolved absolute path. Nothing is created."""
     if not isinstance(path, str) or not path.strip():

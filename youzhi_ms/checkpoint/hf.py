@@ -371,7 +371,9 @@ class ShardedWriter:
 
     CHUNK = 64 << 20
 
-    def __init__(self, out_dir: str, dtype: str = "fp32", max_shard_bytes: int = 2 << 30):
+    DEFAULT_SHARD_BYTES = 2 << 30
+
+    def __init__(self, out_dir: str, dtype: str = "fp32", max_shard_bytes: int = DEFAULT_SHARD_BYTES):
         self.out_dir, self.dtype, self.max = out_dir, dtype, max_shard_bytes
         self._shards: list = []  # list of list of names
         self._header: dict = {}

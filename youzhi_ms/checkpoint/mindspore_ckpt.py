@@ -15,7 +15,7 @@ from tqdm import tqdm
 from youzhi_ms.checkpoint.hf import IGNORED_SUFFIXES, HFCheckpoint, ShardedWriter, copy_side_files, write_json
 from youzhi_ms.config import MLAConfig, load_any_config
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
+from youzhi_ms.fsutil import atomic_output_dir, check_free_space, check_output_dir
 from youzhi_ms.models.names import hf_to_ms, ms_to_hf
 
 
@@ -41,9 +41,13 @@ def convert_dir(input_dir: str, output_dir: str, dtype: str = "keep", reverse: b
         raise YouzhiError(f"{input_dir} does not hold {want} tensor names; "
                           f"{'drop' if not reverse else 'add'} --reverse")
     mapper = ms_to_hf if reverse else hf_to_ms
+    names = [n for n in ckpt.names() if not n.endswith(IGNORED_SUFFIXES)]
+    item = {"fp32": 4, "fp16": 2, "bf16": 2}.get(dtype)
+    total = sum(ckpt.file_range(n)[2] if item is None else int(np.prod(ckpt.shape(n) or (1,))) * item for n in names)
+    # a shard is written as a body file, then copied behind its header: the last shard exists twice for a moment
+    check_free_space(output_dir, total + min(total, ShardedWriter.DEFAULT_SHARD_BYTES), f"{output_dir}")
     with atomic_output_dir(output_dir, overwrite, inputs) as tmp:
         writer = ShardedWriter(tmp, dtype="fp32" if dtype == "keep" else dtype)
-        names = [n for n in ckpt.names() if not n.endswith(IGNORED_SUFFIXES)]
         for name in tqdm(names, desc="convert", unit="tensor", disable=not progress):
             new = mapper(name, kind)
             if dtype == "keep":
