@@ -267,7 +267,8 @@ def test_a_second_writer_of_the_same_output_is_refused_at_once(tmp_path):
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(YouzhiError, match=rf"being written by another youzhi_ms run right now \(pid {holder.pid}\)"):
+        with pytest.raises(YouzhiError, match=rf"being written by another youzhi_ms run right now "
+                                              rf"\(pid {holder.pid}\)"):
             _write_into(out)
         assert sorted(os.listdir(tmp_path)) == [".out.lock"]
     finally:

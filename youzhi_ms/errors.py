@@ -183,7 +183,8 @@ def disk_full_message(exc: OSError) -> str:
         with contextlib.suppress(OSError, TypeError, ValueError):
             free = f", {shutil.disk_usage(os.path.dirname(os.path.abspath(where))).free / 2**20:.1f} MiB free there"
     notes = "; ".join(getattr(exc, "__notes__", ())) or "nothing was kept"
-    return (f"the disk is full ({os.strerror(exc.errno)}) while writing {where or 'the output'}{free}; {notes}. Free some space or "
+    return (f"the disk is full ({os.strerror(exc.errno)}) while writing {where or 'the output'}{free}; {notes}. "
+            "Free some space or "
             "choose an output on a larger disk, then run the same command again")
 
 

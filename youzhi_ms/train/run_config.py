@@ -159,7 +159,8 @@ def parse_override(text: str) -> tuple:
     try:
         value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise YouzhiError(f"--set {text!r}: the value is not a yaml scalar ({getattr(exc, 'problem', None) or exc})") from None
+        why = getattr(exc, "problem", None) or exc
+        raise YouzhiError(f"--set {text!r}: the value is not a yaml scalar ({why})") from None
     return key.split("."), value
 
 
