@@ -195,7 +195,8 @@ def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[
             with open(path, encoding="utf-8") as f:
                 data = yaml.load(f, Loader=_Loader) or {}
         except yaml.YAMLError as exc:
-            raise YouzhiError(f"{path} is not valid yaml: {' '.join(str(exc).split())}") from None
+            raise YouzhiError(f"{path} is not valid yaml: {' '.join(str(exc).split())}; fix it there (plain "
+                              "mappings, lists and values only)") from None
         except UnicodeDecodeError:
             raise YouzhiError(f"{path} is not UTF-8 text; save the yaml as UTF-8") from None
         if not isinstance(data, dict):
