@@ -75,7 +75,6 @@ from youzhi_ms.train.teacher_topk import TopKStore
 log = logging.getLogger("youzhi_ms.train")
 
 HF_DIR = "hf_model"
-# What a run writes into output_dir: a directory holding anything else is never started over by --overwrite.
 CORRUPT_RETRIES = 1       # recomputations of a GKD step whose loss is out of range
 CORRUPT_STEPS_MAX = 3     # consecutive skipped steps before the run stops (state saved; --resume continues)
 
