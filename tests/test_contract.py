@@ -117,7 +117,10 @@ def test_rank_and_rope_rules_are_the_same_for_converter_and_planner():
 def test_deployment_warnings_one_wording():
     assert C.deployment_warnings(128, 512, 64) == []
     w = C.deployment_warnings(9, 100, 32, attention_bias=True)
-    assert len(w) == 4 and "{32, 64, 128}" in w[0] and "multiple of 16" in w[1] and "132 != 576" in w[2]
+    assert len(w) == 5 and "{32, 64, 128}" in w[0] and "9 heads run as 16" in w[1] and "multiple of 16" in w[2]
+    assert "= 132" in w[3] and "320 or 576 only" in w[3] and "llama.cpp" in w[4]
+    assert all(("#" in x or "Dec 2026" in x or "llama.cpp" in x) for x in w)  # each names where it was read
+    assert len(C.deployment_warnings(128, 256, 64)) == 1 and "FlashMLA" in C.deployment_warnings(128, 256, 64)[0]
     src = P.shape_from_config(dict(model_type="llama", num_key_value_heads=3, head_dim=16,
                                    **dict(SMALL, num_attention_heads=9)))
     mla = P.mla_shape_from_source(src, 40, 4)
