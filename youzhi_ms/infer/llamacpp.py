@@ -30,6 +30,8 @@ _lib = None
 _log_lock = threading.Lock()
 _log_lines: List[str] = []
 _log_partial = [""]
+_log_count = [0]  # lines logged since start-up; _log_lines keeps the newest LOG_KEEP of them
+LOG_KEEP = 4000
 _log_cb = None  # the ctypes callback must outlive every call into the library
 
 
@@ -51,13 +53,26 @@ def lib():
             s = _log_partial[0] + (text.decode("utf-8", "replace") if text else "")
             *done, _log_partial[0] = s.split("\n")
             _log_lines.extend(done)
-            del _log_lines[:-4000]  # a bounded memory of the log
+            _log_count[0] += len(done)
+            del _log_lines[:-LOG_KEEP]  # a bounded memory of the log
 
     _log_cb = llama_cpp.llama_log_callback(on_log)
     llama_cpp.llama_log_set(_log_cb, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
     _lib = llama_cpp
     return _lib
+
+
+def log_count() -> int:
+    with _log_lock:
+        return _log_count[0]
+
+
+def log_since(count: int) -> List[str]:
+    """The log lines written after `log_count()` returned `count` (as many of them as are still kept)."""
+    with _log_lock:
+        first_kept = _log_count[0] - len(_log_lines)
+        return list(_log_lines[max(0, count - first_kept):])
 
 
 def version() -> str:
@@ -103,8 +118,12 @@ class Engine:
         self._L = L
         self.path = gguf_path
         self.model = self.ctx = None
-        start = len(_log_lines)
+        start = log_count()
         mp = L.llama_model_default_params()
+        # no repacked weight buffers: with them, any quantized file (Q4_1 / Q8_0, llama.cpp's own conversions too)
+        # ends in a general protection fault inside libggml-cpu on this AVX-512 machine (llama.cpp 0c1e57098 built
+        # with GGML_NATIVE, measured 2026-12-07); f32 / f16 weights are not repacked either way
+        mp.use_extra_bufts = False
         self.model = L.llama_model_load_from_file(gguf_path.encode(), mp)
         if not self.model:
             raise YouzhiError(f"llama.cpp could not load {gguf_path}: {self._errors(start)}")
@@ -115,12 +134,16 @@ class Engine:
         cp.flash_attn_type = -1 if flash_attn is None else int(bool(flash_attn))
         cp.kv_unified = kv_unified
         cp.no_perf = True
-        start = len(_log_lines)
+        start = log_count()
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             self.close()
             raise YouzhiError(f"llama.cpp could not create a context for {gguf_path}: {self._errors(start)}")
         self.kv = self._kv_from_log(start)
+        if self.kv is None:
+            self.close()
+            raise YouzhiError("llama.cpp did not log its KV cache allocation (llama_kv_cache: size = ...); this "
+                              f"version of llama.cpp is not the one youzhi_ms reads ({INSTALL_HINT})")
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
         self.n_ctx = L.llama_n_ctx(self.ctx)
         self.n_batch = n_batch
@@ -129,25 +152,18 @@ class Engine:
 
     @staticmethod
     def _errors(start: int) -> str:
-        with _log_lock:
-            lines = [ln.strip() for ln in _log_lines[start:] if ln.strip()]
+        lines = [ln.strip() for ln in log_since(start) if ln.strip()]
         bad = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower() or "assert" in ln.lower()]
         return "; ".join((bad or lines)[-3:]) or "no reason logged"
 
     @staticmethod
     def _kv_from_log(start: int) -> Optional[KVCache]:
-        with _log_lock:
-            lines = list(_log_lines[start:])
-        for ln in lines:
+        for ln in log_since(start):
             m = _KV_LINE.search(ln)
             if m:
                 g = m.groups()
                 return KVCache(int(g[1]), int(g[2]), int(g[3]), int(g[4]), g[5], float(g[6]), g[7], float(g[8]))
         return None
-
-    def log_since_load(self) -> List[str]:
-        with _log_lock:
-            return list(_log_lines)
 
     # ------------------------------------------------------------------------------------------------ decoding
     def decode(self, entries: Sequence[Tuple[int, int, int, bool]]) -> int:
