@@ -75,9 +75,9 @@ def run_llamacpp(gguf_path, prompt, n_new, type_kv="f32"):
         return toks, logits.astype(np.float64), eng.kv
 
 
-def assert_same(hf_model, gguf_path, tol=1e-4):
-    want, ref = hf_greedy(hf_model, PROMPT, N_NEW)
-    got, logits, kv = run_llamacpp(gguf_path, PROMPT, N_NEW)
+def assert_same(hf_model, gguf_path, tol=1e-4, prompt=PROMPT):
+    want, ref = hf_greedy(hf_model, prompt, N_NEW)
+    got, logits, kv = run_llamacpp(gguf_path, prompt, N_NEW)
     assert got == want
     err = np.abs(logits - ref).max() / np.abs(ref).max()
     assert err < tol, err
@@ -117,15 +117,15 @@ def test_tiny_conversion_export_deepseek_runs_in_llamacpp(tmp_path):
     write_bpe_tokenizer_for_vocab(d, 128)
     out = str(tmp_path / "mla.gguf")
     export_gguf(d, out, "f32", progress=False)
-    model = DeepseekV3ForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
-    assert_same(model, out)
+    model = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    assert_same(model, out, prompt=[t % 128 for t in PROMPT])
 
 
 def write_bpe_tokenizer_for_vocab(path: str, vocab_size: int) -> None:
-    """A byte-level BPE with exactly `vocab_size` ids for models smaller than the BPE alphabet (no merges)."""
+    """A byte-level BPE with exactly `vocab_size` ids for models smaller than the BPE alphabet (one merge: '!!')."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    vocab = {chr(i + 33): i for i in range(vocab_size - 1)} | {"<|endoftext|>": vocab_size - 1}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    vocab = {chr(i + 33): i for i in range(vocab_size - 2)} | {"!!": vocab_size - 2, "<|endoftext|>": vocab_size - 1}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("!", "!")]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.save(os.path.join(path, "tokenizer.json"))
@@ -200,7 +200,7 @@ def test_real_smollm2_exports_and_generates_like_transformers(smollm2_hf_dir, tm
     tok = Tokenizer.from_file(os.path.join(smollm2_hf_dir, "tokenizer.json"))
     text = "The capital of France is Paris. In 1889, the Eiffel Tower"
     prompt = tok.encode(text).ids
-    model = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
     want, ref = hf_greedy(model, prompt, 8)
     got, logits, kv = run_llamacpp(out, prompt, 8)
     assert got == want

@@ -133,6 +133,8 @@ def read_vocab(model_dir: str, vocab_size: int) -> Vocab:
     merges = model.get("merges") or []
     merges = [m if isinstance(m, str) else " ".join(m) for m in merges
               if isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m))]
+    if not merges:
+        raise YouzhiError(f"{path} has no BPE merges; llama.cpp does not load a BPE vocabulary without them")
     tcfg_path = os.path.join(model_dir, "tokenizer_config.json")
     tcfg = _read_json(tcfg_path, "tokenizer_config.json") if os.path.isfile(tcfg_path) else {}
     ids = {t: i for i, t in enumerate(tokens)}
