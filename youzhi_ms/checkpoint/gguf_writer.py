@@ -38,6 +38,7 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH_OF = {MLA_MODEL_TYPE: "deepseek2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 DEFAULT_CONTEXT = 4096  # context_length when config.json has no max_position_embeddings
 Q8_BLOCK = 32
+JSON_MAX_BYTES = 64 << 20  # tokenizer.json of Llama-3 / Qwen2 are 7-9 MiB
 
 # The pre-tokenizer regexes llama.cpp implements, by the name its vocab loader dispatches on (src/llama-vocab.cpp of
 # llama.cpp as vendored by llama-cpp-python 0.3.36). Matched against tokenizer.json's pre_tokenizer structure.
@@ -51,8 +52,9 @@ _QWEN2_RE = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}|
 # ---------------------------------------------------------------------------------------------------- tokenizer
 def _read_json(path: str, what: str) -> dict:
     try:
-        if os.path.getsize(path) > (1 << 30):
-            raise YouzhiError(f"{path} is over 1 GiB; that is not a {what}")
+        if os.path.getsize(path) > JSON_MAX_BYTES:
+            raise YouzhiError(f"{path} is over {JSON_MAX_BYTES >> 20} MiB; that is not a {what} (the largest real "
+                              "ones are ~10 MiB)")
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except OSError as exc:
