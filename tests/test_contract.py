@@ -117,7 +117,10 @@ def test_rank_and_rope_rules_are_the_same_for_converter_and_planner():
 def test_deployment_warnings_one_wording():
     assert C.deployment_warnings(128, 512, 64) == []
     w = C.deployment_warnings(9, 100, 32, attention_bias=True)
-    assert len(w) == 4 and "{32, 64, 128}" in w[0] and "multiple of 16" in w[1] and "132 != 576" in w[2]
+    assert len(w) == 5 and "{32, 64, 128}" in w[0] and "9 heads run as 16" in w[1] and "multiple of 16" in w[2]
+    assert "= 132" in w[3] and "320 or 576 only" in w[3] and "llama.cpp" in w[4]
+    assert all(("#" in x or "Dec 2026" in x or "llama.cpp" in x) for x in w)  # each names where it was read
+    assert len(C.deployment_warnings(128, 256, 64)) == 1 and "FlashMLA" in C.deployment_warnings(128, 256, 64)[0]
     src = P.shape_from_config(dict(model_type="llama", num_key_value_heads=3, head_dim=16,
                                    **dict(SMALL, num_attention_heads=9)))
     mla = P.mla_shape_from_source(src, 40, 4)
@@ -162,3 +165,43 @@ def test_contract_and_planner_stay_pure_python():
     code = ("import sys; import youzhi_ms.infer.planner, youzhi_ms.contract; "
             "sys.exit(sorted({'numpy', 'mindspore', 'torch'} & set(sys.modules)) != [])")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_dense_mla_config_loads_in_transformers_without_guessing(tmp_path):
+    """transformers reads the contract's config.json as the dense MLA model it describes: no expert, no routing
+    group filled in from DeepSeek-V3's defaults, q_lora_rank None (a plain q_proj), every MLP dense, and a save /
+    load round trip keeps the keys as written. (llama.cpp's loader: tests/test_export_gguf.py.)"""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    src = dict(model_type="llama", num_key_value_heads=2, head_dim=16, **SMALL)
+    cfg = C.mla_config(src, 24, 8, torch_dtype="float32")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    conf = AutoConfig.from_pretrained(tmp_path)
+    assert (conf.n_group, conf.topk_group, conf.n_shared_experts, conf.n_routed_experts) == (None, None, 0, None)
+    assert conf.q_lora_rank is None and conf.first_k_dense_replace == cfg["num_hidden_layers"]
+    model = AutoModelForCausalLM.from_config(conf)
+    assert all(type(layer.mlp).__name__ == "DeepseekV3MLP" for layer in model.model.layers)
+    assert all(hasattr(layer.self_attn, "q_proj") and not hasattr(layer.self_attn, "q_a_proj")
+               for layer in model.model.layers)
+    conf.save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert {k: again.get(k) for k in C.dense_moe_keys(2, 96)} == C.dense_moe_keys(2, 96)
+
+
+def test_every_writer_states_the_dense_keys(tmp_path):
+    """A DeepSeek-V3 config from before the contract fixed its MoE keys (n_shared_experts null, no n_group) gets them
+    when any tool writes the directory again (checkpoint.hf.write_model_files: conversion, hf_model, merge_slices);
+    a GQA config passes through unchanged and a mixture of experts is refused."""
+    from youzhi_ms.checkpoint.hf import write_model_files
+    src = dict(model_type="llama", num_key_value_heads=2, head_dim=16, **SMALL)
+    old = C.mla_config(src, 24, 8)
+    old["n_shared_experts"] = None
+    del old["n_group"], old["topk_group"]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "tokenizer.json").write_text("{}")
+    (tmp_path / "out").mkdir()
+    write_model_files(str(tmp_path / "out"), old, str(tmp_path / "src"))
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written == C.mla_config(src, 24, 8) and (tmp_path / "out" / "tokenizer.json").exists()
+    assert C.stock_mla_config(src) == src
+    with pytest.raises(YouzhiError, match="mixture-of-experts"):
+        C.stock_mla_config(dict(old, n_routed_experts=8, first_k_dense_replace=1))

@@ -98,7 +98,9 @@ def test_slices_merge_back_bit_for_bit(tmp_path, parallel_optimizer):
     for n, a in full.items():
         b = out.get(ms_to_hf(n, "mla"))
         assert b.dtype == np.float32 and np.array_equal(a, b), n
-    assert json.loads((run / "hf_model" / "config.json").read_text()) == STUDENT
+    # the student's config.json, with the contract's dense MoE keys stated (checkpoint.hf.write_model_files)
+    from youzhi_ms.contract import dense_moe_keys
+    assert json.loads((run / "hf_model" / "config.json").read_text()) == {**STUDENT, **dense_moe_keys(2, 256)}
     assert (run / "hf_model" / "tokenizer_config.json").is_file()
     # a missing rank is one clear error, and nothing is written
     os.rename(step_dir / "rank_5", tmp_path / "rank_5")

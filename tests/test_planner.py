@@ -144,7 +144,8 @@ def test_deployment_warnings():
     w = P.deployment_warnings(odd, st)
     assert any("multiple of 16" in x for x in w) and any("576" in x for x in w) and len(w) == 2
     w7 = _plan(Q7_MLA).warnings
-    assert len(w7) == 2 and any("{32, 64, 128}" in x and "28" in x for x in w7) and any("384 != 576" in x for x in w7)
+    assert len(w7) == 3 and any("{32, 64, 128}" in x and "28" in x for x in w7) and any("= 384" in x for x in w7)
+    assert any("28 heads run as 32" in x for x in w7)
     assert not any("multiple of 16" in x for x in w7)
     biased = dataclasses.replace(ok, qkv_bias=True)
     assert any("attention_bias" in x for x in P.deployment_warnings(biased, st))

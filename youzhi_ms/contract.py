@@ -37,10 +37,20 @@ QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe", "gemma3", "olmo2", "cohere2")
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float32": "float32",
                 "bfloat16": "bfloat16", "float16": "float16", "float": "float32", "half": "float16"}
 
+# What each engine's MLA path accepts, with the source it was read from (shared/design/serving.md has the details).
 # vLLM-Ascend's MLA graph mode (torchair) supports these query-head counts per latent KV head (vllm-ascend #1451).
 ASCEND_MLA_GRAPH_HEADS = (32, 64, 128)
-FLASHMLA_CACHE_WIDTH = 576  # vLLM CUDA MLA backends: kv_lora_rank + qk_rope_head_dim must be 512 + 64
+# vLLM (CUDA; main branch as read in Dec 2026): the common MLA attention layer takes a cache head of
+# kv_lora_rank + qk_rope_head_dim in {320, 576} (older releases: 576 only); FlashMLA, its fastest kernel, 512 + 64.
+VLLM_MLA_CACHE_WIDTHS = (320, 576)
+FLASHMLA_CACHE_WIDTH = 576
+# llama.cpp (ggml-org@0c1e57098, as vendored by llama-cpp-python 0.3.36; measured in tests/test_export_gguf.py and
+# benchmarks/bench_llamacpp.py): no constraint on the latent width or the head count; it caches kv_lora_rank + rope per
+# token and layer, K only.
 CONFIG_MAX_BYTES = 16 << 20  # real config.json files are a few kB
+# q_lora_rank null (a full-rank q_proj) as GGUF writes it: llama.cpp's deepseek2 loader requires the key and reads 0 as
+# "no q_a / q_b"; config.json keeps null (transformers would build q_a_proj / q_b_proj at random for 0)
+GGUF_Q_LORA_RANK_NONE = 0
 MAX_POSITIONS = 1 << 22  # ~4M positions: past any released checkpoint, below a RoPE table that exhausts memory
 
 
@@ -330,6 +340,28 @@ def conversion_dims(fields: Mapping, kv_lora_rank, qk_rope_head_dim=None) -> int
     return rope
 
 
+def dense_moe_keys(num_hidden_layers: int, intermediate_size: int) -> Dict[str, Any]:
+    """The mixture-of-experts keys of a dense DeepSeek-V3 config, each stated so that no loader fills in DeepSeek-V3's
+    MoE defaults: llama.cpp's converter fails on a null n_shared_experts (0 is inert: no shared expert) and llama.cpp
+    aborts on load with the n_group / topk_group (8 / 4) that transformers' config class fills in when they are
+    absent (null keeps them unset); every layer is dense because first_k_dense_replace is the layer count and
+    n_routed_experts is null (vLLM and transformers build an MoE block only where both say so)."""
+    return {"n_routed_experts": None, "n_shared_experts": 0, "n_group": None, "topk_group": None,
+            "num_experts_per_tok": None, "first_k_dense_replace": num_hidden_layers, "moe_layer_freq": 1,
+            "moe_intermediate_size": intermediate_size}
+
+
+def stock_mla_config(cfg: Mapping, where: str = "config") -> Dict[str, Any]:
+    """`cfg` with the contract's dense MoE keys when it is a dense DeepSeek-V3 config (a checkpoint converted before
+    the keys were fixed gets them on its next write); any other config unchanged. Every writer of a model directory's
+    config.json goes through here (checkpoint.hf.write_model_files)."""
+    out = dict(cfg)
+    if out.get("model_type") == MLA_MODEL_TYPE:
+        f = parse_config(out, where)  # refuses a mixture of experts
+        out.update(dense_moe_keys(f["num_hidden_layers"], f["intermediate_size"]))
+    return out
+
+
 def mla_config(source_cfg: Mapping, kv_lora_rank: int, qk_rope_head_dim: Optional[int] = None,
                export: str = "deepseek", torch_dtype: str = "bfloat16", q_bias: Optional[bool] = None,
                kv_bias: Optional[bool] = None, youzhi: Optional[Mapping] = None) -> Dict[str, Any]:
@@ -367,12 +399,7 @@ def mla_config(source_cfg: Mapping, kv_lora_rank: int, qk_rope_head_dim: Optiona
         "qk_rope_head_dim": rope,
         "v_head_dim": d,
         "head_dim": rope,  # what transformers' DeepseekV3Config sets (the rope part of a query/key head)
-        "n_routed_experts": None,
-        "n_shared_experts": None,
-        "num_experts_per_tok": None,
-        "first_k_dense_replace": L,
-        "moe_layer_freq": 1,
-        "moe_intermediate_size": f["intermediate_size"],
+        **dense_moe_keys(L, f["intermediate_size"]),
         "hidden_act": "silu",
         "max_position_embeddings": f["max_position_embeddings"],
         "rms_norm_eps": f["rms_norm_eps"],
@@ -402,22 +429,32 @@ def mla_config(source_cfg: Mapping, kv_lora_rank: int, qk_rope_head_dim: Optiona
 # ---------------------------------------------------------------------------------------------------- deployment
 def deployment_warnings(num_heads: int, kv_lora_rank: int, qk_rope_head_dim: int,
                         attention_bias: bool = False) -> List[str]:
-    """Things that will stop or slow a vLLM / vLLM-Ascend deployment of an MLA model. Strings, not errors: the model
-    is still correct and useful elsewhere."""
+    """Things that will stop or slow a vLLM / vLLM-Ascend deployment of an MLA model, each naming the engine version
+    or change it was read from. Strings, not errors: the model is still correct and useful elsewhere (llama.cpp has
+    none of these limits)."""
     out: List[str] = []
     if num_heads not in ASCEND_MLA_GRAPH_HEADS:
         out.append(f"vLLM-Ascend MLA graph mode needs num_attention_heads per latent KV head (per card) in "
-                   f"{{32, 64, 128}}; this model has {num_heads}: serve it in eager mode, or shard it so each card "
-                   "holds a supported head count")
+                   f"{{32, 64, 128}} (vllm-ascend #1451); this model has {num_heads}: serve it in eager mode, or shard "
+                   "it so each card holds a supported head count")
+    if num_heads & (num_heads - 1):
+        padded = 1 << num_heads.bit_length()
+        out.append(f"vLLM-Ascend pads the MLA head count up to a power of two (vllm-ascend PR #9560; native counts "
+                   f"only from PR #15882): {num_heads} heads run as {padded}, {padded / num_heads - 1:.0%} more "
+                   "attention compute per token")
     if kv_lora_rank % 16:
         out.append(f"kv_lora_rank={kv_lora_rank} is not a multiple of 16; vLLM-Ascend's fused MLA cache kernels "
-                   "reshape the latent by 16: pick a multiple of 16")
+                   "(as read in Dec 2026) reshape the latent by 16: pick a multiple of 16")
     width = kv_lora_rank + qk_rope_head_dim
-    if width != FLASHMLA_CACHE_WIDTH:
-        out.append(f"kv_lora_rank + qk_rope_head_dim = {width} != 576; vLLM's CUDA MLA kernels (FlashMLA) accept "
-                   "only 512 + 64, other widths fall back to a slower attention backend on GPUs")
+    if width not in VLLM_MLA_CACHE_WIDTHS:
+        out.append(f"kv_lora_rank + qk_rope_head_dim = {width}: vLLM's CUDA MLA attention layer (main, Dec 2026) "
+                   "accepts 320 or 576 only (older releases 576 only) and FlashMLA only 512 + 64, so this model does "
+                   "not serve on vLLM GPUs; llama.cpp (any width) and vLLM-Ascend do serve it")
+    elif width != FLASHMLA_CACHE_WIDTH:
+        out.append(f"kv_lora_rank + qk_rope_head_dim = {width}: vLLM serves it, but not with FlashMLA (512 + 64 only), "
+                   "its fastest CUDA MLA kernel")
     if attention_bias:
         out.append("attention_bias is set: stock vLLM DeepSeek-V2/V3 attention has no biases and its loader "
-                   "silently skips .bias tensors; export without biases (--export deepseek; recover the loss by "
-                   "distillation)")
+                   "silently skips .bias tensors, and llama.cpp's deepseek2 has none either; export without biases "
+                   "(--export deepseek; recover the loss by distillation)")
     return out

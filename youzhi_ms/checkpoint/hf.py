@@ -14,7 +14,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 
-from youzhi_ms.contract import MLA_MODEL_TYPE, expected_tensors, parse_config, read_config_json
+from youzhi_ms.contract import MLA_MODEL_TYPE, expected_tensors, parse_config, read_config_json, stock_mla_config
 from youzhi_ms.errors import YouzhiError
 
 SINGLE_FILE = "model.safetensors"
@@ -359,6 +359,14 @@ def copy_side_files(src_dir: str, dst_dir: str) -> None:
         p = os.path.join(src_dir, name)
         if os.path.isfile(p):
             shutil.copy2(p, os.path.join(dst_dir, name))
+
+
+def write_model_files(out_dir: str, config: Mapping, side_files_from: str) -> None:
+    """The non-weight files of a Hugging Face model directory, the same for every writer (conversion, training's
+    hf_model, merged slices): config.json through the contract (`contract.stock_mla_config`) and the tokenizer /
+    generation side files of `side_files_from`."""
+    write_json(os.path.join(out_dir, "config.json"), stock_mla_config(config, os.path.join(out_dir, "config.json")))
+    copy_side_files(side_files_from, out_dir)
 
 
 class ShardedWriter:

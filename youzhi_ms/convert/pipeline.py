@@ -20,7 +20,8 @@ from typing import Dict, List, Optional
 import numpy as np
 from tqdm import tqdm
 
-from youzhi_ms.checkpoint.hf import HFCheckpoint, ShardedWriter, copy_side_files, save_safetensors, write_json
+from youzhi_ms.checkpoint.hf import (HFCheckpoint, ShardedWriter, save_safetensors, write_json,
+                                    write_model_files)
 from youzhi_ms.config import SourceConfig, _rope_type, rope_inv_freq, rope_tables
 from youzhi_ms.convert import adaptive, calibrate
 from youzhi_ms.convert.attention_np import block_output, rms_norm
@@ -306,8 +307,7 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
         writer = ShardedWriter(tmp, dtype=opt.out_dtype, max_shard_bytes=1 << 30)
         _write_tensors(writer, ck, cfg, work, opt.progress)
         writer.close()
-        write_json(os.path.join(tmp, "config.json"), config)
-        copy_side_files(src_dir, tmp)
+        write_model_files(tmp, config, src_dir)
         write_json(os.path.join(tmp, "conversion_report.json"), report)
         from youzhi_ms.convert.report import write_markdown, write_plot
         write_markdown(report, os.path.join(tmp, "conversion_report.md"))

@@ -134,7 +134,7 @@ def merge_run(run_dir: str, output_dir: Optional[str] = None, step: Optional[int
               overwrite: bool = False, log: Callable[[str], None] = print) -> str:
     """Write the Hugging Face directory of a model / pipeline parallel run's student (default `<run>/hf_model`)."""
     import yaml
-    from youzhi_ms.checkpoint.hf import ShardedWriter, copy_side_files, read_config
+    from youzhi_ms.checkpoint.hf import ShardedWriter, read_config, write_model_files
     from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
     from youzhi_ms.models.names import ms_to_hf
     run_dir = os.path.abspath(run_dir)
@@ -172,8 +172,7 @@ def merge_run(run_dir: str, output_dir: Optional[str] = None, step: Optional[int
             for name in sorted(tensors):
                 writer.add(ms_to_hf(name, "mla"), tensors[name])
             writer.close()
-            shutil.copy2(os.path.join(student_dir, "config.json"), os.path.join(tmp, "config.json"))
-            copy_side_files(student_dir, tmp)
+            write_model_files(tmp, read_config(student_dir), student_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log(f"wrote {output_dir} ({len(tensors)} tensors, {dtype}) from {step_dir}")

@@ -51,7 +51,7 @@ import mindspore as ms
 import numpy as np
 from tqdm import tqdm
 
-from youzhi_ms.checkpoint.hf import ShardedWriter, copy_side_files, read_config
+from youzhi_ms.checkpoint.hf import ShardedWriter, read_config, write_model_files
 from youzhi_ms.checkpoint.mindspore_ckpt import hf_state_dict_from_model, load_model, model_kind
 from youzhi_ms.config import load_any_config
 from youzhi_ms.data.tokenizer import Tokenizer
@@ -452,8 +452,7 @@ class Trainer:
             for name, arr in hf_state_dict_from_model(self.student, model_kind(self.student_cfg)).items():
                 writer.add(name, arr)
             writer.close()
-            shutil.copy2(os.path.join(self.student_dir, "config.json"), os.path.join(tmp, "config.json"))
-            copy_side_files(self.student_dir, tmp)
+            write_model_files(tmp, read_config(self.student_dir), self.student_dir)
         return path
 
     def weights_digest(self) -> str:
