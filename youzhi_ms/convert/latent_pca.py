@@ -189,6 +189,17 @@ class LatentPCA:
         self.SK, self.SKV, self.SVV = S[:L, :L], S[:L, L:], S[L:, L:]
         self.wk64 = src["wk"].astype(np.float64)
         self.bk = src.get("bk", zeros_L).astype(np.float64)
+        # the candidate-independent tensors, once: the NoPE query rows, o_proj, and the source queries per head that
+        # the rope rows rotate (the large part of a 7B layer's tensors)
+        sc = np.sqrt((d + rope) / d)
+        self.Wq = src["wq"].astype(np.float64).reshape(n_heads, d, -1)
+        self.bq = src.get("bq", np.zeros(n_heads * d)).astype(np.float64).reshape(n_heads, d)
+        self.q_nope32 = (self.Wq * sc).astype(np.float32)
+        self.bq_nope32 = (self.bq * sc).astype(np.float32)
+        self.fixed = {"o_proj.weight": src["wo"].astype(np.float32)}
+        if "bo" in src:
+            self.fixed["o_proj.bias"] = src["bo"].astype(np.float32)
+        self.group = np.array([kv_group(h, n_heads, n_kv) for h in range(n_heads)])
         self._prep_key = None
         if metric == "attn":
             Sq = Sq if Sq is not None else query_moments(src, SX, n_heads, d)
@@ -261,10 +272,30 @@ class LatentPCA:
             down, up = R[:, :rank].T, R[:, :rank]
         # down @ [Un^T A_k / alpha; A_v] without forming the rotated key rows
         W = (down[:, :nk] @ p["Un"].T / alpha) @ self.Ak + down[:, nk:] @ self.Av
-        Ur = U_rot[:, :rope]
-        out = _layer_tensors(self.src, U_rot, Ur.T @ self.wk64, Ur.T @ self.bk, W[:, :-1], W[:, -1], up, alpha,
-                             self.H, self.n_kv, self.d, rope, rank)
+        out = self._tensors(U_rot, W, up, alpha, rank)
         info = {"alpha": alpha}
         if eig is not None:
             info["pca_energy_kept"] = float(eig[:rank].sum() / eig.sum())
         return out, info
+
+    def _tensors(self, U_rot, W, up, alpha, rank):
+        """`_layer_tensors` with the candidate-independent rows taken from the cache (float32 throughout)."""
+        H, d, rope, L = self.H, self.d, self.rope, self.n_kv * self.d
+        sc = np.sqrt((d + rope) / d)
+        Ur = U_rot[:, :rope]
+        Ug = U_rot.reshape(self.n_kv, d, L)[self.group]  # [H, d, L]: W_UK[h] U_rot
+        q_rope = np.matmul(Ug[:, :, :rope].transpose(0, 2, 1), self.Wq) * sc  # [H, rope, D]
+        q = np.concatenate([self.q_nope32, q_rope.astype(np.float32)], 1).reshape(H * (d + rope), -1)
+        Rk, Rv = up[:L - rope], up[L - rope:]
+        kv_k = np.matmul(Ug[:, :, rope:] * alpha, Rk)  # [H, d, rank]
+        kv_v = Rv.reshape(self.n_kv, d, rank)[self.group]
+        out = {"q_proj.weight": q,
+               "kv_a_proj_with_mqa.weight": np.concatenate([W[:, :-1], Ur.T @ self.wk64], 0).astype(np.float32),
+               "kv_b_proj.weight": np.concatenate([kv_k, kv_v], 1).reshape(H * 2 * d, rank).astype(np.float32)}
+        out.update(self.fixed)
+        if "bq" in self.src:
+            b_rope = np.einsum("hrd,hd->hr", Ug[:, :, :rope].transpose(0, 2, 1), self.bq) * sc
+            out["q_proj.bias"] = np.concatenate([self.bq_nope32, b_rope.astype(np.float32)], 1).reshape(-1)
+        if "bk" in self.src or "bv" in self.src:
+            out["kv_a_proj_with_mqa.bias"] = np.concatenate([W[:, -1], Ur.T @ self.bk], 0).astype(np.float32)
+        return out
