@@ -28,9 +28,9 @@ from youzhi_ms.checkpoint.hf import HFCheckpoint
 from youzhi_ms.config import SourceConfig
 from youzhi_ms.convert.attention_np import block_output, gqa_attention, linear, mla_attention, rms_norm
 from youzhi_ms.convert.latent_pca import LatentPCA, build_layer, input_moments, query_moments
-from youzhi_ms.errors import YouzhiError
 from youzhi_ms.convert.rorope import (Band, assemble_rotation, band_moments, pca, qk_moments, query_band_moments,
                                      validate_bands)
+from youzhi_ms.errors import YouzhiError
 
 STATS = ("cascaded", "standard")
 

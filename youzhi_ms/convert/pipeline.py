@@ -60,7 +60,7 @@ class ConvertOptions:
     finalists: int = 3  # candidates re-scored over the key/value balances
     score: str = "local-block"  # the error the FreqFold and balance decisions minimise (calibrate.SCORES)
     score_stride: int = 2  # the score reads every score_stride-th query position of the proxy windows
-    freqfold_search: str = "fast"  # fast | exhaustive: how the adaptive candidates are scored (SEARCHES)
+    freqfold_search: str = "fast"  # fast | exhaustive: how the adaptive candidates are scored (CHOICES)
     search_subsample: int = 4  # fast search: first round on every search_subsample-th scored query position ...
     search_windows: int = 2  # ... of the first search_windows scoring windows
     search_survivors: int = 8  # fast search: candidates of the first round scored in full
@@ -92,7 +92,7 @@ class LayerRecord:
     beta: float = 1.0
     score: float = 0.0  # the FreqFold score of the built layer (what the search minimised; opt.score's kind)
     attn_rel_err: float = 0.0  # the built layer's attention error against the source attention on the same inputs
-    scores: Dict[str, float] = field(default_factory=dict)  # every candidate at balance 1
+    scores: Dict[str, float] = field(default_factory=dict)  # candidates scored in full at balance 1
     refined: Dict[str, float] = field(default_factory=dict)  # finalists x balances
     coarse: Dict[str, float] = field(default_factory=dict)  # fast search: every candidate on the subsample
     alpha: float = 0.0
