@@ -12,6 +12,9 @@ ru_maxrss, so a parent that had just generated 15 GB of weights would inflate it
 as a cross-check.
 
   python benchmarks/bench_stream_7b.py --work /path/with/60GB --freqfold 4 --out benchmarks/results/stream_7b.json
+
+--shape 14b writes Qwen2.5-14B's shapes instead (48 layers, hidden 5120, 40 q / 8 kv heads, head 128, SwiGLU 13824),
+for a per-layer time estimate from a few layers (--layers).
 """
 import argparse
 import json
@@ -33,12 +36,15 @@ CFG = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_siz
        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False,
        "hidden_act": "silu", "torch_dtype": "bfloat16", "use_sliding_window": False, "eos_token_id": 256,
        "bos_token_id": 256}
+SHAPES = {"7b": dict(CFG), "14b": dict(CFG, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+                                       num_attention_heads=40, num_key_value_heads=8)}
 
 
-def write_random_checkpoint(path, layers=28, seed=0):
-    cfg = dict(CFG, num_hidden_layers=layers)
+def write_random_checkpoint(path, layers=28, seed=0, shape="7b"):
+    cfg = dict(SHAPES[shape], num_hidden_layers=layers)
     rng = np.random.default_rng(seed)
-    D, I, H, kv, d, V = 3584, 18944, 28, 4, 128, 152064
+    D, I, H, kv = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"))
+    d, V = 128, cfg["vocab_size"]
 
     def rnd(*shape, std=0.02):
         # random signs and log-uniform magnitudes in [2^-15, 4*std], drawn directly as bf16 bit patterns: a 7B
@@ -84,7 +90,8 @@ def write_random_checkpoint(path, layers=28, seed=0):
 
 
 def run_measured(cmd):
-    """(returncode, stderr, wall seconds, peak RSS GB from wait4, peak VmHWM GB polled from /proc) of a child."""
+    """(returncode, stderr, wall seconds, peak RSS GB from wait4, peak VmHWM GB polled from /proc, CPU seconds) of a
+    child."""
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     hwm, err = 0, []
@@ -105,12 +112,15 @@ def run_measured(cmd):
         time.sleep(0.2)
     reader.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, "".join(err), time.time() - t0, ru.ru_maxrss / 1024 ** 2, hwm / 1024 ** 2
+    return (proc.returncode, "".join(err), time.time() - t0, ru.ru_maxrss / 1024 ** 2, hwm / 1024 ** 2,
+            ru.ru_utime + ru.ru_stime)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="output/bench_stream_7b")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    ap.add_argument("--freqfold-search", choices=["fast", "exhaustive"], default="fast")
     ap.add_argument("--freqfold", default="4")
     ap.add_argument("--kv-lora-rank", type=int, default=320)
     ap.add_argument("--calib-tokens", type=int, default=1024)
@@ -123,27 +133,30 @@ def main():
     ap.add_argument("--write-source-only", metavar="DIR", help=argparse.SUPPRESS)  # the source-writing child
     args = ap.parse_args()
     if args.write_source_only:
-        write_random_checkpoint(args.write_source_only, args.layers)
+        write_random_checkpoint(args.write_source_only, args.layers, shape=args.shape)
         return
-    tag = "" if args.layers == 28 else f"_{args.layers}l"
+    full = SHAPES[args.shape]["num_hidden_layers"]
+    tag = ("" if args.layers == full else f"_{args.layers}l") + ("" if args.shape == "7b" else "_" + args.shape)
     src, dst = os.path.join(args.work, f"qwen2_5_7b{tag}_random"), os.path.join(args.work, f"qwen2_5_7b{tag}_mla")
     t0 = time.time()
     if not os.path.isfile(os.path.join(src, "config.json")):
         subprocess.run([sys.executable, os.path.abspath(__file__), "--write-source-only", src,
-                        "--layers", str(args.layers)], check=True)
+                        "--layers", str(args.layers), "--shape", args.shape], check=True)
     t_write = time.time() - t0
     cmd = [sys.executable, os.path.join(ROOT, "tools/convert_gqa_to_mla.py"), "--hf-dir", src, "--output-dir", dst,
            "--kv-lora-rank", str(args.kv_lora_rank), "--qk-rope-dim", "64", "--freqfold", args.freqfold,
            "--calib-text", "wiki-calib", "--calib-tokens", str(args.calib_tokens), "--proxy-seqs", str(args.proxy_seqs),
-           "--out-dtype", "bf16", "--quiet"]
-    rc, stderr, wall, peak_gb, hwm_gb = run_measured(cmd)
+           "--out-dtype", "bf16", "--freqfold-search", args.freqfold_search, "--quiet"]
+    load0 = os.getloadavg()[0]
+    rc, stderr, wall, peak_gb, hwm_gb, cpu = run_measured(cmd)
     if rc != 0:
         print(stderr[-3000:])
         sys.exit(1)
     rep = json.load(open(os.path.join(dst, "conversion_report.json")))
-    res = {"shape": f"Qwen2.5-7B (random bf16, {args.layers} layers)", "layers": args.layers, "kv_lora_rank": args.kv_lora_rank, "qk_rope_dim": 64,
+    res = {"shape": f"Qwen2.5-{args.shape.upper()} (random bf16, {args.layers} layers)", "layers": args.layers, "kv_lora_rank": args.kv_lora_rank, "qk_rope_dim": 64,
            "freqfold": args.freqfold, "calib_tokens": args.calib_tokens, "write_source_seconds": round(t_write, 1),
-           "convert_wall_seconds": round(wall, 1), "peak_rss_gb": round(peak_gb, 2),
+           "convert_wall_seconds": round(wall, 1), "convert_cpu_seconds": round(cpu, 1),
+           "load_before": load0, "load_after": os.getloadavg()[0], "peak_rss_gb": round(peak_gb, 2),
            "peak_vmhwm_polled_gb": round(hwm_gb, 2), "parent_rss_gb": round(
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 3),
            "cache_ratio": rep["cache_ratio"], "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores",

@@ -237,3 +237,153 @@ def test_standard_statistics_come_from_the_source_and_the_partial_rope_model(tmp
         np.testing.assert_allclose(pca_x, normed[("partial", i)].reshape(pca_x.shape), rtol=1e-4, atol=1e-5)
     # layer 1 differs between the two models (the partial-RoPE layer 0 is lossy), so the check can tell them apart
     assert np.abs(seen[1][0] - seen[1][1]).max() > 1e-3
+
+
+# --- the fast search (issue 21): the same layers from per-layer products, the same choice in two rounds -------------
+
+@pytest.mark.parametrize("metric", ["attn", "bkv"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_latent_pca_builds_the_same_layer_as_build_layer(metric, bias):
+    """LatentPCA (the fast search's builder) against build_layer, the exported layer's builder: every tensor, the
+    latent's composed down-then-up map (invariant to the eigenvectors' signs), alpha and the energy kept."""
+    from youzhi_ms.convert import latent_pca as LP
+    from youzhi_ms.convert.rorope import band_moments, rotation, uniform_bands
+    rng = np.random.default_rng(1)
+    H, kv, d, D, rope, r = 8, 2, 16, 40, 8, 14
+    src = {"wq": rng.normal(size=(H * d, D)), "wk": rng.normal(size=(kv * d, D)), "wv": rng.normal(size=(kv * d, D)),
+           "wo": rng.normal(size=(D, H * d))}
+    if bias:
+        src.update(bq=rng.normal(size=H * d), bk=rng.normal(size=kv * d), bv=rng.normal(size=kv * d))
+    src = {k: v.astype(np.float32) for k, v in src.items()}
+    X = (rng.normal(size=(400, D)) * rng.uniform(0.2, 3, D)).astype(np.float32)
+    SX = LP.input_moments(X)
+    K = X @ src["wk"].T + src.get("bk", 0)
+    fast = LP.LatentPCA(src, SX, H, kv, d, rope, 0.01, metric)
+    for bands in (uniform_bands(d, 4), [(0, 2), (2, 2), (4, 4)], uniform_bands(d, 8)):
+        U = rotation(kv, d, d // rope, bands, band_moments(K, kv, d, bands))[0]
+        for beta in (0.25, 1.0, 4.0):
+            a, ia = LP.build_layer(src, U, SX, H, kv, d, rope, r, 0.01, metric=metric, beta=beta)
+            b, ib = fast.build(U, r, beta)
+            assert sorted(a) == sorted(b)
+            assert ib["alpha"] == pytest.approx(ia["alpha"], rel=1e-10)
+            assert ib["pca_energy_kept"] == pytest.approx(ia["pca_energy_kept"], rel=1e-9)
+            for n in a:
+                if n not in ("kv_b_proj.weight", "kv_a_proj_with_mqa.weight"):
+                    np.testing.assert_allclose(b[n], a[n], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(b["kv_a_proj_with_mqa.weight"][r:], a["kv_a_proj_with_mqa.weight"][r:],
+                                       rtol=1e-5, atol=1e-6)  # the rope rows
+            ca = a["kv_b_proj.weight"].astype(np.float64) @ a["kv_a_proj_with_mqa.weight"][:r]
+            cb = b["kv_b_proj.weight"].astype(np.float64) @ b["kv_a_proj_with_mqa.weight"][:r]
+            np.testing.assert_allclose(cb, ca, rtol=1e-4, atol=1e-4 * np.abs(ca).max())
+        # the balance matters (so the comparison above can tell balances apart)
+    assert metric == "bkv" or not np.allclose(fast.build(U, r, 0.25)[0]["kv_b_proj.weight"],
+                                              fast.build(U, r, 4.0)[0]["kv_b_proj.weight"])
+
+
+def test_subsampled_score_is_the_score_on_those_positions(tmp_path):
+    """ResidualScore.subsample(k, n) equals a ResidualScore made on the first n windows at every k-th scored position;
+    subsample(1, all windows) is the full score."""
+    from youzhi_ms.convert import calibrate
+    from youzhi_ms.convert.attention_np import rms_norm
+    rng = np.random.default_rng(2)
+    H, kv, d, D, S, rope, r = 4, 2, 16, 32, 24, 8, 20
+    ang = np.arange(S)[:, None] * 0.5 ** np.arange(d // 2)[None, :]
+    geo = calibrate.Geometry(H, kv, d, rope, r, 1e-6, np.cos(ang), np.sin(ang))
+    w = {"wq": rng.normal(size=(H * d, D)), "wk": rng.normal(size=(kv * d, D)), "wv": rng.normal(size=(kv * d, D)),
+         "wo": rng.normal(size=(D, H * d)) * 0.1, "ln1": rng.uniform(0.5, 1.5, D), "ln2": rng.uniform(0.5, 1.5, D),
+         "gate": rng.normal(size=(48, D)) * 0.2, "up": rng.normal(size=(48, D)) * 0.2,
+         "down": rng.normal(size=(D, 48)) * 0.2}
+    w = {k: v.astype(np.float32) for k, v in w.items()}
+    src = {k: w[k] for k in ("wq", "wk", "wv", "wo")}
+    h = rng.normal(size=(4, S, D)).astype(np.float32)
+    x = rms_norm(h, w["ln1"], 1e-6)
+    stats = calibrate.LayerStats(geo, src, x.reshape(-1, D), x.reshape(-1, D), "attn")
+    m = stats.build(adaptive.uniform_bands(d, 4))[0]
+    a = geo.gqa(x, src)
+    for kind in ("local-block", "local", "residual", "normed"):
+        full = calibrate.ResidualScore(geo, w, h, h, a, kind, a, stride=2)
+        assert full.subsample(1, 4)(m) == pytest.approx(full(m), rel=1e-12)
+        sub = full.subsample(3, 2)  # positions 1, 3, 5, ... -> every 3rd of them: 5, 11, 17, 23
+        direct = calibrate.ResidualScore(geo, w, h[:2], h[:2], a[:2], kind, a[:2], stride=2)
+        keep = np.arange(2, len(direct.q_pos), 3)
+        direct.q_pos, direct.h, direct.target = direct.q_pos[keep], direct.h[:, keep], direct.target[:, keep]
+        direct.ref_energy = float(direct.ref_pos[:, keep].sum())
+        assert list(sub.q_pos) == [5, 11, 17, 23]
+        assert sub(m) == pytest.approx(direct(m), rel=1e-12) and sub(m) != pytest.approx(full(m), rel=1e-6)
+
+
+def test_choose_in_two_rounds_scores_only_the_survivors_in_full():
+    rng = np.random.default_rng(4)
+    cands = adaptive.layer_candidates("adaptive", 64, 2)
+    full = {n: float(rng.random()) for n in cands}
+    table = {(n, b): full[n] * (1 + 0.1 * b) for n in cands for b in (0.5, 1.0, 2.0)}
+    by_bands = {tuple(v): n for n, v in cands.items()}
+    calls, ticks = [], []
+
+    def score_of(bands, beta):
+        calls.append((by_bands[tuple(bands)], beta))
+        return table[(by_bands[tuple(bands)], beta)] if beta != 1.0 else full[by_bands[tuple(bands)]]
+
+    def coarse_of(bands):  # ranks like the full score, on another scale
+        return 10 * full[by_bands[tuple(bands)]] + 1
+
+    dec = adaptive.choose(cands, score_of, (0.5, 1.0, 2.0), 3, lambda k, n: ticks.append((k, n)), coarse_of, 8)
+    exhaustive = adaptive.choose(cands, score_of, (0.5, 1.0, 2.0), 3)
+    assert (dec.name, dec.beta, dec.score) == (exhaustive.name, exhaustive.beta, exhaustive.score)
+    assert len(dec.coarse) == 36 and set(dec.scores) == set(sorted(full, key=full.get)[:8])
+    assert ticks[-1] == (36 + 8 + 3 * 2, 36 + 8 + 3 * 2) and [k for k, _ in ticks] == list(range(1, 51))
+    # a first round that ranks the best last: the two-round search then misses it (what the test above relies on)
+    worst_first = adaptive.choose(cands, score_of, (1.0,), 3, None, lambda b: -full[by_bands[tuple(b)]], 8)
+    assert worst_first.name != exhaustive.name
+
+
+def _wide_source(path):
+    """A Llama source with head_dim 32 (10 monotone tilings at qk_rope_dim 16), so the two rounds have a choice."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from helpers import V, randomize
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
+                                         num_attention_heads=6, num_key_value_heads=2, head_dim=32,
+                                         max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+                                         tie_word_embeddings=True))
+    randomize(model, 5)
+    model.save_pretrained(path)
+
+
+@pytest.mark.parametrize("stats", ["cascaded", "standard"])
+def test_fast_search_chooses_what_the_exhaustive_search_chooses(tmp_path, stats):
+    """Every layer: the same bands and balance from the fast search (4 survivors of 10 tilings, 2 finalists) as from
+    the exhaustive one, and since the exported layer is built the same way, the same checkpoint bit for bit."""
+    _wide_source(tmp_path / "src")
+    ids = calib(3, 8, 64)
+    reps = {}
+    for search in ("exhaustive", "fast"):
+        reps[search] = convert(str(tmp_path / "src"), str(tmp_path / search), ConvertOptions(
+            kv_lora_rank=40, qk_rope_dim=16, freqfold="adaptive", calib_ids=ids, proxy_seqs=4, stats=stats,
+            freqfold_search=search, search_survivors=4, finalists=2, progress=False))
+    ex, fa = reps["exhaustive"]["layers"], reps["fast"]["layers"]
+    assert [(L["bands"], L["beta"]) for L in fa] == [(L["bands"], L["beta"]) for L in ex]
+    for L, M in zip(fa, ex):
+        assert len(L["coarse"]) == 10 and len(L["scores"]) == 4 and len(M["scores"]) == 10 and not M["coarse"]
+        assert L["score"] == pytest.approx(M["score"], rel=1e-4)
+    assert len({L["choice"] for L in ex}) > 1 or ex[0]["choice"] not in ("F=2", "F=16")  # a real choice was made
+    a, b = HFCheckpoint(str(tmp_path / "exhaustive")), HFCheckpoint(str(tmp_path / "fast"))
+    for n in a.names():
+        np.testing.assert_array_equal(a.get(n), b.get(n))
+
+
+def test_options_are_validated_once_in_the_options_and_read_by_the_cli():
+    from youzhi_ms.errors import YouzhiError
+    for field_, bad in (("freqfold_search", "quick"), ("score", "local_block"), ("pca_metric", "pca"),
+                        ("rorope_metric", "q"), ("stats", "std"), ("export", "gguf"), ("out_dtype", "fp8")):
+        with pytest.raises(YouzhiError, match=repr(bad)):
+            ConvertOptions(kv_lora_rank=8, **{field_: bad})
+    with pytest.raises(YouzhiError, match="search_survivors"):
+        ConvertOptions(kv_lora_rank=8, search_survivors=0)
+    from youzhi_ms.convert.calibrate import SCORES
+    assert ConvertOptions.CHOICES["score"] is SCORES
+    r = subprocess.run([sys.executable, "tools/convert_gqa_to_mla.py", "--help"], cwd=ROOT, capture_output=True,
+                       text=True)
+    help_text = " ".join(r.stdout.split())
+    for field_, flag in (("freqfold_search", "--freqfold-search"), ("score", "--freqfold-score"),
+                         ("pca_metric", "--pca-metric"), ("stats", "--stats")):
+        assert f"{flag} {{{','.join(ConvertOptions.CHOICES[field_])}}}" in help_text, flag

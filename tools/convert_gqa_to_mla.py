@@ -67,18 +67,25 @@ def main(argv=None):
     ap.add_argument("--calib-seq-len", type=int_at_least(2), default=256)
     ap.add_argument("--proxy-seqs", type=POSITIVE, default=8,
                     help="calibration windows the FreqFold candidates are scored on (default 8)")
-    ap.add_argument("--freqfold-score", choices=["local-block", "local", "residual", "normed"], default="local-block",
+    from youzhi_ms.convert.pipeline import ConvertOptions, convert
+    choices, defaults = ConvertOptions.CHOICES, ConvertOptions.__dataclass_fields__
+    ap.add_argument("--freqfold-search", choices=choices["freqfold_search"],
+                    default=defaults["freqfold_search"].default,
+                    help="how the adaptive modes search the band tilings: fast = every tiling on a subsample of the "
+                         "scored positions, the best few on all (default); exhaustive = every tiling on all positions, "
+                         "each built exactly as it would be exported (for checking; several times slower)")
+    ap.add_argument("--freqfold-score", choices=choices["score"], default=defaults["score"].default,
                     help="what each FreqFold candidate is scored by against the source model: local-block = the "
                          "layer's output after its MLP on the same inputs (default); local = after attention only; "
                          "residual / normed = the residual stream with the converted prefix's drift (the issue's "
                          "recipe; measured worse on held-out text, docs/benchmarks.md section 2)")
-    ap.add_argument("--export", choices=["exact", "deepseek"], default="exact")
-    ap.add_argument("--out-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+    ap.add_argument("--export", choices=choices["export"], default=defaults["export"].default)
+    ap.add_argument("--out-dtype", choices=choices["out_dtype"], default=defaults["out_dtype"].default,
                     help="dtype of the written checkpoint (the math runs in fp32/fp64 either way)")
-    ap.add_argument("--pca-metric", choices=["attn", "bkv"], default="attn",
+    ap.add_argument("--pca-metric", choices=choices["pca_metric"], default=defaults["pca_metric"].default,
                     help="latent PCA: attn = attention-aware (queries and o_proj weight the error; default), "
                          "bkv = TransMLA's balanced K/V activation PCA")
-    ap.add_argument("--stats", choices=["cascaded", "standard"], default="cascaded",
+    ap.add_argument("--stats", choices=choices["stats"], default=defaults["stats"].default,
                     help="where the RoRoPE and latent-PCA statistics come from: cascaded = each layer's inputs in the "
                          "converted model (default); standard = TransMLA's (source-model keys for RoRoPE, the "
                          "partial-RoPE model's inputs for the latent PCA)")
@@ -91,13 +98,12 @@ def main(argv=None):
     handler = logging.StreamHandler()
     handler.setFormatter(_WarningPrefix("%(message)s"))
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, handlers=[handler])
-    from youzhi_ms.convert.pipeline import ConvertOptions, convert
     plan = read_plan(args.freqfold_plan) if args.freqfold_plan else None
     opt = ConvertOptions(kv_lora_rank=args.kv_lora_rank, qk_rope_dim=args.qk_rope_dim, freqfold=args.freqfold,
                          calib_text=args.calib_text, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
                          proxy_seqs=args.proxy_seqs, export=args.export, seed=args.seed, plan=plan,
                          out_dtype=args.out_dtype, pca_metric=args.pca_metric, stats=args.stats,
-                         score=args.freqfold_score,
+                         score=args.freqfold_score, freqfold_search=args.freqfold_search,
                          progress=not args.quiet)
     rep = convert(args.hf_dir, args.output_dir, opt, overwrite=args.overwrite)
     print(f"converted to MLA r={rep['kv_lora_rank']}+{rep['qk_rope_head_dim']} ({rep['cache_ratio']:.2f}x smaller KV "

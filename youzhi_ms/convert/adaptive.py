@@ -12,6 +12,8 @@ against the source layer's output on the same inputs: measured on held-out text 
 than the issue's residual-stream-with-drift score, which over-fits the upstream drift of the calibration text
 (docs/benchmarks.md section 2; the other kinds stay selectable). The best few candidates are then re-scored over the
 key/value balances (`latent_pca`) on all proxy windows, and the (bands, balance) pair with the smallest error wins.
+The fast search (the default, `choose` with `coarse_of`) scores every candidate on a subsample first and only the best
+few in full; the exhaustive one scores all in full.
 
 When a head dimension gives more candidates than `max_candidates`, a rank-blind, separable band proxy (`BandProxy`:
 the variance of each band's logit error under the source attention, a second-order KL) shortlists them; uniform
@@ -156,29 +158,49 @@ class Decision:
     bands: List[Band]
     beta: float
     score: float
-    scores: Dict[str, float] = field(default_factory=dict)  # every candidate at balance 1
+    scores: Dict[str, float] = field(default_factory=dict)  # candidates scored in full at balance 1
     refined: Dict[str, float] = field(default_factory=dict)  # "name @ beta" for the finalists
+    coarse: Dict[str, float] = field(default_factory=dict)  # every candidate on the subsample (fast search only)
 
 
 def choose(cands: Dict[str, List[Band]], score_of: Callable[[List[Band], float], float],
            betas: Sequence[float] = (1.0,), finalists: int = 3,
-           progress: Optional[Callable[[int, int], None]] = None) -> Decision:
-    """Exhaustive search over the candidates at balance 1, then over balances for the best `finalists`.
+           progress: Optional[Callable[[int, int], None]] = None,
+           coarse_of: Optional[Callable[[List[Band]], float]] = None, survivors: int = 8) -> Decision:
+    """The candidates at balance 1, then the best `finalists` over the balances.
 
-    score_of(bands, beta) -> error; progress(done, total) after every build. The result is the true minimum over the
-    scored pairs; ties keep the first name."""
+    score_of(bands, beta) -> error; progress(done, total) after every candidate scored (a candidate x balance pair,
+    either score). Without coarse_of every candidate is scored in full (the exhaustive search) and the result is the
+    true minimum over the scored pairs. With coarse_of (a cheaper score that ranks like score_of, e.g. on a subsample
+    of the query positions) every candidate is scored by it first and only the best `survivors` (at least
+    `finalists`) in full: successive halving, the same choice unless the full score's best few fall outside the
+    coarse score's best `survivors`. Ties keep the first name."""
     top_n = min(max(1, finalists), len(cands))
-    total = len(cands) + top_n * sum(1 for b in betas if b != 1.0)
+    coarse: Dict[str, float] = {}
+    full = cands
+    n_full = len(cands)
+    if coarse_of is not None and len(cands) > max(survivors, top_n):
+        n_full = max(survivors, top_n)
+    total = (len(cands) if n_full < len(cands) else 0) + n_full + top_n * sum(1 for b in betas if b != 1.0)
     done = [0]
 
-    def score(bands, beta):
-        s = score_of(bands, beta)
+    def tick():
         done[0] += 1
         if progress is not None:
             progress(done[0], total)
+
+    def score(bands, beta):
+        s = score_of(bands, beta)
+        tick()
         return s
 
-    scores = {n: score(b, 1.0) for n, b in cands.items()}
+    if n_full < len(cands):
+        for n, b in cands.items():
+            coarse[n] = coarse_of(b)
+            tick()
+        keep = set(sorted(coarse, key=coarse.get)[:n_full])
+        full = {n: b for n, b in cands.items() if n in keep}
+    scores = {n: score(b, 1.0) for n, b in full.items()}
     top = sorted(scores, key=scores.get)[:top_n]
     refined: Dict[str, float] = {}
     best: Tuple[float, str, float] = (np.inf, top[0], 1.0)
@@ -190,4 +212,4 @@ def choose(cands: Dict[str, List[Band]], score_of: Callable[[List[Band], float],
             if s < best[0]:
                 best = (s, n, float(beta))
     s, n, beta = best
-    return Decision(name=n, bands=list(cands[n]), beta=beta, score=s, scores=scores, refined=refined)
+    return Decision(name=n, bands=list(cands[n]), beta=beta, score=s, scores=scores, refined=refined, coarse=coarse)

@@ -18,6 +18,7 @@ The layer arithmetic is `attention_np`, the one numpy reference forward (the tes
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -26,8 +27,10 @@ import numpy as np
 from youzhi_ms.checkpoint.hf import HFCheckpoint
 from youzhi_ms.config import SourceConfig
 from youzhi_ms.convert.attention_np import block_output, gqa_attention, linear, mla_attention, rms_norm
-from youzhi_ms.convert.latent_pca import build_layer, input_moments, query_moments
-from youzhi_ms.convert.rorope import Band, band_moments, qk_moments, query_band_moments, rotation
+from youzhi_ms.convert.latent_pca import LatentPCA, build_layer, input_moments, query_moments
+from youzhi_ms.convert.rorope import (Band, assemble_rotation, band_moments, pca, qk_moments, query_band_moments,
+                                     validate_bands)
+from youzhi_ms.errors import YouzhiError
 
 STATS = ("cascaded", "standard")
 
@@ -92,6 +95,8 @@ class LayerStats:
         self.SX = input_moments(pca_x)
         self.Sq = query_moments(src, self.SX, geo.n_heads, geo.d)
         self._rotations: Dict[Tuple[Band, ...], np.ndarray] = {}
+        self._band_pcas: Dict[Band, Tuple[np.ndarray, np.ndarray]] = {}
+        self._latent: Optional[LatentPCA] = None
 
     def moments(self, bands: Sequence[Band]):
         g = self.geo
@@ -100,11 +105,19 @@ class LayerStats:
             return qk_moments(km, query_band_moments(self.Sq, g.n_heads, g.n_kv, g.d, bands))
         return km
 
+    def band_pca(self, band: Band):
+        """RoRoPE's PCA of one band (eigenvalues, eigenvectors), computed once: tilings share bands."""
+        band = tuple(band)
+        if band not in self._band_pcas:
+            self._band_pcas[band] = pca(self.moments([band])[0], self.damping)
+        return self._band_pcas[band]
+
     def rotation(self, bands: Sequence[Band]) -> np.ndarray:
         key = tuple(tuple(b) for b in bands)
         if key not in self._rotations:
-            self._rotations[key] = rotation(self.geo.n_kv, self.geo.d, self.geo.c, key, self.moments(key),
-                                            self.damping)[0]
+            validate_bands(key, self.geo.d, self.geo.c)
+            self._rotations[key] = assemble_rotation(self.geo.n_kv, self.geo.d, self.geo.c, key,
+                                                     [self.band_pca(b) for b in key])[0]
         return self._rotations[key]
 
     def build(self, bands: Sequence[Band], beta: float = 1.0, rank: Optional[int] = None,
@@ -114,8 +127,17 @@ class LayerStats:
         return build_layer(self.src, self.rotation(bands), self.SX, g.n_heads, g.n_kv, g.d, g.rope_dim, rank or g.rank,
                            self.damping, R_override=R_override, metric=self.pca_metric, beta=beta, Sq=self.Sq)
 
+    def fast_build(self, bands: Sequence[Band], beta: float = 1.0, R_override: Optional[np.ndarray] = None):
+        """`build` at the target rank to float tolerance, from per-layer products (`LatentPCA`): what the fast FreqFold
+        search scores candidates with. The exported layer always comes from `build`."""
+        g = self.geo
+        if self._latent is None:
+            self._latent = LatentPCA(self.src, self.SX, g.n_heads, g.n_kv, g.d, g.rope_dim, self.damping,
+                                     self.pca_metric, self.Sq)
+        return self._latent.build(self.rotation(bands), g.rank, beta, R_override=R_override)
 
-SCORES = ("residual", "normed", "local", "local-block")
+
+SCORES = ("local-block", "local", "residual", "normed")  # the kinds of ResidualScore (ConvertOptions.score)
 
 
 class ResidualScore:
@@ -130,6 +152,8 @@ class ResidualScore:
 
     def __init__(self, geo: Geometry, w: Dict[str, np.ndarray], h_conv: np.ndarray, h_orig: np.ndarray,
                  a_orig: np.ndarray, kind: str = "residual", a_local: Optional[np.ndarray] = None, stride: int = 1):
+        if kind not in SCORES:
+            raise YouzhiError(f"FreqFold score {kind!r}: use one of {', '.join(SCORES)}")
         self.geo, self.kind, self.w = geo, kind, w
         S = h_conv.shape[1]
         self.q_pos = np.arange(stride - 1, S, stride)
@@ -147,6 +171,21 @@ class ResidualScore:
             self.ref_energy = float((self.target ** 2).sum())
         else:
             self.target = h_orig[:, self.q_pos] + a_orig
+        energy = self.target if kind in ("local-block", "normed") else a_orig
+        self.ref_pos = (energy ** 2).sum(-1)  # per window and position, so a subsample has its own reference energy
+
+    def subsample(self, k: int, windows: int) -> "ResidualScore":
+        """The same score on the first `windows` windows at every k-th of its query positions (keys at every position
+        of those windows): it ranks candidates like the full score up to sampling noise, at a fraction of the cost
+        (the fast search's first round)."""
+        sub = copy.copy(self)
+        sel = np.arange(min(k, len(self.q_pos)) - 1, len(self.q_pos), k)  # at least one position
+        n = max(1, windows)
+        sub.x = self.x[:n]
+        sub.q_pos, sub.h, sub.target = self.q_pos[sel], self.h[:n, sel], self.target[:n, sel]
+        sub.ref_pos = self.ref_pos[:n, sel]
+        sub.ref_energy = float(sub.ref_pos.sum())
+        return sub
 
     def __call__(self, m: Dict[str, np.ndarray]) -> float:
         a = self.geo.mla(self.x, m, q_pos=self.q_pos)

@@ -86,11 +86,8 @@ def build_layer(src: Dict[str, np.ndarray], U_rot: np.ndarray, SX: np.ndarray, n
     MLA allows different down and up maps). Returns (tensors, info)."""
     L = n_kv * d
     H, D = n_heads, src["wq"].shape[1]
-    s = np.sqrt((d + rope) / d)  # MLA scores use (d+rope)^-1/2; the source used d^-1/2
     zeros_L = np.zeros(L)
     bk, bv = src.get("bk", zeros_L), src.get("bv", zeros_L)
-    bq = src.get("bq", np.zeros(H * d))
-    has_bias = "bk" in src or "bv" in src
     Wk = U_rot.T @ src["wk"].astype(np.float64)  # rotated keys [L, D]
     bk_r = U_rot.T @ bk
     Wk_rope, Wk_nope, bk_rope, bk_nope = Wk[:rope], Wk[rope:], bk_r[:rope], bk_r[rope:]
@@ -124,7 +121,21 @@ def build_layer(src: Dict[str, np.ndarray], U_rot: np.ndarray, SX: np.ndarray, n
         eig, R = pca(Sxx, damping)
         down, up = R[:, :rank].T, R[:, :rank]  # [r, 2L-rope], [2L-rope, r]
     W_dkv, b_dkv = (down @ A_aug)[:, :D], (down @ A_aug)[:, D]
+    out = _layer_tensors(src, U_rot, Wk_rope, bk_rope, W_dkv, b_dkv, up, alpha, n_heads, n_kv, d, rope, rank)
+    info = {"alpha": alpha}
+    if eig is not None:
+        info["pca_energy_kept"] = float(eig[:rank].sum() / eig.sum())
+    return out, info
 
+
+def _layer_tensors(src, U_rot, Wk_rope, bk_rope, W_dkv, b_dkv, up, alpha, n_heads, n_kv, d, rope, rank):
+    """The MLA layer's tensors (float32) from the rotation, the rope rows of the rotated keys and the latent's down
+    (W_dkv, b_dkv) and up maps."""
+    L = n_kv * d
+    H, D = n_heads, src["wq"].shape[1]
+    s = np.sqrt((d + rope) / d)  # MLA scores use (d+rope)^-1/2; the source used d^-1/2
+    bq = src.get("bq", np.zeros(H * d))
+    has_bias = "bk" in src or "bv" in src
     Rk, Rv = up[:L - rope], up[L - rope:]
     kv_b = np.zeros((H, 2 * d, rank))
     q_rows = np.zeros((H, d + rope, D))
@@ -153,8 +164,138 @@ def build_layer(src: Dict[str, np.ndarray], U_rot: np.ndarray, SX: np.ndarray, n
         out["kv_a_proj_with_mqa.bias"] = np.concatenate([b_dkv, bk_rope], 0)
     if "bo" in src:
         out["o_proj.bias"] = src["bo"].astype(np.float64)
-    out = {k: v.astype(np.float32) for k, v in out.items()}
-    info = {"alpha": alpha}
-    if eig is not None:
-        info["pca_energy_kept"] = float(eig[:rank].sum() / eig.sum())
-    return out, info
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+class LatentPCA:
+    """`build_layer` for one layer and many RoRoPE rotations (the FreqFold search), from products taken once per layer.
+
+    Everything of `build_layer` that does not depend on the rotation is computed here once: the second moments of the
+    unrotated keys and values (so a candidate's latent covariance is an L x L congruence instead of a pass over the
+    (D+1)^2 input moments), the value metric M_v and its eigendecomposition, and the query moments summed per KV group
+    (so M_k is n_kv products, not one per head). `build(U_rot, rank, beta)` then equals `build_layer(src, U_rot, SX,
+    ..., beta=beta)` to float tolerance (tested), in a different order of operations: the exported layer is always
+    rebuilt by `build_layer`, these tensors only score candidates."""
+
+    def __init__(self, src: Dict[str, np.ndarray], SX: np.ndarray, n_heads: int, n_kv: int, d: int, rope: int,
+                 damping: float = 0.01, metric: str = "bkv", Sq: Optional[np.ndarray] = None):
+        L = n_kv * d
+        self.src, self.H, self.n_kv, self.d, self.rope, self.damping, self.metric = src, n_heads, n_kv, d, rope, \
+            damping, metric
+        zeros_L = np.zeros(L)
+        self.Ak, self.Av = _aug(src["wk"], src.get("bk", zeros_L)), _aug(src["wv"], src.get("bv", zeros_L))
+        A = np.concatenate([self.Ak, self.Av], 0)
+        S = (A @ SX) @ A.T  # second moments of [K; V] with biases, [2L, 2L]
+        self.SK, self.SKV, self.SVV = S[:L, :L], S[:L, L:], S[L:, L:]
+        self.wk64 = src["wk"].astype(np.float64)
+        self.bk = src.get("bk", zeros_L).astype(np.float64)
+        # the candidate-independent tensors, once: the NoPE query rows, o_proj, and the source queries per head that
+        # the rope rows rotate (the large part of a 7B layer's tensors)
+        sc = np.sqrt((d + rope) / d)
+        self.Wq = src["wq"].astype(np.float64).reshape(n_heads, d, -1)
+        self.bq = src.get("bq", np.zeros(n_heads * d)).astype(np.float64).reshape(n_heads, d)
+        self.q_nope32 = (self.Wq * sc).astype(np.float32)
+        self.bq_nope32 = (self.bq * sc).astype(np.float32)
+        self.fixed = {"o_proj.weight": src["wo"].astype(np.float32)}
+        if "bo" in src:
+            self.fixed["o_proj.bias"] = src["bo"].astype(np.float32)
+        self.group = np.array([kv_group(h, n_heads, n_kv) for h in range(n_heads)])
+        self._prep_key = None
+        if metric == "attn":
+            Sq = Sq if Sq is not None else query_moments(src, SX, n_heads, d)
+            g = n_heads // n_kv
+            self.Qg = Sq.reshape(n_kv, g, d, d).sum(1) / d  # heads h = g_idx * g + j read KV group g_idx (kv_group)
+            self.Mv = self._value_metric()
+            self.wv_eig, self.Uv = np.linalg.eigh(self.Mv)
+
+    def _value_metric(self):
+        L, d, H, n_kv = self.n_kv * self.d, self.d, self.H, self.n_kv
+        Mv = np.zeros((L, L))
+        wo = self.src["wo"].astype(np.float64)
+        for h in range(H):
+            g = kv_group(h, H, n_kv)
+            Wo_h = wo[:, h * d:(h + 1) * d]
+            Mv[g * d:(g + 1) * d, g * d:(g + 1) * d] += Wo_h.T @ Wo_h
+        return Mv
+
+    def _prepare(self, U_rot: np.ndarray):
+        """The rotation's part, shared by every balance: alpha, the latent covariance, M_k's eigendecomposition."""
+        if self._prep_key is not None and self._prep_key is U_rot:
+            return self._prep
+        rope, d, L = self.rope, self.d, self.n_kv * self.d
+        Un = U_rot[:, rope:]
+        SKn = Un.T @ self.SK @ Un
+        Skk, Svv = np.diag(SKn), np.diag(self.SVV)
+        alpha = float(np.sqrt(np.maximum(Skk, 0)).mean() / np.sqrt(np.maximum(Svv, 0)).mean()) if len(Skk) else 1.0
+        if not np.isfinite(alpha) or alpha <= 0:
+            raise YouzhiError("non-finite or zero key/value norms in calibration statistics; check the checkpoint and "
+                              "the calibration text")
+        nk = L - rope
+        cross = Un.T @ self.SKV / alpha
+        Sxx = np.block([[SKn / (alpha * alpha), cross], [cross.T, self.SVV]])
+        prep = {"alpha": alpha, "Sxx": Sxx, "Un": Un}
+        if self.metric == "attn":
+            Mk = np.zeros((nk, nk))
+            for g in range(self.n_kv):
+                u = Un[g * d:(g + 1) * d]
+                Mk += u.T @ self.Qg[g] @ u
+            Mk *= alpha * alpha  # the latent holds K_nope / alpha
+            bal = np.trace(self.Mv @ Sxx[nk:, nk:]) / max(np.trace(Mk @ Sxx[:nk, :nk]), 1e-30) if nk else 1.0
+            prep.update(bal=bal, trMk=np.trace(Mk), Mk_eig=np.linalg.eigh(Mk))
+        self._prep_key, self._prep = U_rot, prep
+        return prep
+
+    def build(self, U_rot: np.ndarray, rank: int, beta: float = 1.0, R_override: Optional[np.ndarray] = None):
+        p = self._prepare(U_rot)
+        rope, L = self.rope, self.n_kv * self.d
+        nk = L - rope
+        alpha, Sxx = p["alpha"], p["Sxx"]
+        eig = None
+        if R_override is not None:
+            down, up = R_override[:, :rank].T, R_override[:, :rank]
+        elif self.metric == "attn":
+            # _sqrt_psd of diag(beta*bal*M_k, M_v) block by block: the same damping, the same eigenvalue floor
+            wk, Uk = p["Mk_eig"]
+            wk = beta * p["bal"] * wk
+            delta = 1e-6 * (beta * p["bal"] * p["trMk"] + np.trace(self.Mv)) / (2 * L - rope)
+            wk, wv = wk + delta, self.wv_eig + delta
+            floor = 1e-12 * max(wk.max() if nk else 0.0, wv.max())
+            wk, wv = np.maximum(wk, floor), np.maximum(wv, floor)
+            Mh = np.zeros((2 * L - rope, 2 * L - rope))
+            Mih = np.zeros_like(Mh)
+            Mh[:nk, :nk], Mih[:nk, :nk] = (Uk * np.sqrt(wk)) @ Uk.T, (Uk / np.sqrt(wk)) @ Uk.T
+            Mh[nk:, nk:], Mih[nk:, nk:] = (self.Uv * np.sqrt(wv)) @ self.Uv.T, (self.Uv / np.sqrt(wv)) @ self.Uv.T
+            eig, Vr = pca(Mh @ Sxx @ Mh, self.damping)
+            down, up = Vr[:, :rank].T @ Mh, Mih @ Vr[:, :rank]
+        else:
+            eig, R = pca(Sxx, self.damping)
+            down, up = R[:, :rank].T, R[:, :rank]
+        # down @ [Un^T A_k / alpha; A_v] without forming the rotated key rows
+        W = (down[:, :nk] @ p["Un"].T / alpha) @ self.Ak + down[:, nk:] @ self.Av
+        out = self._tensors(U_rot, W, up, alpha, rank)
+        info = {"alpha": alpha}
+        if eig is not None:
+            info["pca_energy_kept"] = float(eig[:rank].sum() / eig.sum())
+        return out, info
+
+    def _tensors(self, U_rot, W, up, alpha, rank):
+        """`_layer_tensors` with the candidate-independent rows taken from the cache (float32 throughout)."""
+        H, d, rope, L = self.H, self.d, self.rope, self.n_kv * self.d
+        sc = np.sqrt((d + rope) / d)
+        Ur = U_rot[:, :rope]
+        Ug = U_rot.reshape(self.n_kv, d, L)[self.group]  # [H, d, L]: W_UK[h] U_rot
+        q_rope = np.matmul(Ug[:, :, :rope].transpose(0, 2, 1), self.Wq) * sc  # [H, rope, D]
+        q = np.concatenate([self.q_nope32, q_rope.astype(np.float32)], 1).reshape(H * (d + rope), -1)
+        Rk, Rv = up[:L - rope], up[L - rope:]
+        kv_k = np.matmul(Ug[:, :, rope:] * alpha, Rk)  # [H, d, rank]
+        kv_v = Rv.reshape(self.n_kv, d, rank)[self.group]
+        out = {"q_proj.weight": q,
+               "kv_a_proj_with_mqa.weight": np.concatenate([W[:, :-1], Ur.T @ self.wk64], 0).astype(np.float32),
+               "kv_b_proj.weight": np.concatenate([kv_k, kv_v], 1).reshape(H * 2 * d, rank).astype(np.float32)}
+        out.update(self.fixed)
+        if "bq" in self.src:
+            b_rope = np.einsum("hrd,hd->hr", Ug[:, :, :rope].transpose(0, 2, 1), self.bq) * sc
+            out["q_proj.bias"] = np.concatenate([self.bq_nope32, b_rope.astype(np.float32)], 1).reshape(-1)
+        if "bk" in self.src or "bv" in self.src:
+            out["kv_a_proj_with_mqa.bias"] = np.concatenate([W[:, -1], Ur.T @ self.bk], 0).astype(np.float32)
+        return out

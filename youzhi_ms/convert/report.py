@@ -31,8 +31,8 @@ def write_markdown(rep: dict, path: str) -> None:
              f"{rep['qk_rope_head_dim']} (c = {rep['collapse_c']})",
              f"- KV cache per token per layer: GQA {rep['cache_values_per_token_per_layer']['gqa']} -> MLA "
              f"{rep['cache_values_per_token_per_layer']['mla']} values ({rep['cache_ratio']:.2f}x smaller)",
-             f"- FreqFold mode: {rep['freqfold_mode']}; latent PCA: {rep.get('pca_metric', 'attn')}; statistics: "
-             f"{rep.get('stats', 'cascaded')}",
+             f"- FreqFold mode: {rep['freqfold_mode']} (search: {rep.get('freqfold_search', 'exhaustive')}); latent "
+             f"PCA: {rep.get('pca_metric', 'attn')}; statistics: {rep.get('stats', 'cascaded')}",
              f"- calibration: {rep['calibration']['text']}, {rep['calibration']['tokens']} tokens (candidates "
              f"scored on {rep['calibration']['proxy_tokens']})",
              f"- time: {rep['seconds']} s", ""]
@@ -55,9 +55,13 @@ def write_markdown(rep: dict, path: str) -> None:
         lines += ["## the search, per layer (residual error; lower is better)", "",
                   "Every candidate is built at K/V balance 1; the best three are then built at every balance "
                   "(`name @ balance`). The layer keeps the smallest of all these, so its residual error above equals "
-                  "one entry here.", ""]
+                  "one entry here. With the fast search (`--freqfold-search fast`) every candidate is first scored "
+                  "on a subsample of the scoring positions (`first round`, its own scale) and only the best few in "
+                  "full.", ""]
         for L in rep["layers"]:
             lines.append(f"- layer {L['layer']}: {_rank(L['scores'])}")
+            if L.get("coarse"):
+                lines.append(f"  - first round ({len(L['coarse'])} tilings): {_rank(L['coarse'])}")
             if L.get("refined"):
                 lines.append(f"  - finalists: {_rank(L['refined'])}")
     if rep["warnings"]:

@@ -111,14 +111,21 @@ def rotation(n_kv: int, d: int, c: int, bands: Sequence[Band], moments: Sequence
     Returns U_rot and per-band eigenvalues (energy kept with RoPE is the top F/c of each band).
     """
     validate_bands(bands, d, c)
+    return assemble_rotation(n_kv, d, c, bands, [pca(H, damping) for H in moments])
+
+
+def assemble_rotation(n_kv: int, d: int, c: int, bands: Sequence[Band],
+                      band_pcas: Sequence[Tuple[np.ndarray, np.ndarray]]):
+    """`rotation` from each band's (eigenvalues, eigenvectors) as `pca` returns them: a band's PCA depends on the band
+    alone, so the FreqFold search computes it once per band and reuses it in every tiling that has the band."""
+    validate_bands(bands, d, c)
     L = n_kv * d
     r_R = d // c
     xi, yi = half_split_index(n_kv, d)
     U_rot = np.zeros((L, L))
     nope_cols = []
     eigs = []
-    for (f, F), H in zip(bands, moments):
-        w, U = pca(H, damping)
+    for (f, F), (w, U) in zip(bands, band_pcas):
         eigs.append(w)
         rows_x = xi[:, f:f + F].reshape(-1)
         rows_y = yi[:, f:f + F].reshape(-1)
