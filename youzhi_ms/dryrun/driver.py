@@ -19,8 +19,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
+from youzhi_ms.config import load_any_config
+from youzhi_ms.contract import read_config_json
+from youzhi_ms.dryrun import cann_standin, memory
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.dryrun import memory
+from youzhi_ms.fsutil import atomic_output_dir
+from youzhi_ms.train.parallel import check_semi_auto, param_shapes, plan_parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,11 +43,10 @@ def _read_config_json(path: str, what: str) -> dict:
     p = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(p):
         raise YouzhiError(f"{what}: {p} does not exist; give a config.json or a model directory that holds one")
-    from youzhi_ms.contract import read_config_json
     return read_config_json(p)
 
 
-def _resolve(path: Optional[str], config_path: Optional[str]) -> Optional[str]:
+def _resolve(path: Optional[str]) -> Optional[str]:
     """Relative yaml paths are tried against the working directory, then the repository root."""
     if not path or os.path.isabs(path) or os.path.exists(path):
         return path
@@ -63,11 +66,11 @@ def model_configs(cfg: dict, student: Optional[str], teacher: Optional[str]):
         if who == "teacher" and cfg["run_mode"] != "distill":
             found.append((None, None))
             continue
-        run_path = _resolve(run_path, None)
+        run_path = _resolve(run_path)
         if run_path and os.path.isfile(os.path.join(run_path, "config.json")) and not flag:
             source = run_path
         else:
-            source = _resolve(flag or fallback, None)
+            source = _resolve(flag or fallback)
         if not source:
             key = "model.student" if who == "student" else "distill.teacher"
             raise YouzhiError(f"no {who} model shapes: {key} ({run_path}) has no config.json here; pass "
@@ -81,8 +84,6 @@ def model_configs(cfg: dict, student: Optional[str], teacher: Optional[str]):
 # ------------------------------------------------------------------------------------------------ the plan
 def check_plan(cfg: dict, student: dict, teacher: Optional[dict]):
     """The plan as the trainer would build it on Ascend, with its refusals (one YouzhiError each)."""
-    from youzhi_ms.config import load_any_config
-    from youzhi_ms.train.parallel import check_semi_auto, plan_parallel
     load_any_config(student)
     if teacher is not None:
         load_any_config(teacher)
@@ -113,7 +114,6 @@ def check_plan(cfg: dict, student: dict, teacher: Optional[dict]):
 def expected_slices(plan, student: dict, teacher: Optional[dict]) -> Dict[str, List[int]]:
     """Slice shape of every linear / embedding weight predicted by the plan's strategy table (weight strategy:
     the split of [out, in] resp. [vocab, hidden])."""
-    from youzhi_ms.train.parallel import param_shapes
     shapes = param_shapes(student)
     if teacher is not None:
         shapes.update({"teacher." + k: v for k, v in param_shapes(teacher).items()})
@@ -223,7 +223,6 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
     if level not in (0, 1):
         raise YouzhiError(f"--level {level}: DryRun levels 0 (compile) and 1 (compile + memory statistics) are "
                           "supported")
-    from youzhi_ms.dryrun import cann_standin
     cann = cann_standin.real_cann_root()
     standin = None
     if cann is None:
@@ -267,7 +266,6 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
                 raise YouzhiError(f"MindSpore's parallel compiler rejected rank {res['rank']} (stage {res['stage']}) "
                                   f"of this plan: {res.get('error')}; log {res['log']}")
         if strategy_dir:
-            from youzhi_ms.fsutil import atomic_output_dir
             with atomic_output_dir(strategy_dir, overwrite, flag="--strategy-dir", kind="strategy files") as tmp:
                 for name in sorted(os.listdir(os.path.join(workdir, "strategy"))):
                     shutil.copy2(os.path.join(workdir, "strategy", name), os.path.join(tmp, name))
@@ -289,7 +287,6 @@ def _unsharded_bytes(parameters_full: List[tuple]) -> int:
 
 
 def build_report(cfg, plan, student, teacher, results, compiled_student, compiled_teacher, level, standin, sources):
-    from youzhi_ms.train.parallel import param_shapes
     world, pp = plan.device_num, plan.pipeline_stage
     per_stage = world // pp
     expect = expected_slices(plan, compiled_student, compiled_teacher)
