@@ -23,6 +23,7 @@ from youzhi_ms.convert import attention_np as A  # noqa: E402
 from youzhi_ms.convert.calibrate import layer_weights  # noqa: E402
 from youzhi_ms.convert.latent import half_split_index, latent_selectors  # noqa: E402
 from youzhi_ms.convert.pipeline import ConvertOptions, convert  # noqa: E402
+from youzhi_ms.errors import YouzhiError  # noqa: E402
 from youzhi_ms.convert.rorope import band_moments, exact_rotation_keep_all  # noqa: E402
 from youzhi_ms.models.base import DecodeCell, PrefillCell  # noqa: E402
 
@@ -274,9 +275,38 @@ def test_interrupted_conversion_resumes_to_the_same_result(tmp_path, monkeypatch
         np.testing.assert_array_equal(a.get(n), b.get(n))
 
 
+def test_converter_package_imports_no_evaluation_and_no_mindspore():
+    """The numpy converter stands below the evaluation and the MindSpore checkpoint code: no module of
+    youzhi_ms/convert imports eval/, checkpoint.mindspore_ckpt, models/ or MindSpore, at the top or inside a function
+    (read from the source), and importing all of them loads no MindSpore (checked in a fresh interpreter)."""
+    import ast
+    conv = os.path.join(ROOT, "youzhi_ms", "convert")
+    banned = ("youzhi_ms.eval", "youzhi_ms.checkpoint.mindspore_ckpt", "youzhi_ms.models", "mindspore")
+    found, modules = [], []
+    for name in sorted(os.listdir(conv)):
+        if not name.endswith(".py"):
+            continue
+        modules.append("youzhi_ms.convert." + name[:-3])
+        for node in ast.walk(ast.parse(open(os.path.join(conv, name)).read())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [(name, n) for n in names if n == "youzhi_ms" or n.startswith(banned)]
+    assert len(modules) >= 9 and not found, found
+    code = (f"import sys; import {', '.join(modules)}; "
+            "print(sorted(m for m in sys.modules if m.startswith(('mindspore', 'youzhi_ms.eval', 'youzhi_ms.models'))))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+
+
 def test_auto_uniform_search_records_its_trace(tmp_path):
+    from youzhi_ms.eval.auto_freqfold import convert_auto
     make_source("llama", tmp_path / "src")
-    rep = _convert(tmp_path / "src", tmp_path / "auto", kv_lora_rank=24, freqfold="auto")
+    with pytest.raises(YouzhiError, match="youzhi_ms.eval.auto_freqfold.convert_auto"):
+        _convert(tmp_path / "src", tmp_path / "auto", kv_lora_rank=24, freqfold="auto")
+    assert sorted(os.listdir(tmp_path)) == ["src"]  # refused before anything was written
+    rep = convert_auto(str(tmp_path / "src"), str(tmp_path / "auto"),
+                       ConvertOptions(kv_lora_rank=24, qk_rope_dim=8, freqfold="auto", calib_ids=calib(),
+                                      progress=False))
     trace = rep["auto_trace"]
     assert [t["F"] for t in trace][:1] == [2] and all(np.isfinite(t["calib_ppl"]) for t in trace)
     chosen = json.load(open(tmp_path / "auto" / "config.json"))["youzhi"]

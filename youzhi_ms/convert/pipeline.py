@@ -176,8 +176,9 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
     ck = HFCheckpoint(src_dir)
     cfg = SourceConfig.from_hf(ck.config)
     rope, c = _check_options(cfg, opt)
-    if opt.freqfold == "auto":
-        return _auto(src_dir, out_dir, opt, cfg, c, overwrite)
+    if opt.freqfold == "auto":  # judged by running the converted MindSpore model, so it is not this package's
+        raise YouzhiError("freqfold='auto' (TransMLA's perplexity search) runs through "
+                          "youzhi_ms.eval.auto_freqfold.convert_auto, as tools/convert_gqa_to_mla.py does; call that")
     H, kv, d, D, r = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, opt.kv_lora_rank
     if opt.calib_ids is not None:
         ids = np.asarray(opt.calib_ids)
@@ -421,47 +422,3 @@ def _copy(writer, ck: HFCheckpoint, name: str) -> None:
         writer.add_file_range(name, ck.dtype(name), ck.shape(name), *ck.file_range(name))
     else:
         writer.add_blocks(name, ck.shape(name), ck.row_blocks(name))
-
-
-def _auto(src_dir: str, out_dir: str, opt: ConvertOptions, cfg: SourceConfig, c: int, overwrite: bool) -> dict:
-    """TransMLA's uniform search: F = c, 2c, ... while calibration perplexity of the converted model improves."""
-    import dataclasses
-    import tempfile
-    from youzhi_ms.checkpoint.mindspore_ckpt import load_model
-    from youzhi_ms.eval.ppl import perplexity
-    if opt.calib_ids is not None:
-        ids = np.asarray(opt.calib_ids)[:8]
-    else:
-        ids = calibration_windows(src_dir, opt.calib_text, min(opt.calib_tokens, 8 * opt.calib_seq_len),
-                                  opt.calib_seq_len, opt.seed + 1)
-    trace, best, best_dir = [], None, None
-    work = tempfile.mkdtemp(prefix=".auto-", dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
-    try:
-        for F in adaptive.fold_sizes(cfg.head_dim, c):
-            cand = os.path.join(work, f"F{F}")
-            convert(src_dir, cand, dataclasses.replace(opt, freqfold=str(F)))
-            model, _ = load_model(cand, table_len=ids.shape[1])
-            ppl = perplexity(model, ids.reshape(-1), ids.shape[1], progress=False)["ppl"]
-            trace.append({"F": F, "calib_ppl": ppl})
-            log.info("auto FreqFold: F=%d calibration ppl %.4f", F, ppl)
-            if best is not None and ppl >= best:
-                break
-            best, best_dir = ppl, cand
-        rep_path = os.path.join(best_dir, "conversion_report.json")
-        report = json.load(open(rep_path))
-        report["freqfold_mode"] = "auto"
-        report["auto_trace"] = trace
-        write_json(rep_path, report)
-        cfg_path = os.path.join(best_dir, "config.json")
-        conf = json.load(open(cfg_path))
-        conf["youzhi"]["freqfold_mode"] = "auto"
-        conf["youzhi"]["auto_trace"] = trace
-        write_json(cfg_path, conf)
-        from youzhi_ms.convert.report import write_markdown
-        write_markdown(report, os.path.join(best_dir, "conversion_report.md"))
-        with atomic_output_dir(out_dir, overwrite, _inputs(src_dir, opt)) as tmp:
-            os.rmdir(tmp)
-            shutil.move(best_dir, tmp)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return report
