@@ -257,7 +257,7 @@ def build_semi_auto_step(cfg: dict, plan: ParallelPlan, student_cfg, teacher_cfg
     dp, mp, pp = plan.data_parallel, plan.model_parallel, plan.pipeline_stage
     loss_net, student, teacher = build_sharded(student_cfg, teacher_cfg if distill else None,
                                                cfg["runner_config"]["seq_length"], dp, mp, plan.vocab_emb_dp,
-                                               use_fused, beta=d["beta"], temperature=d["temperature"])
+                                               use_fused, jsd_beta=d["beta"], temperature=d["temperature"])
     if pp > 1:
         student.set_stages(pp)
         if teacher is not None:
