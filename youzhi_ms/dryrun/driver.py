@@ -210,6 +210,36 @@ def _compile_all(jobs: List[dict], envs: List[Dict[str, str]], workdir: str, par
 
 
 # ------------------------------------------------------------------------------------------------ the run
+def _standin_unless_cann(level: int, cache_dir: Optional[str], log):
+    """None when a real CANN is installed, else the compile-only stand-in (level 0 only), built or reused."""
+    cann = cann_standin.real_cann_root()
+    if cann is not None:
+        log(f"CANN: {cann}")
+        return None
+    if level != 0:
+        raise YouzhiError("--level 1 needs CANN (MindSpore's memory statistics run the device kernels' host "
+                          "side); this machine has none, and the compile-only stand-in supports level 0 only")
+    standin = cann_standin.ensure_standin(cache_dir, log=log)
+    log(f"CANN: not installed; using the compile-only stand-in {standin.root} (mindspore "
+        f"{standin.manifest['mindspore_version']}; DryRun level 0: compile only, nothing runs)")
+    return standin
+
+
+def _compiled_depth(student: dict, teacher: Optional[dict], stages: int, layers_per_stage: Optional[int]):
+    """The (student, teacher) config dicts the ranks compile: `layers_per_stage` x stages layers when given (every
+    layer of a stage compiles to the same slices; build_report scales them back to the real depth)."""
+    compiled_student, compiled_teacher = dict(student), dict(teacher) if teacher else None
+    if layers_per_stage is not None:
+        depth = layers_per_stage * stages
+        if depth > int(student["num_hidden_layers"]) or (teacher and depth > int(teacher["num_hidden_layers"])):
+            raise YouzhiError(f"--layers-per-stage {layers_per_stage} x {stages} stages exceeds the "
+                              "models' depth; use a smaller value or leave it out")
+        compiled_student["num_hidden_layers"] = depth
+        if compiled_teacher:
+            compiled_teacher["num_hidden_layers"] = depth
+    return compiled_student, compiled_teacher
+
+
 def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optional[str] = None,
             rank: Optional[int] = None, level: int = 0, layers_per_stage: Optional[int] = None,
             strategy_dir: Optional[str] = None, cache_dir: Optional[str] = None, keep_workdir: bool = False,
@@ -223,26 +253,8 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
     if level not in (0, 1):
         raise YouzhiError(f"--level {level}: DryRun levels 0 (compile) and 1 (compile + memory statistics) are "
                           "supported")
-    cann = cann_standin.real_cann_root()
-    standin = None
-    if cann is None:
-        if level != 0:
-            raise YouzhiError("--level 1 needs CANN (MindSpore's memory statistics run the device kernels' host "
-                              "side); this machine has none, and the compile-only stand-in supports level 0 only")
-        standin = cann_standin.ensure_standin(cache_dir, log=log)
-        log(f"CANN: not installed; using the compile-only stand-in {standin.root} (mindspore "
-            f"{standin.manifest['mindspore_version']}; DryRun level 0: compile only, nothing runs)")
-    else:
-        log(f"CANN: {cann}")
-    compiled_student, compiled_teacher = dict(student), dict(teacher) if teacher else None
-    if layers_per_stage is not None:
-        depth = layers_per_stage * plan.pipeline_stage
-        if depth > int(student["num_hidden_layers"]) or (teacher and depth > int(teacher["num_hidden_layers"])):
-            raise YouzhiError(f"--layers-per-stage {layers_per_stage} x {plan.pipeline_stage} stages exceeds the "
-                              "models' depth; use a smaller value or leave it out")
-        compiled_student["num_hidden_layers"] = depth
-        if compiled_teacher:
-            compiled_teacher["num_hidden_layers"] = depth
+    standin = _standin_unless_cann(level, cache_dir, log)
+    compiled_student, compiled_teacher = _compiled_depth(student, teacher, plan.pipeline_stage, layers_per_stage)
     roles = [rank] if rank is not None else [s * per_stage for s in range(plan.pipeline_stage)]
     workdir = tempfile.mkdtemp(prefix="youzhi_dryrun_")
     jobs, envs = [], []
