@@ -84,12 +84,10 @@ def model_configs(cfg: dict, student: Optional[str], teacher: Optional[str]):
 # ------------------------------------------------------------------------------------------------ the plan
 def check_plan(cfg: dict, student: dict, teacher: Optional[dict]):
     """The plan as the trainer would build it on Ascend, with its refusals (one YouzhiError each)."""
-    load_any_config(student)
-    if teacher is not None:
-        load_any_config(teacher)
-        if int(teacher["vocab_size"]) != int(student["vocab_size"]):
-            raise YouzhiError(f"teacher vocab_size {teacher['vocab_size']} != student vocab_size "
-                              f"{student['vocab_size']}; GKD needs one tokenizer")
+    models = {"student": load_any_config(student), "teacher": load_any_config(teacher) if teacher is not None else None}
+    if models["teacher"] is not None and models["teacher"].vocab_size != models["student"].vocab_size:
+        raise YouzhiError(f"teacher vocab_size {models['teacher'].vocab_size} != student vocab_size "
+                          f"{models['student'].vocab_size}; GKD needs one tokenizer")
     pc = cfg["parallel_config"]
     if pc.get("data_parallel") is None:
         raise YouzhiError("parallel_config.data_parallel is null; a dry run needs the cluster size: set "
@@ -104,10 +102,10 @@ def check_plan(cfg: dict, student: dict, teacher: Optional[dict]):
     if cfg["context"]["device_target"] != "Ascend":
         raise YouzhiError("context.device_target must be Ascend for a model / pipeline parallel plan")
     check_semi_auto(cfg, plan)
-    for who, c in (("student", student), ("teacher", teacher)):
-        if c is not None and cfg["runner_config"]["seq_length"] > int(c.get("max_position_embeddings", 2048)):
+    for who, c in models.items():
+        if c is not None and cfg["runner_config"]["seq_length"] > c.max_position_embeddings:
             raise YouzhiError(f"runner_config.seq_length {cfg['runner_config']['seq_length']} exceeds the {who}'s "
-                              f"max_position_embeddings {c.get('max_position_embeddings')}")
+                              f"max_position_embeddings {c.max_position_embeddings}")
     return plan
 
 
