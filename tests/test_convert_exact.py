@@ -21,9 +21,10 @@ from youzhi_ms.checkpoint.mindspore_ckpt import load_model  # noqa: E402
 from youzhi_ms.config import SourceConfig, rope_inv_freq, rope_tables  # noqa: E402
 from youzhi_ms.convert import attention_np as A  # noqa: E402
 from youzhi_ms.convert.calibrate import layer_weights  # noqa: E402
-from youzhi_ms.convert.latent import half_split_index, latent_selectors  # noqa: E402
+from youzhi_ms.convert.latent import half_split_index, kv_group  # noqa: E402
 from youzhi_ms.convert.pipeline import ConvertOptions, convert  # noqa: E402
-from youzhi_ms.convert.rorope import band_moments, exact_rotation_keep_all  # noqa: E402
+from youzhi_ms.errors import YouzhiError  # noqa: E402
+from youzhi_ms.convert.rorope import band_moments, pca  # noqa: E402
 from youzhi_ms.models.base import DecodeCell, PrefillCell  # noqa: E402
 
 from helpers import ROOT, V, add_tiny_tokenizer, calib, make_source, randomize, rel_err  # noqa: E402
@@ -50,6 +51,35 @@ def numpy_forward(path, ids, attention):
     h = A.rms_norm(h, ck.get("model.norm.weight").astype(np.float64), eps)
     head = ck.get("lm_head.weight") if "lm_head.weight" in ck else ck.get("model.embed_tokens.weight")
     return h @ head.T
+
+
+# The maths of stages 1 and 2 written out in full, as references for the exactness checks below (the converter itself
+# builds the compressed layer directly and never forms these matrices).
+def latent_selectors(n_heads: int, n_kv: int, d: int) -> np.ndarray:
+    """W_UK (= W_UV) stacked per head: [n_heads, d, L]; head h has the identity on its KV block (latent.py)."""
+    sel = np.zeros((n_heads, d, n_kv * d))
+    for h in range(n_heads):
+        g = kv_group(h, n_heads, n_kv)
+        sel[h, :, g * d:(g + 1) * d] = np.eye(d)
+    return sel
+
+
+def exact_rotation_keep_all(n_kv: int, d: int, moments_per_freq):
+    """The RoRoPE rotation alone, with every component keeping RoPE at its own frequency (F = 1): the exact reference.
+
+    Returns U_rot [L, L] and the frequency index of every column pair (columns 2m, 2m+1 rotate at omega_{freq[m]})."""
+    L = n_kv * d
+    xi, yi = half_split_index(n_kv, d)
+    U_rot = np.zeros((L, L))
+    freq = []
+    col = 0
+    for j, H in enumerate(moments_per_freq):
+        _, U = pca(H)
+        for m in range(U.shape[1]):
+            U_rot[xi[:, j], col], U_rot[yi[:, j], col + 1] = U[:, m], U[:, m]
+            freq.append(j)
+            col += 2
+    return U_rot, np.array(freq)
 
 
 def plain_attention(x, w, H, kv, d, cos, sin, inv):
@@ -274,9 +304,38 @@ def test_interrupted_conversion_resumes_to_the_same_result(tmp_path, monkeypatch
         np.testing.assert_array_equal(a.get(n), b.get(n))
 
 
+def test_converter_package_imports_no_evaluation_and_no_mindspore():
+    """The numpy converter stands below the evaluation and the MindSpore checkpoint code: no module of
+    youzhi_ms/convert imports eval/, checkpoint.mindspore_ckpt, models/ or MindSpore, at the top or inside a function
+    (read from the source), and importing all of them loads no MindSpore (checked in a fresh interpreter)."""
+    import ast
+    conv = os.path.join(ROOT, "youzhi_ms", "convert")
+    banned = ("youzhi_ms.eval", "youzhi_ms.checkpoint.mindspore_ckpt", "youzhi_ms.models", "mindspore")
+    found, modules = [], []
+    for name in sorted(os.listdir(conv)):
+        if not name.endswith(".py"):
+            continue
+        modules.append("youzhi_ms.convert." + name[:-3])
+        for node in ast.walk(ast.parse(open(os.path.join(conv, name)).read())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [(name, n) for n in names if n == "youzhi_ms" or n.startswith(banned)]
+    assert len(modules) >= 9 and not found, found
+    code = (f"import sys; import {', '.join(modules)}; "
+            "print(sorted(m for m in sys.modules if m.startswith(('mindspore', 'youzhi_ms.eval', 'youzhi_ms.models'))))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+
+
 def test_auto_uniform_search_records_its_trace(tmp_path):
+    from youzhi_ms.eval.auto_freqfold import convert_auto
     make_source("llama", tmp_path / "src")
-    rep = _convert(tmp_path / "src", tmp_path / "auto", kv_lora_rank=24, freqfold="auto")
+    with pytest.raises(YouzhiError, match="youzhi_ms.eval.auto_freqfold.convert_auto"):
+        _convert(tmp_path / "src", tmp_path / "auto", kv_lora_rank=24, freqfold="auto")
+    assert sorted(os.listdir(tmp_path)) == ["src"]  # refused before anything was written
+    rep = convert_auto(str(tmp_path / "src"), str(tmp_path / "auto"),
+                       ConvertOptions(kv_lora_rank=24, qk_rope_dim=8, freqfold="auto", calib_ids=calib(),
+                                      progress=False))
     trace = rep["auto_trace"]
     assert [t["F"] for t in trace][:1] == [2] and all(np.isfinite(t["calib_ppl"]) for t in trace)
     chosen = json.load(open(tmp_path / "auto" / "config.json"))["youzhi"]

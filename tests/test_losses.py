@@ -100,13 +100,13 @@ def graph_mode():
 def test_jsd_matches_reference(beta):
     s, t, mask = _data()
     ref_tok = ref_per_token(s, t, beta, TAU)
-    got_none = generalized_jsd(Tensor(s), Tensor(t), Tensor(mask), beta=beta, temperature=TAU, reduction="none")
+    got_none = generalized_jsd(Tensor(s), Tensor(t), Tensor(mask), jsd_beta=beta, temperature=TAU, reduction="none")
     assert got_none.shape == (B, T) and got_none.dtype == ms.float32
     np.testing.assert_allclose(got_none.asnumpy(), ref_tok * mask, rtol=TOK_RTOL, atol=ATOL)
-    got_mean = generalized_jsd(Tensor(s), Tensor(t), Tensor(mask), beta=beta, temperature=TAU)
+    got_mean = generalized_jsd(Tensor(s), Tensor(t), Tensor(mask), jsd_beta=beta, temperature=TAU)
     assert got_mean.shape == ()
     np.testing.assert_allclose(float(got_mean.asnumpy()), ref_mean(ref_tok, mask), rtol=RTOL, atol=ATOL)
-    got_sum = generalized_jsd(Tensor(s), Tensor(t), Tensor(mask), beta=beta, temperature=TAU, reduction="sum")
+    got_sum = generalized_jsd(Tensor(s), Tensor(t), Tensor(mask), jsd_beta=beta, temperature=TAU, reduction="sum")
     np.testing.assert_allclose(float(got_sum.asnumpy()), np.sum(ref_tok * mask), rtol=RTOL, atol=ATOL)
     # No mask: every token scored.
     got_all = GKDLoss(beta, TAU)(Tensor(s), Tensor(t))
@@ -118,8 +118,8 @@ def test_endpoints_are_forward_and_reverse_kl():
     ps, pt = _softmax(s.astype(np.float64) / TAU), _softmax(t.astype(np.float64) / TAU)
     forward = np.sum(pt * (np.log(pt) - np.log(ps)), axis=-1)
     reverse = np.sum(ps * (np.log(ps) - np.log(pt)), axis=-1)
-    got0 = generalized_jsd(Tensor(s), Tensor(t), beta=0.0, temperature=TAU, reduction="none").asnumpy()
-    got1 = generalized_jsd(Tensor(s), Tensor(t), beta=1.0, temperature=TAU, reduction="none").asnumpy()
+    got0 = generalized_jsd(Tensor(s), Tensor(t), jsd_beta=0.0, temperature=TAU, reduction="none").asnumpy()
+    got1 = generalized_jsd(Tensor(s), Tensor(t), jsd_beta=1.0, temperature=TAU, reduction="none").asnumpy()
     np.testing.assert_allclose(got0, forward, rtol=TOK_RTOL, atol=ATOL)
     np.testing.assert_allclose(got1, reverse, rtol=TOK_RTOL, atol=ATOL)
     # The interior formula itself vanishes at the endpoints, which is why they are special-cased.
@@ -132,12 +132,12 @@ def test_endpoints_are_forward_and_reverse_kl():
 def test_jsd_swap_symmetry_and_nonnegative(beta):
     s, t, _ = _data(2)
     # JSD_β(P_T‖P_S) = JSD_{1−β}(P_S‖P_T): swap the roles and mirror β (β=0 forward KL ↔ β=1 reverse KL).
-    a = generalized_jsd(Tensor(s), Tensor(t), beta=beta, temperature=TAU, reduction="none").asnumpy()
-    b = generalized_jsd(Tensor(t), Tensor(s), beta=1.0 - beta, temperature=TAU, reduction="none").asnumpy()
+    a = generalized_jsd(Tensor(s), Tensor(t), jsd_beta=beta, temperature=TAU, reduction="none").asnumpy()
+    b = generalized_jsd(Tensor(t), Tensor(s), jsd_beta=1.0 - beta, temperature=TAU, reduction="none").asnumpy()
     np.testing.assert_allclose(a, b, rtol=TOK_RTOL, atol=ATOL)
     assert np.all(a >= -1e-7) and np.all(a > 0.0).any()
     # Zero when the distributions coincide (the shift logits + c is the same distribution).
-    same = generalized_jsd(Tensor(s), Tensor(s + 3.0), beta=beta, temperature=TAU, reduction="none").asnumpy()
+    same = generalized_jsd(Tensor(s), Tensor(s + 3.0), jsd_beta=beta, temperature=TAU, reduction="none").asnumpy()
     np.testing.assert_allclose(same, 0.0, atol=1e-6)
 
 
@@ -152,31 +152,31 @@ def test_jsd_upper_bound_is_reached_by_disjoint_distributions_and_never_exceeded
     t = np.zeros((1, 4, v), np.float32)
     s[0, np.arange(4), np.arange(4)] = 60.0  # the student puts (almost) all mass where the teacher puts none
     t[0, np.arange(4), 32 + np.arange(4)] = 60.0
-    top = float(generalized_jsd(Tensor(s), Tensor(t), beta=beta, temperature=1.0).asnumpy())
+    top = float(generalized_jsd(Tensor(s), Tensor(t), jsd_beta=beta, temperature=1.0).asnumpy())
     assert abs(top - bound) < 1e-4 * bound
     rng = np.random.default_rng(5)
     for scale in (1.0, 10.0, 100.0):
         a = (rng.standard_normal((2, 8, v)) * scale).astype(np.float32)
         b = (rng.standard_normal((2, 8, v)) * scale).astype(np.float32)
-        per = generalized_jsd(Tensor(a), Tensor(b), beta=beta, temperature=0.9, reduction="none").asnumpy()
+        per = generalized_jsd(Tensor(a), Tensor(b), jsd_beta=beta, temperature=0.9, reduction="none").asnumpy()
         assert per.max() <= bound * (1 + 1e-4) + 1e-6
 
 
 def test_mask_semantics():
     s, t, mask = _data(3)
-    base = float(generalized_jsd(Tensor(s), Tensor(t), Tensor(mask), beta=0.5, temperature=TAU).asnumpy())
+    base = float(generalized_jsd(Tensor(s), Tensor(t), Tensor(mask), jsd_beta=0.5, temperature=TAU).asnumpy())
     s2, t2 = s.copy(), t.copy()
     s2[mask == 0] = 1e4 * np.sign(s2[mask == 0])  # garbage (even overflowing after exp) at ignored positions
     t2[mask == 0] = -50.0
     s2[0, 0, 0] = np.inf
-    changed = float(generalized_jsd(Tensor(s2), Tensor(t2), Tensor(mask), beta=0.5, temperature=TAU).asnumpy())
+    changed = float(generalized_jsd(Tensor(s2), Tensor(t2), Tensor(mask), jsd_beta=0.5, temperature=TAU).asnumpy())
     assert changed == pytest.approx(base, rel=1e-6)
     # Integer and bool masks behave like the float mask.
     for m in (mask.astype(np.int32), mask.astype(bool)):
-        val = float(generalized_jsd(Tensor(s), Tensor(t), Tensor(m), beta=0.5, temperature=TAU).asnumpy())
+        val = float(generalized_jsd(Tensor(s), Tensor(t), Tensor(m), jsd_beta=0.5, temperature=TAU).asnumpy())
         assert val == pytest.approx(base, rel=1e-6)
     # All tokens ignored: 0, not NaN.
-    zero = generalized_jsd(Tensor(s), Tensor(t), Tensor(np.zeros_like(mask)), beta=0.5, temperature=TAU)
+    zero = generalized_jsd(Tensor(s), Tensor(t), Tensor(np.zeros_like(mask)), jsd_beta=0.5, temperature=TAU)
     assert float(zero.asnumpy()) == 0.0
 
 
@@ -198,7 +198,7 @@ def test_gradient_matches_analytic(beta):
         assert fd == pytest.approx(expected[idx], rel=1e-5, abs=1e-9)
 
     def loss_fn(student, teacher):
-        return generalized_jsd(student, teacher, Tensor(mask), beta=beta, temperature=TAU)
+        return generalized_jsd(student, teacher, Tensor(mask), jsd_beta=beta, temperature=TAU)
 
     value, (g_student, g_teacher) = ms.value_and_grad(loss_fn, grad_position=(0, 1))(Tensor(s), Tensor(t))
     np.testing.assert_allclose(float(value.asnumpy()), loss64(s64), rtol=RTOL, atol=ATOL)
@@ -214,7 +214,7 @@ def test_gradient_is_zero_at_the_optimum(beta):
     teacher, m = Tensor(s), Tensor(mask)
 
     def loss_fn(student):
-        return generalized_jsd(student, teacher, m, beta=beta, temperature=TAU)
+        return generalized_jsd(student, teacher, m, jsd_beta=beta, temperature=TAU)
 
     grad = ms.grad(loss_fn)(Tensor(s))
     np.testing.assert_allclose(grad.asnumpy(), 0.0, atol=1e-7)
@@ -222,7 +222,7 @@ def test_gradient_is_zero_at_the_optimum(beta):
 
 def test_float16_logits_are_computed_in_float32():
     s, t, mask = _data(6)
-    got = generalized_jsd(Tensor(s.astype(np.float16)), Tensor(t.astype(np.float16)), Tensor(mask), beta=0.5,
+    got = generalized_jsd(Tensor(s.astype(np.float16)), Tensor(t.astype(np.float16)), Tensor(mask), jsd_beta=0.5,
                           temperature=TAU)
     assert got.dtype == ms.float32
     ref = ref_mean(ref_per_token(s.astype(np.float16), t.astype(np.float16), 0.5, TAU), mask)
@@ -232,7 +232,7 @@ def test_float16_logits_are_computed_in_float32():
 def test_argument_checks():
     s, t, _ = _data()
     with pytest.raises(YouzhiError):
-        GKDLoss(beta=1.5)
+        GKDLoss(jsd_beta=1.5)
     with pytest.raises(YouzhiError):
         GKDLoss(temperature=0.0)
     with pytest.raises(YouzhiError):
@@ -240,7 +240,7 @@ def test_argument_checks():
     with pytest.raises(YouzhiError):
         SFTLoss(reduction="avg")
     with pytest.raises(ValueError):
-        generalized_jsd(Tensor(s), Tensor(t), beta=-0.1)
+        generalized_jsd(Tensor(s), Tensor(t), jsd_beta=-0.1)
     with pytest.raises(ValueError):
         generalized_jsd(Tensor(s), Tensor(t[..., :-1]))
 
@@ -251,7 +251,7 @@ class _StudentWithGKD(nn.Cell):
     def __init__(self, beta):
         super().__init__()
         self.head = nn.Dense(4, V, weight_init="normal", bias_init="zeros")
-        self.loss = GKDLoss(beta=beta, temperature=TAU)
+        self.loss = GKDLoss(jsd_beta=beta, temperature=TAU)
 
     def construct(self, hidden, teacher_logits, mask):
         return self.loss(self.head(hidden), teacher_logits, mask)
@@ -284,10 +284,10 @@ def test_jit_function_matches_pynative():
 
     @ms.jit
     def jitted(student, teacher, m):
-        return generalized_jsd(student, teacher, m, beta=0.3, temperature=TAU)
+        return generalized_jsd(student, teacher, m, jsd_beta=0.3, temperature=TAU)
 
     got = float(jitted(Tensor(s), Tensor(t), Tensor(mask)).asnumpy())
-    eager = float(generalized_jsd(Tensor(s), Tensor(t), Tensor(mask), beta=0.3, temperature=TAU).asnumpy())
+    eager = float(generalized_jsd(Tensor(s), Tensor(t), Tensor(mask), jsd_beta=0.3, temperature=TAU).asnumpy())
     assert got == pytest.approx(eager, rel=1e-6)
 
 

@@ -21,6 +21,12 @@ def _model(name):
         return json.load(f)
 
 
+def _mla(**kw):
+    """A complete dense DeepSeek-V3 config dict (the contract reads every size), with `kw` overriding."""
+    return dict({"model_type": "deepseek_v3", "hidden_size": 64, "kv_lora_rank": 64, "qk_rope_head_dim": 8,
+                 "qk_nope_head_dim": 16, "v_head_dim": 16}, **kw)
+
+
 @pytest.mark.parametrize("name,device,devices,mode,models", [
     ("distill_smollm2_mla.yaml", "CPU", None, "distill", None),
     ("sft_smollm2_mla.yaml", "CPU", None, "sft", None),
@@ -43,9 +49,8 @@ def test_shipped_yaml_configs(name, device, devices, mode, models):
         assert pc["model_parallel"] == pc["pipeline_stage"] == 1 and pc["data_parallel"] is None
         check_device(pc, "CPU")
         for world in (1, 2):
-            plan = plan_parallel(pc, {"model_type": "deepseek_v3", "kv_lora_rank": 112, "num_hidden_layers": 30,
-                                      "num_attention_heads": 9, "intermediate_size": 1536, "vocab_size": 49152},
-                                 world_size=world)
+            plan = plan_parallel(pc, _mla(kv_lora_rank=112, num_hidden_layers=30, num_attention_heads=9,
+                                          intermediate_size=1536, vocab_size=49152), world_size=world)
             check_world(plan, world, "CPU")
             assert plan.data_parallel == world and not plan.semi_auto
         return
@@ -81,8 +86,8 @@ def test_shipped_yaml_configs(name, device, devices, mode, models):
 
 
 def test_strategy_table_is_a_pure_function_of_the_config():
-    mla = {"model_type": "deepseek_v3", "kv_lora_rank": 64, "q_lora_rank": 32, "num_hidden_layers": 4,
-           "num_attention_heads": 8, "intermediate_size": 64, "vocab_size": 100}
+    mla = _mla(kv_lora_rank=64, q_lora_rank=32, num_hidden_layers=4, num_attention_heads=8, intermediate_size=64,
+               vocab_size=100)
     pc = {"data_parallel": 1, "model_parallel": 4, "pipeline_stage": 1, "vocab_emb_dp": False,
           "use_seq_parallel": True}
     a, b = plan_parallel(pc, mla), plan_parallel(dict(pc), dict(mla))
@@ -108,6 +113,30 @@ def test_bad_layouts_are_refused(pc, teacher_kv, expect):
     with pytest.raises(YouzhiError) as e:
         plan_parallel(pc, _model("qwen2_5_7b_mla_r320"), teacher)
     assert expect in str(e.value)
+
+
+def test_plan_and_memory_read_model_configs_through_the_contract():
+    """One reader: the plan and the dry run's activation estimate take Hugging Face config dicts and validate them
+    with contract.parse_config, so the trainer's configs (their .raw) plan the same, and a dict in another key
+    vocabulary (SourceConfig's num_layers / num_heads) or a broken one is refused with the contract's error."""
+    from youzhi_ms.config import load_any_config
+    from youzhi_ms.dryrun.memory import layer_elements
+    pc = {"data_parallel": 1, "model_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2}
+    student, teacher = _model("qwen2_5_7b_mla_r320"), _model("qwen2_5_7b")
+    objs = load_any_config(student), load_any_config(teacher)
+    assert plan_parallel(pc, objs[0].raw, objs[1].raw) == plan_parallel(pc, student, teacher)
+    other_vocabulary = {k: v for k, v in teacher.items() if k not in ("num_hidden_layers", "num_attention_heads")}
+    other_vocabulary.update(num_layers=teacher["num_hidden_layers"], num_heads=teacher["num_attention_heads"])
+    with pytest.raises(YouzhiError, match="the teacher's config: no 'num_hidden_layers' key"):
+        plan_parallel(pc, student, other_vocabulary)
+    with pytest.raises(YouzhiError, match="num_key_value_heads must be a positive integer"):
+        layer_elements(dict(teacher, num_key_value_heads="4"), 1, 16, 1)
+    # the GQA estimate uses head_dim = hidden_size / heads when the config has none, as parse_config defines it
+    b, S, m, D, H, kv, I = 1, 16, 2, teacher["hidden_size"], teacher["num_attention_heads"], \
+        teacher["num_key_value_heads"], teacher["intermediate_size"]
+    assert "head_dim" not in teacher
+    assert layer_elements(teacher, b, S, m) == (4 * b * S * D + 4 * b * S * I // m + b * H * S * S // m
+                                                + b * S * (2 * H + 2 * kv) * (D // H) // m)
 
 
 def test_model_parallel_is_refused_on_cpu_with_the_reason():

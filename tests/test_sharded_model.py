@@ -75,7 +75,7 @@ def test_sharded_models_and_gkd_loss_equal_the_reference(student_cfg, betas):
         p.name = "teacher." + p.name
         p.requires_grad = False
     net, s_sh, t_sh = build_sharded(load_any_config(student_cfg), load_any_config(QWEN), S, dp=2, mp=2,
-                                    beta=0.5, temperature=0.9)
+                                    jsd_beta=0.5, temperature=0.9)
     _copy(s_ref, s_sh)
     _copy(t_ref, t_sh)
     assert {p.name: tuple(p.shape) for p in s_sh.get_parameters()} == param_shapes(student_cfg)
@@ -86,7 +86,7 @@ def test_sharded_models_and_gkd_loss_equal_the_reference(student_cfg, betas):
 
     for beta in betas:
         ref_net = GKDNet(s_ref, t_ref, beta, 0.9)
-        sh_net, _, _ = build_sharded(load_any_config(student_cfg), load_any_config(QWEN), S, 2, 2, beta=beta,
+        sh_net, _, _ = build_sharded(load_any_config(student_cfg), load_any_config(QWEN), S, 2, 2, jsd_beta=beta,
                                      temperature=0.9)
         sh_net.student, sh_net.teacher = s_sh, t_sh
         ref_params = ParameterTuple(list(s_ref.get_parameters()))

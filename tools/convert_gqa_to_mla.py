@@ -105,6 +105,8 @@ def main(argv=None):
                          out_dtype=args.out_dtype, pca_metric=args.pca_metric, stats=args.stats,
                          score=args.freqfold_score, freqfold_search=args.freqfold_search,
                          progress=not args.quiet)
+    if opt.freqfold == "auto":  # judged by the converted MindSpore model: MindSpore is imported only for this mode
+        from youzhi_ms.eval.auto_freqfold import convert_auto as convert
     rep = convert(args.hf_dir, args.output_dir, opt, overwrite=args.overwrite)
     print(f"converted to MLA r={rep['kv_lora_rank']}+{rep['qk_rope_head_dim']} ({rep['cache_ratio']:.2f}x smaller KV "
           f"cache), export={rep['export']}, freqfold={rep['freqfold_mode']}, {rep['seconds']} s -> {args.output_dir}")

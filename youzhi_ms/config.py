@@ -93,11 +93,6 @@ class MLAConfig:
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
-    @property
-    def cache_width(self) -> int:
-        """Values cached per token per layer by the absorbed decode path."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
-
     @classmethod
     def from_hf(cls, cfg: dict, where: str = "config.json") -> "MLAConfig":
         f = parse_config(cfg, where)

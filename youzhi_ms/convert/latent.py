@@ -13,15 +13,6 @@ def kv_group(h: int, n_heads: int, n_kv: int) -> int:
     return h // (n_heads // n_kv)
 
 
-def latent_selectors(n_heads: int, n_kv: int, d: int) -> np.ndarray:
-    """W_UK (= W_UV) stacked per head: [n_heads, d, L]; head h has the identity on its KV block."""
-    sel = np.zeros((n_heads, d, n_kv * d))
-    for h in range(n_heads):
-        g = kv_group(h, n_heads, n_kv)
-        sel[h, :, g * d:(g + 1) * d] = np.eye(d)
-    return sel
-
-
 def half_split_index(n_kv: int, d: int):
     """Latent indices of the x and y parts of (kv head i, frequency j): arrays [n_kv, d/2] each."""
     i = np.arange(n_kv)[:, None] * d

@@ -142,21 +142,3 @@ def assemble_rotation(n_kv: int, d: int, c: int, bands: Sequence[Band],
     if nope_cols:
         U_rot[:, r_R:] = np.stack(nope_cols, 1)
     return U_rot, eigs
-
-
-def exact_rotation_keep_all(n_kv: int, d: int, moments_per_freq: Sequence[np.ndarray]):
-    """The rotation alone, with every component keeping RoPE at its own frequency (F = 1): the exact reference.
-
-    Returns U_rot [L, L] and the frequency index of every column pair (columns 2m, 2m+1 rotate at omega_{freq[m]})."""
-    L = n_kv * d
-    xi, yi = half_split_index(n_kv, d)
-    U_rot = np.zeros((L, L))
-    freq = []
-    col = 0
-    for j, H in enumerate(moments_per_freq):
-        _, U = pca(H)
-        for m in range(U.shape[1]):
-            U_rot[xi[:, j], col], U_rot[yi[:, j], col + 1] = U[:, m], U[:, m]
-            freq.append(j)
-            col += 2
-    return U_rot, np.array(freq)

@@ -58,7 +58,6 @@ import numpy as np
 from youzhi_ms.errors import YouzhiError
 
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-WIKI_FILE = os.path.basename(WIKI_MEMBER)
 WIKI_SHA256 = "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d"
 GENSIM_REQ = "gensim==4.4.0"
 MIN_ARTICLE_CHARS = 2000

@@ -26,16 +26,19 @@ environment of a normal run. Where a real CANN is installed (`real_cann_root`), 
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Set, Tuple
@@ -95,7 +98,6 @@ def real_cann_root() -> Optional[str]:
 
 # --------------------------------------------------------------------------------------------------- wheel facts
 def mindspore_dir() -> str:
-    import importlib.util
     spec = importlib.util.find_spec("mindspore")
     if spec is None or not spec.submodule_search_locations:
         raise YouzhiError("mindspore is not installed; run run_scripts/setup_env.sh")
@@ -185,7 +187,6 @@ def _system_libraries() -> Dict[str, str]:
 
 
 def _python_runtime() -> List[str]:
-    import sysconfig
     paths = [os.path.realpath(sys.executable)]
     libdir, ldlib = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")
     if libdir and ldlib and ".so" in ldlib and os.path.isfile(os.path.join(libdir, ldlib)):
@@ -382,7 +383,6 @@ def _build(ms_dir: str, version: str, final: str) -> None:
 
 
 def main(argv=None) -> None:  # python -m youzhi_ms.dryrun.cann_standin [--cache-dir D]: build and print where
-    import argparse
     ap = argparse.ArgumentParser(description="build the compile-only CANN stand-in (DryRun level 0 only)")
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args(argv)

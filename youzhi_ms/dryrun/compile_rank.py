@@ -19,6 +19,11 @@ import sys
 import time
 import traceback
 
+import numpy as np
+
+from youzhi_ms.config import load_any_config
+from youzhi_ms.train.parallel import build_semi_auto_step, local_rows, opt_shard_size, plan_parallel
+
 
 def run(job_path: str) -> int:
     with open(job_path) as f:
@@ -27,15 +32,14 @@ def run(job_path: str) -> int:
     result = {"rank": job["rank"], "world": job["world"]}
     t0 = time.time()
     try:
+        # MindSpore is imported here, inside the try: loading its Ascend plugin (on the CANN stand-in) is part of what
+        # this rank checks, and a failure must come back as this rank's result, not as a crash without one
         import mindspore as ms
         from mindspore.communication import init
         ms.set_device("Ascend")
         ms.set_context(mode=ms.GRAPH_MODE)
         init()
-        import numpy as np
         from mindspore.nn.utils import no_init_parameters
-        from youzhi_ms.config import load_any_config
-        from youzhi_ms.train.parallel import build_semi_auto_step, local_rows, opt_shard_size, plan_parallel
         cfg = job["config"]
         scfg = load_any_config(job["student_config"])
         tcfg = load_any_config(job["teacher_config"]) if job.get("teacher_config") else None

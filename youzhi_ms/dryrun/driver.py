@@ -19,8 +19,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
+from youzhi_ms.config import load_any_config
+from youzhi_ms.contract import read_config_json
+from youzhi_ms.dryrun import cann_standin, memory
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.dryrun import memory
+from youzhi_ms.fsutil import atomic_output_dir
+from youzhi_ms.train.parallel import check_semi_auto, param_shapes, plan_parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,11 +43,10 @@ def _read_config_json(path: str, what: str) -> dict:
     p = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(p):
         raise YouzhiError(f"{what}: {p} does not exist; give a config.json or a model directory that holds one")
-    from youzhi_ms.contract import read_config_json
     return read_config_json(p)
 
 
-def _resolve(path: Optional[str], config_path: Optional[str]) -> Optional[str]:
+def _resolve(path: Optional[str]) -> Optional[str]:
     """Relative yaml paths are tried against the working directory, then the repository root."""
     if not path or os.path.isabs(path) or os.path.exists(path):
         return path
@@ -63,11 +66,11 @@ def model_configs(cfg: dict, student: Optional[str], teacher: Optional[str]):
         if who == "teacher" and cfg["run_mode"] != "distill":
             found.append((None, None))
             continue
-        run_path = _resolve(run_path, None)
+        run_path = _resolve(run_path)
         if run_path and os.path.isfile(os.path.join(run_path, "config.json")) and not flag:
             source = run_path
         else:
-            source = _resolve(flag or fallback, None)
+            source = _resolve(flag or fallback)
         if not source:
             key = "model.student" if who == "student" else "distill.teacher"
             raise YouzhiError(f"no {who} model shapes: {key} ({run_path}) has no config.json here; pass "
@@ -81,14 +84,10 @@ def model_configs(cfg: dict, student: Optional[str], teacher: Optional[str]):
 # ------------------------------------------------------------------------------------------------ the plan
 def check_plan(cfg: dict, student: dict, teacher: Optional[dict]):
     """The plan as the trainer would build it on Ascend, with its refusals (one YouzhiError each)."""
-    from youzhi_ms.config import load_any_config
-    from youzhi_ms.train.parallel import check_semi_auto, plan_parallel
-    load_any_config(student)
-    if teacher is not None:
-        load_any_config(teacher)
-        if int(teacher["vocab_size"]) != int(student["vocab_size"]):
-            raise YouzhiError(f"teacher vocab_size {teacher['vocab_size']} != student vocab_size "
-                              f"{student['vocab_size']}; GKD needs one tokenizer")
+    models = {"student": load_any_config(student), "teacher": load_any_config(teacher) if teacher is not None else None}
+    if models["teacher"] is not None and models["teacher"].vocab_size != models["student"].vocab_size:
+        raise YouzhiError(f"teacher vocab_size {models['teacher'].vocab_size} != student vocab_size "
+                          f"{models['student'].vocab_size}; GKD needs one tokenizer")
     pc = cfg["parallel_config"]
     if pc.get("data_parallel") is None:
         raise YouzhiError("parallel_config.data_parallel is null; a dry run needs the cluster size: set "
@@ -103,17 +102,16 @@ def check_plan(cfg: dict, student: dict, teacher: Optional[dict]):
     if cfg["context"]["device_target"] != "Ascend":
         raise YouzhiError("context.device_target must be Ascend for a model / pipeline parallel plan")
     check_semi_auto(cfg, plan)
-    for who, c in (("student", student), ("teacher", teacher)):
-        if c is not None and cfg["runner_config"]["seq_length"] > int(c.get("max_position_embeddings", 2048)):
+    for who, c in models.items():
+        if c is not None and cfg["runner_config"]["seq_length"] > c.max_position_embeddings:
             raise YouzhiError(f"runner_config.seq_length {cfg['runner_config']['seq_length']} exceeds the {who}'s "
-                              f"max_position_embeddings {c.get('max_position_embeddings')}")
+                              f"max_position_embeddings {c.max_position_embeddings}")
     return plan
 
 
 def expected_slices(plan, student: dict, teacher: Optional[dict]) -> Dict[str, List[int]]:
     """Slice shape of every linear / embedding weight predicted by the plan's strategy table (weight strategy:
     the split of [out, in] resp. [vocab, hidden])."""
-    from youzhi_ms.train.parallel import param_shapes
     shapes = param_shapes(student)
     if teacher is not None:
         shapes.update({"teacher." + k: v for k, v in param_shapes(teacher).items()})
@@ -210,6 +208,36 @@ def _compile_all(jobs: List[dict], envs: List[Dict[str, str]], workdir: str, par
 
 
 # ------------------------------------------------------------------------------------------------ the run
+def _standin_unless_cann(level: int, cache_dir: Optional[str], log):
+    """None when a real CANN is installed, else the compile-only stand-in (level 0 only), built or reused."""
+    cann = cann_standin.real_cann_root()
+    if cann is not None:
+        log(f"CANN: {cann}")
+        return None
+    if level != 0:
+        raise YouzhiError("--level 1 needs CANN (MindSpore's memory statistics run the device kernels' host "
+                          "side); this machine has none, and the compile-only stand-in supports level 0 only")
+    standin = cann_standin.ensure_standin(cache_dir, log=log)
+    log(f"CANN: not installed; using the compile-only stand-in {standin.root} (mindspore "
+        f"{standin.manifest['mindspore_version']}; DryRun level 0: compile only, nothing runs)")
+    return standin
+
+
+def _compiled_depth(student: dict, teacher: Optional[dict], stages: int, layers_per_stage: Optional[int]):
+    """The (student, teacher) config dicts the ranks compile: `layers_per_stage` x stages layers when given (every
+    layer of a stage compiles to the same slices; build_report scales them back to the real depth)."""
+    compiled_student, compiled_teacher = dict(student), dict(teacher) if teacher else None
+    if layers_per_stage is not None:
+        depth = layers_per_stage * stages
+        if depth > int(student["num_hidden_layers"]) or (teacher and depth > int(teacher["num_hidden_layers"])):
+            raise YouzhiError(f"--layers-per-stage {layers_per_stage} x {stages} stages exceeds the "
+                              "models' depth; use a smaller value or leave it out")
+        compiled_student["num_hidden_layers"] = depth
+        if compiled_teacher:
+            compiled_teacher["num_hidden_layers"] = depth
+    return compiled_student, compiled_teacher
+
+
 def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optional[str] = None,
             rank: Optional[int] = None, level: int = 0, layers_per_stage: Optional[int] = None,
             strategy_dir: Optional[str] = None, cache_dir: Optional[str] = None, keep_workdir: bool = False,
@@ -223,27 +251,8 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
     if level not in (0, 1):
         raise YouzhiError(f"--level {level}: DryRun levels 0 (compile) and 1 (compile + memory statistics) are "
                           "supported")
-    from youzhi_ms.dryrun import cann_standin
-    cann = cann_standin.real_cann_root()
-    standin = None
-    if cann is None:
-        if level != 0:
-            raise YouzhiError("--level 1 needs CANN (MindSpore's memory statistics run the device kernels' host "
-                              "side); this machine has none, and the compile-only stand-in supports level 0 only")
-        standin = cann_standin.ensure_standin(cache_dir, log=log)
-        log(f"CANN: not installed; using the compile-only stand-in {standin.root} (mindspore "
-            f"{standin.manifest['mindspore_version']}; DryRun level 0: compile only, nothing runs)")
-    else:
-        log(f"CANN: {cann}")
-    compiled_student, compiled_teacher = dict(student), dict(teacher) if teacher else None
-    if layers_per_stage is not None:
-        depth = layers_per_stage * plan.pipeline_stage
-        if depth > int(student["num_hidden_layers"]) or (teacher and depth > int(teacher["num_hidden_layers"])):
-            raise YouzhiError(f"--layers-per-stage {layers_per_stage} x {plan.pipeline_stage} stages exceeds the "
-                              "models' depth; use a smaller value or leave it out")
-        compiled_student["num_hidden_layers"] = depth
-        if compiled_teacher:
-            compiled_teacher["num_hidden_layers"] = depth
+    standin = _standin_unless_cann(level, cache_dir, log)
+    compiled_student, compiled_teacher = _compiled_depth(student, teacher, plan.pipeline_stage, layers_per_stage)
     roles = [rank] if rank is not None else [s * per_stage for s in range(plan.pipeline_stage)]
     workdir = tempfile.mkdtemp(prefix="youzhi_dryrun_")
     jobs, envs = [], []
@@ -267,7 +276,6 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
                 raise YouzhiError(f"MindSpore's parallel compiler rejected rank {res['rank']} (stage {res['stage']}) "
                                   f"of this plan: {res.get('error')}; log {res['log']}")
         if strategy_dir:
-            from youzhi_ms.fsutil import atomic_output_dir
             with atomic_output_dir(strategy_dir, overwrite, flag="--strategy-dir", kind="strategy files") as tmp:
                 for name in sorted(os.listdir(os.path.join(workdir, "strategy"))):
                     shutil.copy2(os.path.join(workdir, "strategy", name), os.path.join(tmp, name))
@@ -289,7 +297,6 @@ def _unsharded_bytes(parameters_full: List[tuple]) -> int:
 
 
 def build_report(cfg, plan, student, teacher, results, compiled_student, compiled_teacher, level, standin, sources):
-    from youzhi_ms.train.parallel import param_shapes
     world, pp = plan.device_num, plan.pipeline_stage
     per_stage = world // pp
     expect = expected_slices(plan, compiled_student, compiled_teacher)

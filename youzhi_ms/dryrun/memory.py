@@ -32,7 +32,9 @@ kernels; MindSpore's own figure needs DryRun level 1 on a machine with CANN.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
+
+from youzhi_ms.contract import MLA_MODEL_TYPE, parse_config
 
 GiB = 1024 ** 3
 CARD_BYTES = 64 * GiB  # Ascend 910B: 64 GB HBM per card
@@ -133,17 +135,17 @@ def held_bytes(parameters: List[dict], pipeline: bool, trainable: Optional[set] 
     return out
 
 
-def _dims(cfg: dict) -> dict:
-    mla = cfg.get("model_type") == "deepseek_v3" or cfg.get("kv_lora_rank") is not None
-    heads = int(cfg["num_attention_heads"])
-    d = dict(mla=mla, D=int(cfg["hidden_size"]), I=int(cfg["intermediate_size"]), H=heads,
-             V=int(cfg["vocab_size"]), L=int(cfg["num_hidden_layers"]))
+def _dims(cfg: Mapping) -> dict:
+    """The model sizes the estimate uses (the letters of the module docstring), read from a Hugging Face config dict
+    through the contract."""
+    f = parse_config(cfg)
+    mla = f["model_type"] == MLA_MODEL_TYPE
+    d = dict(mla=mla, D=f["hidden_size"], I=f["intermediate_size"], H=f["num_attention_heads"], V=f["vocab_size"],
+             L=f["num_hidden_layers"])
     if mla:
-        d.update(nope=int(cfg["qk_nope_head_dim"]), rope=int(cfg["qk_rope_head_dim"]), v=int(cfg["v_head_dim"]),
-                 r=int(cfg["kv_lora_rank"]))
+        d.update(nope=f["qk_nope_head_dim"], rope=f["qk_rope_head_dim"], v=f["v_head_dim"], r=f["kv_lora_rank"])
     else:
-        d.update(kv=int(cfg.get("num_key_value_heads") or heads), hd=int(cfg.get("head_dim") or cfg["hidden_size"]
-                                                                          // heads))
+        d.update(kv=f["num_key_value_heads"], hd=f["head_dim"])
     return d
 
 
@@ -171,7 +173,7 @@ def activation_bytes(run_cfg: dict, student: dict, teacher: Optional[dict], dp: 
     n_layers = stage_layers(sd["L"], pp, stage)
     saved = in_flight * n_layers * kept
     working = per_layer
-    if teacher is not None and stage_layers(int(teacher["num_hidden_layers"]), pp, stage):
+    if teacher is not None and stage_layers(_dims(teacher)["L"], pp, stage):
         working += 4 * layer_elements(teacher, b, S, mp)
     loss = 0
     if stage == pp - 1:

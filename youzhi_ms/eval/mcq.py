@@ -26,6 +26,7 @@ Protocol (fixed so the numbers are reproducible):
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -40,8 +41,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
+from tqdm import tqdm
 
+from youzhi_ms.checkpoint.hf import read_config
+from youzhi_ms.checkpoint.mindspore_ckpt import load_model
+from youzhi_ms.compile_cache import announce_compile
+from youzhi_ms.config import load_any_config
+from youzhi_ms.data.tokenizer import Tokenizer
 from youzhi_ms.errors import YouzhiError
+from youzhi_ms.progress import step
 
 LETTERS = string.ascii_uppercase
 FORMATS = ("ceval", "cmmlu", "jsonl")
@@ -342,7 +350,6 @@ class LogLikelihood:
         self.compiled_shapes = set()
 
     def __call__(self, requests: Sequence[Tuple[List[int], List[int]]]) -> np.ndarray:
-        from tqdm import tqdm
         # one row per distinct model input; members differ only in their last target token
         rows: "OrderedDict[Tuple[int, ...], List[int]]" = OrderedDict()
         seqs = []
@@ -394,10 +401,8 @@ class LogLikelihood:
 
 
 def _announce(compiling: bool, what: str):
-    import contextlib
     if not compiling:
         return contextlib.nullcontext()
-    from youzhi_ms.compile_cache import announce_compile
     return announce_compile(what)
 
 
@@ -450,16 +455,11 @@ def evaluate_mcq(model_dir: str, data: str, fmt: Optional[str] = None, shots: in
     if limit:
         planned = planned[:limit]
     if model is None:
-        from youzhi_ms.checkpoint.hf import read_config
-        from youzhi_ms.checkpoint.mindspore_ckpt import load_model
-        from youzhi_ms.config import load_any_config
         cfg = load_any_config(read_config(model_dir), os.path.join(model_dir, "config.json"))
         max_len = max_len or cfg.max_position_embeddings
-        from youzhi_ms.progress import step
         with step(f"loading {model_dir}"):
             model, _ = load_model(model_dir, table_len=max_len)
     if tok is None:
-        from youzhi_ms.data.tokenizer import Tokenizer
         tok = Tokenizer.from_dir(model_dir)
     max_len = max_len or model.cfg.max_position_embeddings
     t0 = time.time()

@@ -9,7 +9,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from typing import Optional
 
@@ -18,7 +20,15 @@ from mindspore import Tensor, nn, ops
 import mindspore as ms
 from tqdm import tqdm
 
+from youzhi_ms.checkpoint.hf import HFCheckpoint, read_config
+from youzhi_ms.checkpoint.mindspore_ckpt import load_model, load_weights, model_kind
+from youzhi_ms.compile_cache import GraphCache, announce_compile
+from youzhi_ms.config import load_any_config
+from youzhi_ms.data.text import load_token_stream
+from youzhi_ms.data.tokenizer import Tokenizer
 from youzhi_ms.errors import YouzhiError
+from youzhi_ms.progress import step
+from youzhi_ms.train.checkpointing import STUDENT_FILE
 
 
 class TokenNLL(nn.Cell):
@@ -37,7 +47,6 @@ class TokenNLL(nn.Cell):
 
 
 def token_stream(text_source: str, tokenizer, max_tokens: Optional[int] = None) -> np.ndarray:
-    from youzhi_ms.data.text import load_token_stream
     stream = load_token_stream(text_source, tokenizer)
     if max_tokens:
         stream = stream[:max_tokens]
@@ -92,12 +101,10 @@ def graph_signature(batch_size: int, seq_len: int) -> str:
 
 def _first_window(first: bool, announce: bool, graph_cache, signature: str):
     """The first window's call compiles the graph: load it from the cache if there is one, and say so."""
-    import contextlib
     if first and graph_cache is not None:
         return graph_cache.compiling(signature, "the perplexity graph")
     if not (first and announce):
         return contextlib.nullcontext()
-    from youzhi_ms.compile_cache import announce_compile
     return announce_compile("the perplexity graph")
 
 
@@ -108,19 +115,11 @@ def evaluate_dir(model_dir: str, text: str = "wiki-eval", seq_len: int = 512, ma
     directory's, so an unfinished training run can be evaluated without exporting it. The text is checked before the
     model is loaded (loading a large model takes a while). compile_cache: reuse the compiled graph across runs
     (youzhi_ms/compile_cache.py)."""
-    import contextlib
-    import os
-    from youzhi_ms.checkpoint.hf import read_config
-    from youzhi_ms.checkpoint.mindspore_ckpt import load_model
-    from youzhi_ms.config import load_any_config
-    from youzhi_ms.data.tokenizer import Tokenizer
-    from youzhi_ms.progress import step
     cfg = load_any_config(read_config(model_dir))
     if seq_len > cfg.max_position_embeddings:
         raise YouzhiError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
                           f"{cfg.max_position_embeddings}")
     if train_checkpoint:
-        from youzhi_ms.train.checkpointing import STUDENT_FILE
         if not os.path.isfile(os.path.join(train_checkpoint, STUDENT_FILE)):
             raise YouzhiError(f"{train_checkpoint} has no {STUDENT_FILE}; pass a step_* directory under the training "
                               "run's checkpoint/ directory")
@@ -133,14 +132,10 @@ def evaluate_dir(model_dir: str, text: str = "wiki-eval", seq_len: int = 512, ma
     with (step(f"loading {model_dir}") if progress else contextlib.nullcontext()):
         model, cfg = load_model(model_dir, table_len=seq_len)
     if train_checkpoint:
-        from youzhi_ms.checkpoint.hf import HFCheckpoint
-        from youzhi_ms.checkpoint.mindspore_ckpt import load_weights, model_kind
-        from youzhi_ms.train.checkpointing import STUDENT_FILE
         path = os.path.join(train_checkpoint, STUDENT_FILE)
         load_weights(model, HFCheckpoint.from_file(path), model_kind(cfg))  # MindFormers names, shape-checked
     cache = None
     if compile_cache:
-        from youzhi_ms.compile_cache import GraphCache
         cache = GraphCache("ppl", {"config": cfg.raw, "dtype": "float32", "table_len": seq_len},
                            [graph_signature(batch_size, seq_len)])
     res = perplexity(model, stream, seq_len, batch_size, progress, graph_cache=cache)

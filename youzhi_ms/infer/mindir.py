@@ -24,11 +24,21 @@ import time
 from typing import Optional
 
 import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
 
+from youzhi_ms.checkpoint.hf import copy_side_files, read_config, write_json
+from youzhi_ms.checkpoint.mindspore_ckpt import load_model
 from youzhi_ms.config import MLAConfig, load_any_config
 from youzhi_ms.contract import read_config_json
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.infer.generate import cache_shapes, decode_state
+from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
+from youzhi_ms.infer.generate import EagerRunner, cache_shapes, decode_state
+from youzhi_ms.models.base import DecodeCell, PrefillCell
+from youzhi_ms.models.gqa import GQACausalLM
+from youzhi_ms.models.mla import MLACausalLM
+from youzhi_ms.progress import step
+from youzhi_ms.runtime import quiet_known_warnings
 
 MANIFEST = "manifest.json"
 FORMAT = "youzhi-mindir/1"
@@ -39,8 +49,6 @@ DEFAULT_MAX_SEQ_LEN = 2048
 
 def cache_layout(cfg, batch: int, max_seq_len: Optional[int]):
     """(names, shapes, seq_axis) of the two cache tensors; a None max_seq_len gives the dynamic prefill shapes."""
-    from youzhi_ms.models.gqa import GQACausalLM
-    from youzhi_ms.models.mla import MLACausalLM
     names = (MLACausalLM if isinstance(cfg, MLAConfig) else GQACausalLM).cache_names
     shapes, seq_axis = cache_shapes(cfg, batch, max_seq_len)
     return names, tuple(list(s) for s in shapes), seq_axis
@@ -93,16 +101,6 @@ def build_manifest(cfg, model_dir: str, batch: int, max_seq_len: int) -> dict:
 def export_mindir(model_dir: str, out_dir: str, batch: int = 1, max_seq_len: Optional[int] = None,
                   verify: bool = False, log=print, overwrite: bool = False) -> dict:
     """Export prefill + decode graphs of a source (GQA) or converted (MLA) model directory; returns the manifest."""
-    import mindspore as ms
-    from mindspore import ops
-
-    from youzhi_ms.checkpoint.hf import copy_side_files, read_config, write_json
-    from youzhi_ms.checkpoint.mindspore_ckpt import load_model
-    from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
-    from youzhi_ms.models.base import DecodeCell, PrefillCell
-    from youzhi_ms.progress import step
-    from youzhi_ms.runtime import quiet_known_warnings
-
     inputs = [("--model", model_dir)]
     check_output_dir(out_dir, overwrite, inputs)
     cfg = load_any_config(read_config(model_dir), os.path.join(model_dir, "config.json"))
@@ -155,7 +153,6 @@ def _usual_permissions(path: str) -> None:
 
 def verify_export(export_dir: str, model, cfg, manifest: dict, prompt_len: int = 6, steps: int = 3) -> dict:
     """Max |MindIR - eager| of prefill and a few decode steps on a random prompt (raises when they disagree)."""
-    from youzhi_ms.infer.generate import EagerRunner
     runner = MindIRRunner(export_dir, manifest=manifest)
     eager = EagerRunner(model, cfg)
     B, T = manifest["batch"], manifest["max_seq_len"]
@@ -213,9 +210,6 @@ class MindIRRunner:
     """Generation from an export directory through `ms.load` + `nn.GraphCell` (same interface as EagerRunner)."""
 
     def __init__(self, export_dir: str, manifest: Optional[dict] = None):
-        import mindspore as ms
-        from mindspore import nn
-
         self.dir = os.path.abspath(export_dir)
         path = os.path.join(self.dir, MANIFEST)
         if manifest is None:
@@ -263,7 +257,6 @@ class MindIRRunner:
         return arr
 
     def prefill(self, ids: np.ndarray):
-        import mindspore as ms
         ids = np.asarray(ids)
         if ids.shape[1] > self.max_seq_len:
             raise YouzhiError(f"the prompt has {ids.shape[1]} tokens, more than the exported max_seq_len "
@@ -274,7 +267,6 @@ class MindIRRunner:
 
     def to_state(self, arr: np.ndarray):
         """A cache from `cache_shapes(cfg, n, T')` -> the exported [.., B, .., max_seq_len, ..] state tensor."""
-        import mindspore as ms
         arr = np.asarray(arr, np.float32)
         ax, T = self.seq_axis, self.max_seq_len
         if arr.shape[ax] > T:
@@ -298,7 +290,6 @@ class MindIRRunner:
         return ms.Tensor(np.ascontiguousarray(arr))
 
     def decode(self, ids: np.ndarray, pos: np.ndarray, *caches):
-        import mindspore as ms
         ids, pos = np.asarray(ids), np.asarray(pos).reshape(-1)
         if int(pos.max()) >= self.max_seq_len:
             raise YouzhiError(f"generation reached the exported max_seq_len {self.max_seq_len}; ask for fewer new "

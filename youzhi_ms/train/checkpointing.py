@@ -23,6 +23,7 @@ import time
 from typing import Iterable, List
 
 import numpy as np
+import mindspore as ms
 
 from youzhi_ms.checkpoint.hf import HFCheckpoint, save_safetensors, write_json
 from youzhi_ms.errors import YouzhiError
@@ -72,7 +73,6 @@ def check_signature(path: str, saved: dict, now: dict) -> None:
 
 
 def _set_params(params: Iterable, path: str) -> None:
-    import mindspore as ms
     stored = HFCheckpoint.from_file(path)
     for p in params:
         p.set_data(ms.Tensor(stored.get(p.name, expect_shape=tuple(p.shape)), p.dtype))

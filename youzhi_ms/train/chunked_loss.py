@@ -10,14 +10,14 @@ Consecutive chunks are chained with `ops.depend` so the scheduler cannot run the
 
 Gradients (z = student logits / tau, p = softmax(z), per scored token, times `scale` and the incoming gradient):
 
-    d JSD_beta / dp = (1 - beta) log(p / m)                  0 < beta < 1 (m = beta q + (1 - beta) p)
-    d KL(p || q) / dp = log(p / q) + 1                        beta = 1 (the constant cancels below)
-    dL/dz = p * (g - sum(p * g))  for g = dL/dp;  beta = 0 (KL(q || p)) gives p - q directly.
+    d JSD_beta / dp = (1 - jsd_beta) log(p / m)                  0 < jsd_beta < 1 (m = jsd_beta q + (1 - jsd_beta) p)
+    d KL(p || q) / dp = log(p / q) + 1                        jsd_beta = 1 (the constant cancels below)
+    dL/dz = p * (g - sum(p * g))  for g = dL/dp;  jsd_beta = 0 (KL(q || p)) gives p - q directly.
 
 The same holds over *buckets*: in the offline mode (`TopKGKDLoss`) the teacher is known on k stored words plus one
 tail bucket holding the rest of its mass, the student's distribution is folded onto the same k + 1 buckets, and the
 generalized JSD is taken between the two (k + 1)-way distributions. The gradient of a bucketed loss w.r.t. a word's
-logit is p_i (g_b(i) - sum_b p_b g_b) with b(i) the word's bucket; for beta = 0 it is p_i - q_b(i) p_i / p_b(i).
+logit is p_i (g_b(i) - sum_b p_b g_b) with b(i) the word's bucket; for jsd_beta = 0 it is p_i - q_b(i) p_i / p_b(i).
 With k = V (no tail) the bucketed loss is the live one.
 
 Values equal `losses.generalized_jsd` (the forward calls the same `jsd_from_logprobs`); the backward is checked against
@@ -92,31 +92,31 @@ class _ChunkedHead(nn.Cell):
     """Shared machinery: chunked student logits from (h [N, D], w [V, D]), the masked sum of per-token losses times
     `scale`, and a backward that returns dL/dh (and dL/dw when `weight_grad`)."""
 
-    def __init__(self, beta, temperature, chunk_rows, weight_grad):
+    def __init__(self, jsd_beta, temperature, chunk_rows, weight_grad):
         super().__init__()
-        beta, temperature = float(beta), float(temperature)
-        _check_gkd_args(beta, temperature, "sum", YouzhiError)
+        jsd_beta, temperature = float(jsd_beta), float(temperature)
+        _check_gkd_args(jsd_beta, temperature, "sum", YouzhiError)
         if int(chunk_rows) < 1:
             raise YouzhiError(f"loss chunk rows must be >= 1, got {chunk_rows}")
-        self.beta = beta
+        self.jsd_beta = jsd_beta
         self.inv_tau = 1.0 / temperature
         self.rows = int(chunk_rows)
         self.weight_grad = bool(weight_grad)
-        self.log_b = math.log(beta) if 0.0 < beta < 1.0 else 0.0
-        self.log_1mb = math.log(1.0 - beta) if 0.0 < beta < 1.0 else 0.0
+        self.log_b = math.log(jsd_beta) if 0.0 < jsd_beta < 1.0 else 0.0
+        self.log_1mb = math.log(1.0 - jsd_beta) if 0.0 < jsd_beta < 1.0 else 0.0
 
     def logp(self, h_c, w):
         return ops.log_softmax(ops.dense(ops.cast(h_c, ms.float32), ops.cast(w, ms.float32)) * self.inv_tau, -1)
 
     def grad_p(self, lp, lq):
-        """dJSD/dp over the last axis (0 < beta < 1 and beta = 1)."""
-        if self.beta == 1.0:
+        """dJSD/dp over the last axis (0 < jsd_beta < 1 and jsd_beta = 1)."""
+        if self.jsd_beta == 1.0:
             return lp - lq
         a = lq + self.log_b
         b = lp + self.log_1mb
         shift = ops.maximum(a, b)
         log_m = shift + ops.log(ops.exp(a - shift) + ops.exp(b - shift))
-        return (1.0 - self.beta) * (lp - log_m)
+        return (1.0 - self.jsd_beta) * (lp - log_m)
 
     def summed(self, h, w, teacher, mask, scale):
         """scale * sum over scored rows of `chunk_loss`, one chunk after the other (bounded working set)."""
@@ -155,14 +155,14 @@ class ChunkedGKDLoss(_ChunkedHead):
 
     def chunk_loss(self, h_c, w, teacher, s, e):
         t_h, t_w = teacher
-        return jsd_from_logprobs(self.logp(h_c, w), self.logp(t_h[s:e], t_w), self.beta)
+        return jsd_from_logprobs(self.logp(h_c, w), self.logp(t_h[s:e], t_w), self.jsd_beta)
 
     def chunk_dz(self, h_c, w, teacher, s, e):
         t_h, t_w = teacher
         lp = self.logp(h_c, w)
         lq = self.logp(t_h[s:e], t_w)
         p = ops.exp(lp)
-        if self.beta == 0.0:
+        if self.jsd_beta == 0.0:
             return p - ops.exp(lq)
         return _soft_grad(p, self.grad_p(lp, lq))
 
@@ -196,14 +196,14 @@ class TopKGKDLoss(_ChunkedHead):
 
     def chunk_loss(self, h_c, w, teacher, s, e):
         _, lp_b = self.buckets(h_c, w, teacher[0][s:e])
-        return jsd_from_logprobs(lp_b, self.teacher_buckets(teacher, s, e), self.beta)
+        return jsd_from_logprobs(lp_b, self.teacher_buckets(teacher, s, e), self.jsd_beta)
 
     def chunk_dz(self, h_c, w, teacher, s, e):
         ids_c = teacher[0][s:e]
         lp, lp_b = self.buckets(h_c, w, ids_c)
         lq_b = self.teacher_buckets(teacher, s, e)
         p = ops.exp(lp)
-        if self.beta == 0.0:
+        if self.jsd_beta == 0.0:
             # p_i - q_b p_i / p_b: for a stored word p_i = p_b; for the tail, q_tail exp(lp_i - lp_tail)
             q_word = ops.exp(lp + spread(lq_b[:, -1:] - lp_b[:, -1:], lp))
             return p - ops.tensor_scatter_elements(q_word, ids_c, ops.exp(lq_b[:, :-1]), 1)
@@ -227,12 +227,12 @@ class ChunkedGKDNet(nn.Cell):
     final hidden states arrive as a fifth input (computed by `TeacherHidden` in its own no-grad graph) instead of
     being computed here under stop_gradient."""
 
-    def __init__(self, student, teacher, beta, temperature, chunk_rows, weight_grad, teacher_outside=False):
+    def __init__(self, student, teacher, jsd_beta, temperature, chunk_rows, weight_grad, teacher_outside=False):
         super().__init__(auto_prefix=False)
         self.student = student
         self.teacher = None if teacher_outside else teacher
         self.t_w = head_weight(teacher)
-        self.loss = ChunkedGKDLoss(beta, temperature, chunk_rows, weight_grad)
+        self.loss = ChunkedGKDLoss(jsd_beta, temperature, chunk_rows, weight_grad)
 
     def construct(self, input_ids, labels, loss_mask, scale, teacher_h=None):
         h = final_hidden(self.student, input_ids)
@@ -258,10 +258,10 @@ class TopKGKDNet(nn.Cell):
     """The trainer's distill loss against a stored teacher (`teacher_topk.TopKStore`): no teacher model in memory.
     Inputs: the usual four, then ids [B, T, k] int32, lq_top [B, T, k], lq_tail [B, T]."""
 
-    def __init__(self, student, beta, temperature, chunk_rows, weight_grad):
+    def __init__(self, student, jsd_beta, temperature, chunk_rows, weight_grad):
         super().__init__(auto_prefix=False)
         self.student = student
-        self.loss = TopKGKDLoss(beta, temperature, chunk_rows, weight_grad)
+        self.loss = TopKGKDLoss(jsd_beta, temperature, chunk_rows, weight_grad)
 
     def construct(self, input_ids, labels, loss_mask, scale, ids, lq_top, lq_tail):
         h = final_hidden(self.student, input_ids)

@@ -35,8 +35,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from youzhi_ms.data.text import iter_jsonl
+from youzhi_ms.data.text import iter_jsonl, load_token_stream
 from youzhi_ms.errors import YouzhiError
+from youzhi_ms.infer.generate import EagerRunner, decode_state, sample_next
 
 __all__ = ["Example", "PackedText", "ChatExamples", "build_dataset", "detect_format", "layout", "EpochSampler",
            "shard_rows", "collate", "row_rngs", "StudentContinuation"]
@@ -76,7 +77,6 @@ class PackedText:
     prompt_keeps_end = False  # on-policy prompt = the window's first seq_len - max_new_tokens tokens
 
     def __init__(self, source: str, tokenizer, seq_len: int, max_tokens: Optional[int] = None, pad_id: int = 0):
-        from youzhi_ms.data.text import load_token_stream
         stream = load_token_stream(source, tokenizer)
         if max_tokens:
             stream = stream[:max_tokens]
@@ -282,7 +282,6 @@ class StudentContinuation:
 
     def __init__(self, model, cfg, seq_len: int, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                  stop_ids: Sequence[int] = (), pad_id: int = 0):
-        from youzhi_ms.infer.generate import EagerRunner
         if max_new_tokens >= seq_len:
             raise YouzhiError(f"max_new_tokens ({max_new_tokens}) must be smaller than seq_length ({seq_len})")
         self.runner = EagerRunner(model, cfg)
@@ -304,7 +303,6 @@ class StudentContinuation:
         return out
 
     def __call__(self, prompts: List[np.ndarray], rngs: List[np.random.Generator]) -> Dict[str, np.ndarray]:
-        from youzhi_ms.infer.generate import decode_state, sample_next
         B, S, P, N = len(prompts), self.seq_len, self.prompt_max, self.max_new
         lens = np.array([len(p) for p in prompts])
         pre = np.full((B, P), self.pad_id, np.int32)

@@ -67,6 +67,8 @@ def plot_loss_curve(log_path: str, png_path: str, title: Optional[str] = None) -
     rows = read_loss_log(log_path)
     if not rows:
         return None
+    # lazy, and in this order: the Agg backend must be chosen before pyplot is imported (no display on a training
+    # host), and matplotlib's import (seconds) is paid only by the run that writes the plot
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -2,13 +2,16 @@
 
 Both losses take logits of shape [B, T, V] and a per-token mask of shape [B, T] (1 = scored, 0 = ignored: prompt
 or padding). They compute in float32 whatever the input dtype, and they work in PyNative and in graph mode (call them
-from a `construct` or an `@ms.jit` function; `beta`, `temperature` and `reduction` must be Python constants there).
+from a `construct` or an `@ms.jit` function; `jsd_beta`, `temperature` and `reduction` must be Python constants there).
 
 Generalized JSD (GKD, Agarwal et al. 2024; endpoint conventions as in TRL's `GKDTrainer`)
 -----------------------------------------------------------------------------------------
 With P_T = softmax(teacher_logits / τ) and P_S = softmax(student_logits / τ) per token,
 
     JSD_β(P_T ‖ P_S) = β · KL(P_T ‖ M) + (1 − β) · KL(P_S ‖ M),    M = β · P_T + (1 − β) · P_S.
+
+β is `jsd_beta` in code (the conversion's `beta` is another thing, the key/value balance); the run yaml keeps TRL's
+key `distill.beta`, which the trainer passes here.
 
 log M is formed in log space as logsumexp(log β + log P_T, log(1 − β) + log P_S), with the running maximum held out of
 the gradient so ties between the two terms give the exact gradient. The formula is 0 at β = 0 and β = 1 (M collapses to
@@ -18,10 +21,10 @@ one of the two distributions), so those two values are explicit special cases, n
     β = 1  →  reverse KL(P_S ‖ P_T)   (mode-seeking)
 
 Properties that hold (and are tested): JSD ≥ 0, and swapping the two distributions together with β ↔ 1 − β gives the
-same value: `generalized_jsd(s, t, beta=b) == generalized_jsd(t, s, beta=1 - b)` (this also maps the β = 0 endpoint onto
-the β = 1 endpoint). No τ² factor is applied (as in TRL). Gradients flow into the student only: the teacher logits go
-through `ops.stop_gradient`. Logits must be finite at scored positions (a −inf logit gives 0·(−inf) = NaN in the KL
-sums); ignored positions may hold anything.
+same value: `generalized_jsd(s, t, jsd_beta=b) == generalized_jsd(t, s, jsd_beta=1 - b)` (this also maps the β = 0
+endpoint onto the β = 1 endpoint). No τ² factor is applied (as in TRL). Gradients flow into the student only: the
+teacher logits go through `ops.stop_gradient`. Logits must be finite at scored positions (a −inf logit gives
+0·(−inf) = NaN in the KL sums); ignored positions may hold anything.
 
 Precision on CPU: MindSpore's CPU `exp` kernel is accurate to ~5e-6 relative (not to the float32 ulp), so results agree
 with a float64 reference to ~3e-6 relative after "mean" reduction and ~2e-5 per token. Irrelevant for training.
@@ -53,12 +56,12 @@ def _check_reduction(reduction, error=ValueError):
         raise error(f"loss reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
-def _check_gkd_args(beta, temperature, reduction, error=ValueError):
+def _check_gkd_args(jsd_beta, temperature, reduction, error=ValueError):
     """Validate the constant GKD arguments. Graph mode can only compile `raise` of builtin exception types, so the
     traced functions raise ValueError; the Cell constructors (run eagerly, with values from configs) raise YouzhiError.
     """
-    if not 0.0 <= beta <= 1.0:
-        raise error(f"GKD beta must be in [0, 1], got {beta}; use 0 for forward KL, 1 for reverse KL")
+    if not 0.0 <= jsd_beta <= 1.0:
+        raise error(f"GKD jsd_beta must be in [0, 1], got {jsd_beta}; use 0 for forward KL, 1 for reverse KL")
     if not temperature > 0.0:
         raise error(f"GKD temperature must be > 0, got {temperature}")
     _check_reduction(reduction, error)
@@ -92,30 +95,30 @@ def _kl_rows(logp, logq):
     return ops.sum(ops.exp(logp) * (logp - logq), -1)
 
 
-def jsd_from_logprobs(logp_s, logp_t, beta):
+def jsd_from_logprobs(logp_s, logp_t, jsd_beta):
     """Per-row JSD_β(P_T ‖ P_S) over the last axis from log-probabilities (float32), β a Python float: the body of
     `generalized_jsd`, shared with the chunked and top-k losses of `chunked_loss.py`."""
-    if beta == 0.0:
+    if jsd_beta == 0.0:
         return _kl_rows(logp_t, logp_s)
-    if beta == 1.0:
+    if jsd_beta == 1.0:
         return _kl_rows(logp_s, logp_t)
-    a = logp_t + math.log(beta)
-    b = logp_s + math.log(1.0 - beta)
+    a = logp_t + math.log(jsd_beta)
+    b = logp_s + math.log(1.0 - jsd_beta)
     # log M = logsumexp(a, b). The shift is a constant for the gradient (its contribution cancels exactly), so at
     # a == b the gradient splits β : (1 − β) as it should instead of following one branch of `maximum`.
     shift = ops.stop_gradient(ops.maximum(a, b))
     log_m = shift + ops.log(ops.exp(a - shift) + ops.exp(b - shift))
-    return beta * _kl_rows(logp_t, log_m) + (1.0 - beta) * _kl_rows(logp_s, log_m)
+    return jsd_beta * _kl_rows(logp_t, log_m) + (1.0 - jsd_beta) * _kl_rows(logp_s, log_m)
 
 
-def generalized_jsd(student_logits, teacher_logits, mask=None, beta=0.5, temperature=1.0, reduction="mean"):
+def generalized_jsd(student_logits, teacher_logits, mask=None, jsd_beta=0.5, temperature=1.0, reduction="mean"):
     """Token-level generalized Jensen–Shannon divergence JSD_β(P_T ‖ P_S) between teacher and student.
 
     Args:
         student_logits: [B, T, V] Tensor (any float dtype; computed in float32). Gradients flow into it.
         teacher_logits: [B, T, V] Tensor, same shape. Treated as a constant (stop_gradient).
         mask: optional [B, T] Tensor, 1 = scored token, 0 = ignored (prompt, padding). None = all scored.
-        beta: Python float in [0, 1]. 0 → forward KL(P_T‖P_S), 1 → reverse KL(P_S‖P_T), else the JSD above.
+        jsd_beta: Python float in [0, 1]. 0 → forward KL(P_T‖P_S), 1 → reverse KL(P_S‖P_T), else the JSD above.
         temperature: Python float > 0; both logit sets are divided by it before the softmax.
         reduction: "mean" (sum over scored tokens / number of scored tokens, 0 if none), "sum", or
             "none" (per-token [B, T] float32, 0 at ignored positions).
@@ -123,9 +126,9 @@ def generalized_jsd(student_logits, teacher_logits, mask=None, beta=0.5, tempera
     Returns:
         float32 scalar Tensor ("mean", "sum") or [B, T] Tensor ("none").
     """
-    beta = float(beta)
+    jsd_beta = float(jsd_beta)
     temperature = float(temperature)
-    _check_gkd_args(beta, temperature, reduction)
+    _check_gkd_args(jsd_beta, temperature, reduction)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {student_logits.shape} and teacher logits {teacher_logits.shape} differ in shape; "
@@ -136,37 +139,37 @@ def generalized_jsd(student_logits, teacher_logits, mask=None, beta=0.5, tempera
     if temperature != 1.0:
         student = student / temperature
         teacher = teacher / temperature
-    per_token = jsd_from_logprobs(ops.log_softmax(student, -1), ops.log_softmax(teacher, -1), beta)
+    per_token = jsd_from_logprobs(ops.log_softmax(student, -1), ops.log_softmax(teacher, -1), jsd_beta)
     return _reduce(per_token, mask, reduction)
 
 
-def jsd_upper_bound(beta):
+def jsd_upper_bound(jsd_beta):
     """The largest value JSD_β can take (teacher and student with disjoint supports): −β ln β − (1 − β) ln(1 − β),
     ln 2 at β = 0.5. None at β = 0 or 1 (the KL endpoints are unbounded). A token-mean loss above it is not a number
     the formula can produce: the trainer treats it as a corrupted computation."""
-    beta = float(beta)
-    if beta <= 0.0 or beta >= 1.0:
+    jsd_beta = float(jsd_beta)
+    if jsd_beta <= 0.0 or jsd_beta >= 1.0:
         return None
-    return -beta * math.log(beta) - (1.0 - beta) * math.log(1.0 - beta)
+    return -jsd_beta * math.log(jsd_beta) - (1.0 - jsd_beta) * math.log(1.0 - jsd_beta)
 
 
 class GKDLoss(nn.Cell):
-    """`generalized_jsd` as a Cell with beta / temperature / reduction fixed at construction (graph-mode constants).
+    """`generalized_jsd` as a Cell with jsd_beta / temperature / reduction fixed at construction (graph-mode constants).
 
     Call as `loss_fn(student_logits, teacher_logits, mask)`; `mask` may be omitted (all tokens scored).
     """
 
-    def __init__(self, beta=0.5, temperature=1.0, reduction="mean"):
+    def __init__(self, jsd_beta=0.5, temperature=1.0, reduction="mean"):
         super().__init__()
-        beta = float(beta)
+        jsd_beta = float(jsd_beta)
         temperature = float(temperature)
-        _check_gkd_args(beta, temperature, reduction, YouzhiError)
-        self.beta = beta
+        _check_gkd_args(jsd_beta, temperature, reduction, YouzhiError)
+        self.jsd_beta = jsd_beta
         self.temperature = temperature
         self.reduction = reduction
 
     def construct(self, student_logits, teacher_logits, mask=None):
-        return generalized_jsd(student_logits, teacher_logits, mask, self.beta, self.temperature, self.reduction)
+        return generalized_jsd(student_logits, teacher_logits, mask, self.jsd_beta, self.temperature, self.reduction)
 
 
 def sft_cross_entropy(logits, labels, loss_mask, reduction="mean"):
@@ -208,11 +211,11 @@ class GKDNet(nn.Cell):
     """The trainer's distill loss: student and teacher logits of the same ids -> sum of per-token generalized JSD over
     scored tokens * scale (scale = 1 / scored tokens of the global batch)."""
 
-    def __init__(self, student, teacher, beta, temperature):
+    def __init__(self, student, teacher, jsd_beta, temperature):
         super().__init__(auto_prefix=False)
         self.student = student
         self.teacher = teacher
-        self.loss = GKDLoss(beta, temperature, "sum")
+        self.loss = GKDLoss(jsd_beta, temperature, "sum")
 
     def construct(self, input_ids, labels, loss_mask, scale):
         return self.loss(self.student(input_ids), self.teacher(input_ids), loss_mask) * scale

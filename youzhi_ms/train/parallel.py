@@ -25,10 +25,20 @@ Ascend hardware the step is compiled (never run) by tools/dryrun.py under MindSp
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
+import numpy as np
+
+from youzhi_ms.checkpoint.hf import HFCheckpoint
+from youzhi_ms.contract import MLA_MODEL_TYPE, expected_tensors, parse_config
 from youzhi_ms.errors import YouzhiError
+from youzhi_ms.models.names import hf_to_ms, ms_to_hf
+
+# MindSpore (and the modules that import it: losses, parallel_step, sharded_model, mindspore_ckpt) is imported inside
+# the two functions that build or fill the sharded step: the dry run's parent process plans and checks from this module
+# without MindSpore (dryrun/__init__.py: only its compile workers import it, after the CANN stand-in is set up).
 
 Strategy = Tuple[Tuple[int, ...], ...]
 
@@ -53,21 +63,14 @@ class ParallelPlan:
         return self.model_parallel > 1 or self.pipeline_stage > 1
 
 
-def _get(cfg, key, default=None):
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
-def _model_dims(cfg) -> dict:
-    """Works on HF config.json dicts and on SourceConfig / MLAConfig objects."""
-    is_mla = (_get(cfg, "model_type") == "deepseek_v3" or _get(cfg, "kv_lora_rank") is not None)
-    layers = _get(cfg, "num_hidden_layers", None) or _get(cfg, "num_layers")
-    heads = _get(cfg, "num_attention_heads", None) or _get(cfg, "num_heads")
-    kv = _get(cfg, "num_key_value_heads", None) or _get(cfg, "num_kv_heads", None) or heads
-    return dict(mla=is_mla, layers=int(layers), heads=int(heads), kv_heads=int(kv),
-                inter=int(_get(cfg, "intermediate_size")), vocab=int(_get(cfg, "vocab_size")),
-                q_lora=_get(cfg, "q_lora_rank"), tied=bool(_get(cfg, "tie_word_embeddings", False)))
+def _model_dims(cfg: Mapping, who: str) -> dict:
+    """What the strategy table needs of a model, read from its Hugging Face config dict through the contract (the
+    trainer passes its configs' `.raw`, the dry run the config.json dicts): one key vocabulary at this boundary."""
+    f = parse_config(cfg, f"the {who}'s config")
+    mla = f["model_type"] == MLA_MODEL_TYPE
+    return dict(mla=mla, layers=f["num_hidden_layers"], heads=f["num_attention_heads"],
+                kv_heads=f["num_key_value_heads"], inter=f["intermediate_size"], vocab=f["vocab_size"],
+                q_lora=f["q_lora_rank"] if mla else None, tied=f["tie_word_embeddings"])
 
 
 def _divides(mp: int, n: int, what: str, who: str) -> None:
@@ -125,16 +128,15 @@ def param_shapes(cfg: dict) -> Dict[str, Tuple[int, ...]]:
     """{parameter name: full shape} of the model a Hugging Face config dict describes, with the MindSpore
     (MindFormers) names models/ and sharded_model.py use: the checkpoint contract's tensor list, renamed. No MindSpore
     needed (the dry run's parent process, its strategy check and its unsharded byte count)."""
-    from youzhi_ms.contract import MLA_MODEL_TYPE, expected_tensors, parse_config
-    from youzhi_ms.models.names import hf_to_ms
     f = parse_config(cfg)
     kind = "mla" if f["model_type"] == MLA_MODEL_TYPE else "gqa"
     return {hf_to_ms(name, kind): tuple(int(d) for d in shape) for name, shape in expected_tensors(f).items()}
 
 
-def plan_parallel(parallel_config: dict, student_cfg, teacher_cfg=None, world_size: Optional[int] = None) \
-        -> ParallelPlan:
-    """The layout for `parallel_config` (MindFormers keys). data_parallel None means world_size / (mp * pp)."""
+def plan_parallel(parallel_config: dict, student_cfg: Mapping, teacher_cfg: Optional[Mapping] = None,
+                  world_size: Optional[int] = None) -> ParallelPlan:
+    """The layout for `parallel_config` (MindFormers keys) and the models' Hugging Face config dicts. data_parallel
+    None means world_size / (mp * pp)."""
     mp = int(parallel_config.get("model_parallel", 1) or 1)
     pp = int(parallel_config.get("pipeline_stage", 1) or 1)
     dp = parallel_config.get("data_parallel")
@@ -150,9 +152,9 @@ def plan_parallel(parallel_config: dict, student_cfg, teacher_cfg=None, world_si
                           "pipeline stage has work (MindFormers uses micro_batch_num >= pipeline_stage)")
     seq_par = bool(parallel_config.get("use_seq_parallel", False))
     vocab_dp = bool(parallel_config.get("vocab_emb_dp", True))
-    table, stages = _model_table(_model_dims(student_cfg), dp, mp, pp, seq_par, vocab_dp, "", "student")
+    table, stages = _model_table(_model_dims(student_cfg, "student"), dp, mp, pp, seq_par, vocab_dp, "", "student")
     if teacher_cfg is not None:
-        t_table, t_stages = _model_table(_model_dims(teacher_cfg), dp, mp, pp, seq_par, vocab_dp, "teacher.",
+        t_table, t_stages = _model_table(_model_dims(teacher_cfg, "teacher"), dp, mp, pp, seq_par, vocab_dp, "teacher.",
                                          "teacher")
         table.update(t_table)
         stages.update(t_stages)
@@ -246,7 +248,7 @@ def build_semi_auto_step(cfg: dict, plan: ParallelPlan, student_cfg, teacher_cfg
     Returns (parallel_net, step, student, teacher). Call `step.set_hyper(...)` before each `parallel_net(ids,
     labels, loss_mask)`; inputs are [local_rows(cfg, plan), seq_length] on every rank."""
     check_semi_auto(cfg, plan)
-    from mindspore.parallel.auto_parallel import AutoParallel
+    from mindspore.parallel.auto_parallel import AutoParallel  # lazy: see the imports at the top
     from youzhi_ms.train.losses import jsd_upper_bound
     from youzhi_ms.train.parallel_step import ShardedStep, ShardedUpdateCore
     from youzhi_ms.train.sharded_model import build_sharded
@@ -255,7 +257,7 @@ def build_semi_auto_step(cfg: dict, plan: ParallelPlan, student_cfg, teacher_cfg
     dp, mp, pp = plan.data_parallel, plan.model_parallel, plan.pipeline_stage
     loss_net, student, teacher = build_sharded(student_cfg, teacher_cfg if distill else None,
                                                cfg["runner_config"]["seq_length"], dp, mp, plan.vocab_emb_dp,
-                                               use_fused, beta=d["beta"], temperature=d["temperature"])
+                                               use_fused, jsd_beta=d["beta"], temperature=d["temperature"])
     if pp > 1:
         student.set_stages(pp)
         if teacher is not None:
@@ -290,7 +292,6 @@ def rank_slice(array, dev_matrix, tensor_map, local_rank: int, opt_shard: int = 
     len - 1 - tensor_map[d] (MindSpore numbers the axes from the right; -1 = not split), the stage's ranks enumerate the
     device matrix row-major; with the parallel optimizer (`opt_shard` > 1) the block is cut again along dim 0 among the
     ranks holding the same block, in rank order."""
-    import numpy as np
     dev_matrix = [int(x) for x in dev_matrix]
     coords = np.unravel_index(int(local_rank), dev_matrix) if dev_matrix else ()
     index, used = [], set()
@@ -317,7 +318,6 @@ def rank_slice(array, dev_matrix, tensor_map, local_rank: int, opt_shard: int = 
 def opt_shard_size(group_name: str) -> int:
     """Size of a parameter's optimizer-shard group from its name in the layout ('' = not sharded): MindSpore names
     communication groups '<size>-<hash>'."""
-    import re
     m = re.match(r"^(\d+)-", group_name or "")
     return int(m.group(1)) if m else 1
 
@@ -332,10 +332,8 @@ def load_sharded_weights(model, model_dir: str, kind: str, layout: dict, local_r
     (host memory: one full tensor, not the model). `layout` is the compiled `parameter_layout_dict`, `local_rank` the
     rank's index inside its pipeline stage; `prefix` is stripped from the names first (the teacher's 'teacher.').
     Returns the number of tensors loaded."""
-    import mindspore as ms
-    from youzhi_ms.checkpoint.hf import HFCheckpoint
+    import mindspore as ms  # lazy: see the imports at the top
     from youzhi_ms.checkpoint.mindspore_ckpt import is_ms_layout
-    from youzhi_ms.models.names import ms_to_hf
     ckpt = HFCheckpoint(model_dir)
     ms_layout = is_ms_layout(ckpt)
     n = 0

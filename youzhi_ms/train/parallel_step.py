@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.communication import create_group
 
 from youzhi_ms.train.optim import UpdateCore, adamw_values
 
@@ -110,7 +111,6 @@ class ShardedStep(nn.Cell):
         self.limit = float(loss_bound) * (1.0 + 1e-4) + 1e-6 if self.bounded else 0.0
         self.last_stage = (not self.pipeline) or rank // (world // pipeline_stage) == pipeline_stage - 1
         if self.bounded and self.pipeline:
-            from mindspore.communication import create_group
             peers = stage_peers(rank, world, pipeline_stage)
             group = "youzhi_stage_peers_" + "_".join(str(r) for r in peers)
             create_group(group, peers)

@@ -392,14 +392,14 @@ class _MaskedSum(nn.Cell):
 
 
 class ShardedGKDNet(nn.Cell):
-    """Sum over scored tokens of the generalized JSD (losses.generalized_jsd, beta limits included), vocabulary split
-    over mp. trainer.GKDNet's inputs without `scale`: the step applies it as the backward's sensitivity, because
+    """Sum over scored tokens of the generalized JSD (losses.generalized_jsd, jsd_beta limits included), vocabulary
+    split over mp. trainer.GKDNet's inputs without `scale`: the step applies it as the backward's sensitivity, because
     pipeline parallel cuts every input along the batch axis (parallel_step.py)."""
 
-    def __init__(self, student, teacher, beta, temperature, dp, mp):
+    def __init__(self, student, teacher, jsd_beta, temperature, dp, mp):
         super().__init__(auto_prefix=False)
         self.student, self.teacher = student, teacher
-        self.beta, self.temperature = float(beta), float(temperature)
+        self.jsd_beta, self.temperature = float(jsd_beta), float(temperature)
         self.vp = _VocabParallel(dp, mp)
         s2 = (dp, mp)
         self.mul_p = ops.Mul().shard((s2, s2))
@@ -425,17 +425,17 @@ class ShardedGKDNet(nn.Cell):
         if self.temperature != 1.0:
             student, teacher = vp.div(student, self.temperature), vp.div(teacher, self.temperature)
         logp_s, logp_t = vp.log_softmax(student), vp.log_softmax(teacher)
-        if self.beta == 0.0:
+        if self.jsd_beta == 0.0:
             per_token = self.kl_rows(logp_t, logp_s)
-        elif self.beta == 1.0:
+        elif self.jsd_beta == 1.0:
             per_token = self.kl_rows(logp_s, logp_t)
         else:
-            a = self.add_c(logp_t, math.log(self.beta))
-            b = self.add_c(logp_s, math.log(1.0 - self.beta))
+            a = self.add_c(logp_t, math.log(self.jsd_beta))
+            b = self.add_c(logp_s, math.log(1.0 - self.jsd_beta))
             shift = self.stop(self.maximum(a, b))
             log_m = self.add(shift, self.log(self.add(self.exp(self.sub(a, shift)), self.exp(self.sub(b, shift)))))
-            per_token = self.mix(self.weigh_t(self.kl_rows(logp_t, log_m), self.beta),
-                                 self.weigh_s(self.kl_rows(logp_s, log_m), 1.0 - self.beta))
+            per_token = self.mix(self.weigh_t(self.kl_rows(logp_t, log_m), self.jsd_beta),
+                                 self.weigh_s(self.kl_rows(logp_s, log_m), 1.0 - self.jsd_beta))
         return self.masked_sum(per_token, loss_mask.reshape(-1))
 
 
@@ -462,7 +462,7 @@ class ShardedSFTNet(nn.Cell):
 
 
 def build_sharded(student_cfg, teacher_cfg, seq_length, dp, mp, vocab_emb_dp=True, use_fused=False,
-                  student_dtype=ms.float32, teacher_dtype=ms.float32, beta=0.5, temperature=1.0):
+                  student_dtype=ms.float32, teacher_dtype=ms.float32, jsd_beta=0.5, temperature=1.0):
     """(loss_net, student, teacher) in the sharded form; teacher None -> SFT. Teacher parameters renamed 'teacher.*'
     and frozen, as the trainer does (both models live in one graph)."""
     student = ShardedCausalLM(student_cfg, seq_length, dp, mp, vocab_emb_dp, use_fused, student_dtype)
@@ -472,4 +472,4 @@ def build_sharded(student_cfg, teacher_cfg, seq_length, dp, mp, vocab_emb_dp=Tru
     for p in teacher.get_parameters():
         p.name = "teacher." + p.name
         p.requires_grad = False
-    return ShardedGKDNet(student, teacher, beta, temperature, dp, mp), student, teacher
+    return ShardedGKDNet(student, teacher, jsd_beta, temperature, dp, mp), student, teacher

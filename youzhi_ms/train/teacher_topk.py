@@ -22,8 +22,15 @@ import struct
 from typing import Dict, Optional, Sequence
 
 import numpy as np
+import mindspore as ms
+from tqdm import tqdm
 
+from youzhi_ms.checkpoint.hf import read_config
+from youzhi_ms.checkpoint.mindspore_ckpt import load_model
+from youzhi_ms.config import load_any_config
+from youzhi_ms.data.tokenizer import Tokenizer
 from youzhi_ms.errors import YouzhiError
+from youzhi_ms.train.data import EpochSampler, build_dataset
 
 MAGIC = b"YZTOPK01"
 VERSION = 1
@@ -238,7 +245,6 @@ def shrink(ids: np.ndarray, logp: np.ndarray, tail: np.ndarray, k: int):
 def rows_for_steps(n_windows: int, seed: int, shuffle: bool, steps: int, rows_per_step: int) -> np.ndarray:
     """The dataset windows the trainer's sampler visits in `steps` optimizer steps of `rows_per_step` global rows
     (batch_size x data-parallel workers x accumulation), sorted."""
-    from youzhi_ms.train.data import EpochSampler
     sampler = EpochSampler(n_windows, seed, shuffle)
     return np.unique(np.concatenate([sampler.take(rows_per_step) for _ in range(steps)]))
 
@@ -250,13 +256,6 @@ def write_teacher_topk(cfg: dict, out: str, k: int, steps: Optional[int] = None,
     to `out`: every window, or (`steps`) those the trainer visits in that many steps with `world` data-parallel
     workers. With `source` (a file with k' >= k) shrink it instead of running the teacher. An interrupted run resumes
     from `out + '.partial'`."""
-    from tqdm import tqdm
-    import mindspore as ms
-    from youzhi_ms.checkpoint.hf import read_config
-    from youzhi_ms.checkpoint.mindspore_ckpt import load_model
-    from youzhi_ms.config import load_any_config
-    from youzhi_ms.data.tokenizer import Tokenizer
-    from youzhi_ms.train.data import build_dataset
     if os.path.exists(out):
         raise YouzhiError(f"{out} already exists; choose another --out (this tool never replaces a file)")
     d = cfg["distill"]

@@ -146,7 +146,8 @@ class Trainer:
                                   f"max_position_embeddings {c.max_position_embeddings}")
 
     def _setup_parallel(self):
-        self.plan = plan_parallel(self.cfg["parallel_config"], self.student_cfg, self.teacher_cfg, self.world)
+        self.plan = plan_parallel(self.cfg["parallel_config"], self.student_cfg.raw,
+                                  self.teacher_cfg.raw if self.teacher_cfg else None, self.world)
         check_world(self.plan, self.world, self.device)
         if self.plan.semi_auto:  # Ascend only (check_device refused it elsewhere); compiled by tools/dryrun.py
             check_semi_auto(self.cfg, self.plan)
