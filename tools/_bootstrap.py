@@ -46,7 +46,7 @@ def _ensure_environment():
                              "`bash run_scripts/setup_env.sh`\n")
             sys.exit(2)
     if inside or os.environ.get(_REEXEC) == "1":
-        sys.stderr.write(f"error: the project's environment {_show(VENV)} has no mindspore (its set-up did not finish?); "
+        sys.stderr.write(f"error: the project's environment {_show(VENV)} has no mindspore (did its set-up finish?); "
                          f"run `bash {_show(ROOT + '/run_scripts/setup_env.sh')}` again, then the tool\n")
     else:
         sys.stderr.write(f"error: mindspore is not installed for {sys.executable} and the project has no .venv yet; "

@@ -633,8 +633,8 @@ def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "fp32", progress: b
         writer = ShardedWriter(tmp, dtype=dtype)
         it = pairs
         if progress:
-            from tqdm import tqdm
-            it = tqdm(pairs, desc=f"{os.path.basename(path)} -> HF", unit="tensor", leave=False)
+            from youzhi_ms.progress import ProgressBar
+            it = ProgressBar(pairs, desc=f"{os.path.basename(path)} -> HF", unit="tensor", leave=False)
         for gname, hname in it:
             t = g.tensors[gname]
             type_counts[t.type_name] = type_counts.get(t.type_name, 0) + 1

@@ -342,7 +342,7 @@ class LogLikelihood:
         self.compiled_shapes = set()
 
     def __call__(self, requests: Sequence[Tuple[List[int], List[int]]]) -> np.ndarray:
-        from tqdm import tqdm
+        from youzhi_ms.progress import ProgressBar
         # one row per distinct model input; members differ only in their last target token
         rows: "OrderedDict[Tuple[int, ...], List[int]]" = OrderedDict()
         seqs = []
@@ -358,7 +358,7 @@ class LogLikelihood:
             raise YouzhiError(f"an option is {K} tokens long, more than the maximum length {self.max_len}; "
                               "use --score letters or a larger --max-len")
         out = np.zeros(len(requests), np.float64)
-        bar = tqdm(total=len(requests), desc="mcq", unit="opt", disable=not self.progress)
+        bar = ProgressBar(total=len(requests), desc="mcq", unit="opt", disable=not self.progress)
         B = self.batch_size
         for start in range(0, len(keys), B):
             chunk = keys[start:start + B]

@@ -16,9 +16,9 @@ from typing import Optional
 import numpy as np
 from mindspore import Tensor, nn, ops
 import mindspore as ms
-from tqdm import tqdm
 
 from youzhi_ms.errors import YouzhiError
+from youzhi_ms.progress import ProgressBar
 
 
 class TokenNLL(nn.Cell):
@@ -77,7 +77,7 @@ def perplexity(model, stream: np.ndarray, seq_len: int = 512, batch_size: int = 
         total += float(nll.sum())
         count += nll.size
         if bar is None:  # after the first window's compile, so its status lines do not break the bar
-            bar = tqdm(total=len(win), initial=real, desc="ppl", unit="win", disable=not progress)
+            bar = ProgressBar(total=len(win), initial=real, desc="ppl", unit="win", disable=not progress)
         else:
             bar.update(real)
         bar.set_postfix(ppl=f"{math.exp(total / count):.3f}")

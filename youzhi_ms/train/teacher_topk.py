@@ -250,7 +250,7 @@ def write_teacher_topk(cfg: dict, out: str, k: int, steps: Optional[int] = None,
     to `out`: every window, or (`steps`) those the trainer visits in that many steps with `world` data-parallel
     workers. With `source` (a file with k' >= k) shrink it instead of running the teacher. An interrupted run resumes
     from `out + '.partial'`."""
-    from tqdm import tqdm
+    from youzhi_ms.progress import ProgressBar
     import mindspore as ms
     from youzhi_ms.checkpoint.hf import read_config
     from youzhi_ms.checkpoint.mindspore_ckpt import load_model
@@ -290,14 +290,14 @@ def write_teacher_topk(cfg: dict, out: str, k: int, steps: Optional[int] = None,
     writer = TopKWriter(out, rows, seq_len, k, vocab, temperature, meta, resume=resume)
     todo = np.flatnonzero(~writer.done())
     if source is not None:
-        for i in tqdm(todo, desc="shrink", unit="window", disable=not progress):
+        for i in ProgressBar(todo, desc="shrink", unit="window", disable=not progress):
             ex = dataset[int(rows[i])]
             t = src.batch([int(rows[i])], ex.input_ids[None])
             ids, lp, tail = shrink(t["ids"][0], t["lq_top"][0], t["lq_tail"][0], k)
             writer.write(i, ex.input_ids, ids, lp, tail)
         return {"path": writer.close(), "windows": int(len(rows)), "k": k}
     teacher, _ = load_model(d["teacher"])
-    bar = tqdm(total=len(todo), desc=f"teacher top-{k}", unit="window", disable=not progress)
+    bar = ProgressBar(total=len(todo), desc=f"teacher top-{k}", unit="window", disable=not progress)
     for s in range(0, len(todo), batch_size):
         idx = todo[s:s + batch_size]
         ids_in = np.stack([dataset[int(rows[i])].input_ids for i in idx])
