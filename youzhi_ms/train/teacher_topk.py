@@ -23,6 +23,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from youzhi_ms.cli import path_problem
 from youzhi_ms.errors import YouzhiError
 
 MAGIC = b"YZTOPK01"
@@ -112,7 +113,8 @@ class TopKStore:
 
     def __init__(self, path: str):
         if not os.path.isfile(path):
-            raise YouzhiError(f"offline teacher file {path} does not exist; write it with tools/make_teacher_topk.py")
+            raise YouzhiError(f"offline teacher file {path} {path_problem(path, 'file')}; write it with "
+                              "tools/make_teacher_topk.py")
         self.path = path
         size = os.path.getsize(path)
         with open(path, "rb") as f:
