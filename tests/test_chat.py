@@ -2,12 +2,15 @@
 history kept, /reset, exit word, Ctrl-D) and the piped form for scripts. The history reaches the model: every turn's
 prompt ids equal transformers' chat-template rendering of the whole conversation, and the answers equal transformers'
 greedy generation from those ids."""
+import fcntl
 import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
@@ -45,13 +48,21 @@ def _reference(path, model, messages):
     return ids, out[0, len(ids):].tolist()
 
 
+def _own_terminal():
+    """In the child: a new session whose controlling terminal is the pty (stdin), so that Ctrl-C typed there is a
+    SIGINT to the tool, as in a real terminal."""
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a test run started in the background inherits it ignored
+
+
 class Terminal:
     """A tool run with a pty as its terminal (stdin, stdout and stderr)."""
 
     def __init__(self, argv):
         master, slave = pty.openpty()
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
-                                     env=dict(os.environ, TERM="dumb"))
+                                     env=dict(os.environ, TERM="dumb"), preexec_fn=_own_terminal)
         os.close(slave)
         self.master, self.seen = master, ""
 
@@ -117,15 +128,23 @@ def test_chat_at_a_terminal(chat_model, tmp_path):
     assert len(res[1]["prompt_ids"]) > len(res[0]["prompt_ids"]) + len(res[0]["output_ids"])
 
 
-def test_ctrl_d_ends_the_chat(chat_model):
+@pytest.mark.parametrize("key", ["ctrl-d", "ctrl-c"])
+def test_ctrl_d_or_ctrl_c_ends_the_chat(chat_model, key):
     path, _ = chat_model
     term = Terminal([sys.executable, "tools/generate.py", "--model", str(path), "--chat", "--max-new-tokens",
                      str(MAX_NEW)])
     term.expect("you> ")
     term.send("w20\n")
     assert _answer(term.expect("you> "))
-    term.send("\x04")  # Ctrl-D at an empty prompt
-    assert term.finish() == 0, term.seen
+    if key == "ctrl-d":
+        term.send("\x04")  # at an empty prompt: the end of the conversation
+        assert term.finish() == 0, term.seen
+        assert term.seen.strip() == ""
+    else:
+        term.send("w21\x03")  # half-typed: the chat ends with one line (MindSpore's own handler makes it a SIGTERM)
+        assert term.finish() in (130, 143), term.seen
+        assert term.seen.splitlines()[-1] in ("interrupted (Ctrl-C): the chat ended",
+                                              "interrupted (Ctrl-C or SIGTERM): the chat ended"), term.seen
     assert "Traceback" not in term.seen
 
 
