@@ -36,19 +36,22 @@ fi
 
 LOG=.venv/setup.log  # pip's full output; the screen gets a line per stage, a tick every 10 s and a summary
 
-logged() {  # logged "what" command...: the command's output appended to $LOG, a line every 10 s while it runs (with
-            # pip's latest line), and on failure the end of the log and its path
-  local what=$1 t0=$SECONDS status=0
+logged() {  # logged "what" command...: the command's output appended to $LOG, every 10 s a line with the time and pip's
+            # latest line (on a terminal one line redrawn in place), and on failure the end of the log and its path
+  local what=$1 t0=$SECONDS status=0 tty=false
   shift
+  [ -t 1 ] && tty=true
   echo "  $what"
   echo "== [$(date +%H:%M:%S)] $*" >> "$LOG"
   ( while sleep 10 </dev/null >/dev/null 2>&1; do
-      echo "  ... $what: $((SECONDS - t0)) s ($(tail -n 1 "$LOG" 2>/dev/null | tr -d '\r' | cut -c1-80))"
+      line="  ... $what: $((SECONDS - t0)) s ($(tail -n 1 "$LOG" 2>/dev/null | tr -d '\r' | cut -c1-80))"
+      if $tty; then printf '\r\033[K%s' "$line"; else echo "$line"; fi
     done ) &
   local ticker=$!
   "$@" >> "$LOG" 2>&1 || status=$?
   kill "$ticker" 2>/dev/null || true
   wait "$ticker" 2>/dev/null || true
+  if $tty && [ $((SECONDS - t0)) -ge 10 ]; then printf '\r\033[K'; fi  # the redrawn line ends with its stage
   if [ "$status" -ne 0 ]; then
     echo "error: '$*' failed (exit $status); the end of its log:" >&2
     tail -n 15 "$LOG" | sed 's/^/    /' >&2
