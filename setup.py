@@ -13,7 +13,10 @@ setup(
         "safetensors",
         "pyyaml",
         "sentencepiece",
-        "tokenizers",
+        # the ranges transformers==4.57.1 (the tests' reference) requires, so that the runtime and the test install
+        # resolve to the same versions whichever runs first
+        "tokenizers>=0.22.0,<=0.23.0",
+        "huggingface-hub>=0.34.0,<1.0",
         "tqdm",
         "jinja2",  # chat templates
         "matplotlib",  # report and benchmark plots (PNG, Agg backend)

@@ -45,7 +45,7 @@ step "8/9 MLA completion (absorbed latent-cache decode)" \
   python tools/generate.py --model "$OUT/smollm2-mla" --prompt "The capital of France is" --max-new-tokens 24
 step "9/9 concurrency plan (8 GiB card, 2048-token sequences)" \
   python tools/plan_concurrency.py --model "$OUT/smollm2-hf" --compare "$OUT/smollm2-mla" --device-memory-gib 8 \
-  --max-model-len 2048
+  --max-model-len 2048 --no-mla-warnings  # the conversion (step 6) printed the MLA model's deployment warnings
 echo
 echo "== [$(date +%H:%M:%S)] done in $SECONDS s:"
 printf '%s\n' "${STEPS[@]}"

@@ -462,6 +462,31 @@ def test_prompt_beyond_the_context_through_generate(tiny):
               "the prompt (60 tokens) plus --max-new-tokens 8 exceed the model's context of 64 tokens")
 
 
+def test_a_file_where_a_folder_is_expected_and_the_other_way_round(tiny, tmp_path):
+    """A path that exists as the wrong kind is named so ("is a file, not a folder"), not called missing."""
+    from youzhi_ms.checkpoint.gguf import resolve_gguf
+    from youzhi_ms.checkpoint.hf import read_config
+    from youzhi_ms.data.tokenizer import Tokenizer
+    from youzhi_ms.train.run_config import load_run_config
+    model, text = tiny
+    config = os.path.join(model, "config.json")
+    with pytest.raises(YouzhiError, match=re.escape(f"{config} is a file, not a folder; pass the model's folder, "
+                                                    f"{model}")):
+        read_config(config)
+    with pytest.raises(YouzhiError, match=f"{re.escape(str(text))} is a file, not a folder$"):
+        read_config(str(text))  # no config.json beside it: no folder to suggest
+    with pytest.raises(YouzhiError, match="is a file, not a folder"):
+        Tokenizer.from_dir(config)
+    with pytest.raises(YouzhiError, match=f"GGUF file {re.escape(str(tmp_path))} is a folder, not a file"):
+        resolve_gguf(str(tmp_path))
+    with pytest.raises(YouzhiError, match="config file .* is a folder, not a file"):
+        load_run_config(str(tmp_path))
+    with pytest.raises(YouzhiError, match="does not exist"):
+        read_config(str(tmp_path / "nope"))
+    one_error(run_tool("generate.py", "--model", config, "--prompt", "hi"),
+              f"error: model directory {config} is a file, not a folder; pass the model's folder, {model}")
+
+
 @pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_interrupt_is_one_line_and_its_exit_code(tiny, tmp_path, sig, code):
     """#11.5: Ctrl-C / SIGTERM while MindSpore starts or computes: one 'interrupted' line, 130 / 143, nothing written
@@ -470,8 +495,9 @@ def test_interrupt_is_one_line_and_its_exit_code(tiny, tmp_path, sig, code):
     rc, _, err = run_tool("eval_ppl.py", "--model", model, "--text", text, "--seq-len", 32,
                           "--json", tmp_path / "r.json", signal_after=(2.5, getattr(signal, sig)))
     # the tool's own status lines ("compiling the perplexity graph (first call only) ...") may precede the signal
-    status = re.compile(r"^(compiling|loading) .*( \.\.\.|: done in [0-9.]+ s)$")
-    lines = [ln for ln in err.splitlines() if ln.strip() and "%|" not in ln and not status.match(ln)]
+    # and so may the progress bar's plain lines ("ppl:   0% 0/4 [...]", youzhi_ms/progress.py: stderr is a pipe)
+    status = re.compile(r"^(compiling|loading) .*( \.\.\.|: done in [0-9.]+ s)$|^ppl: +\d+% \d+/\d+ \[")
+    lines = [ln for ln in err.splitlines() if ln.strip() and not status.match(ln)]
     assert len(lines) == 1 and lines[0].startswith("interrupted"), (rc, err)
     # MindSpore's own SIGINT handler (installed at every graph compile and run) turns Ctrl-C into a SIGTERM; the
     # line then says so instead of guessing

@@ -225,6 +225,22 @@ def test_cli_target_ratio_and_hypothetical(tmp_path):
     assert _run("--help").returncode == 0
 
 
+def test_cli_no_mla_warnings_keeps_the_fit_warnings(tmp_path):
+    """--no-mla-warnings (the quickstart: its conversion printed them) drops exactly the MLA deployment limits; the
+    warnings about fitting the card still print, and --json keeps everything."""
+    out = tmp_path / "plan.json"
+    args = ["--model", Q7, "--kv-lora-rank", "500", "--qk-rope-dim", "64", "--max-model-len", "200000"]
+    full, quiet = _run(*args), _run(*args, "--no-mla-warnings", "--json", str(out))
+    assert full.returncode == quiet.returncode == 0, full.stderr + quiet.stderr
+    full_w = [ln for ln in full.stdout.splitlines() if ln.startswith("warning [")]
+    quiet_w = [ln for ln in quiet.stdout.splitlines() if ln.startswith("warning [")]
+    mla = [w for w in full_w if "vLLM" in w]  # 28 heads, 500 % 16, 500 + 64 != 576
+    assert len(mla) == 3 and quiet_w == [w for w in full_w if w not in mla]
+    assert any("max_model_len 200000 exceeds" in w for w in quiet_w)
+    assert len(json.loads(out.read_text())["models"][1]["warnings"]) == len(
+        [w for w in full_w if w.startswith("warning [qwen2_5_7b_mla_r500]")])
+
+
 @pytest.mark.parametrize("kind", ["moe", "missing", "unknown", "badrank"])
 def test_cli_bad_input_one_error_line(tmp_path, kind):
     d = tmp_path / "m"

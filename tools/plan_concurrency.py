@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--write-mla-config", metavar="DIR",
                     help="with --kv-lora-rank/--target-ratio: write the converted model's DeepSeek-V3 config.json here")
     ap.add_argument("--json", metavar="OUT", help="also write all figures, warnings and the ratio to this JSON file")
+    ap.add_argument("--no-mla-warnings", action="store_true",
+                    help="do not print the MLA deployment limits (heads, rank, cache width, biases; --json still has "
+                    "them) when the conversion printed them already, as in run_scripts/quickstart.sh; warnings "
+                    "about fitting the card are still printed")
     ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return ap
 
@@ -163,8 +167,9 @@ def main(argv=None) -> int:
               f"{search.qk_rope_head_dim}, target {search.target_ratio:g}x): chosen r={search.kv_lora_rank} "
               f"-> {search.ratio:.3f}x")
         print("  neighbours: " + ", ".join(f"r={c['kv_lora_rank']}: {c['ratio']:.3f}x" for c in search.neighbours()))
-    for p in plans:
-        for w in p.warnings:
+    for p, shape in zip(plans, shapes):
+        shown = [w for w in p.warnings if not (args.no_mla_warnings and w in P.mla_limits(shape))]
+        for w in shown:
             print(f"warning [{p.name}]: {w}")
 
     if args.write_mla_config:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from typing import Callable, Optional
 
 from youzhi_ms.errors import YouzhiError
@@ -59,6 +60,15 @@ def nonempty(what: str) -> Callable[[str], str]:
         return text
     parse.__name__ = what
     return parse
+
+
+def path_problem(path: str, want: str) -> str:
+    """Why `path` is not the `want` ("folder" or "file") a tool expected, as the end of a sentence naming it: "does not
+    exist", "is a file, not a folder" or "is a folder, not a file". A path that exists as the wrong kind must not be
+    called missing: the user can see it."""
+    if not os.path.exists(path):
+        return "does not exist"
+    return "is a file, not a folder" if want == "folder" else "is a folder, not a file"
 
 
 POSITIVE = int_at_least(1)

@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import numpy as np
 
 from youzhi_ms.checkpoint.hf import ShardedWriter, check_finite, write_json
+from youzhi_ms.cli import path_problem
 from youzhi_ms.contract import check_runnable, parse_config
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
@@ -207,7 +208,8 @@ class GGUFFile:
     def __init__(self, path: str):
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise YouzhiError(f"GGUF file {path} does not exist; pass the path of a .gguf file (or 'smollm2')")
+            raise YouzhiError(f"GGUF file {path} {path_problem(path, 'file')}; pass the path of a .gguf file (or "
+                              "'smollm2')")
         self.path = path
         if os.path.getsize(path) < 24:
             raise YouzhiError(f"{path} is too short to be a GGUF file")
@@ -339,7 +341,8 @@ def resolve_gguf(spec: str) -> str:
     if str(spec).lower() != "smollm2":
         path = os.path.expanduser(os.fspath(spec))
         if not os.path.isfile(path):
-            raise YouzhiError(f"GGUF file {path} does not exist; pass a .gguf path or 'smollm2' for the packaged "
+            raise YouzhiError(f"GGUF file {path} {path_problem(path, 'file')}; pass a .gguf path or 'smollm2' for the "
+                              "packaged "
                               "SmolLM2-135M-Instruct")
         return path
     spec_ = importlib.util.find_spec(SMOLLM2_PACKAGE)  # locate only: the package's own deps are not installed
@@ -639,8 +642,8 @@ def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "fp32", progress: b
         writer = ShardedWriter(tmp, dtype=dtype)
         it = pairs
         if progress:
-            from tqdm import tqdm
-            it = tqdm(pairs, desc=f"{os.path.basename(path)} -> HF", unit="tensor", leave=False)
+            from youzhi_ms.progress import ProgressBar
+            it = ProgressBar(pairs, desc=f"{os.path.basename(path)} -> HF", unit="tensor", leave=False)
         for gname, hname in it:
             t = g.tensors[gname]
             type_counts[t.type_name] = type_counts.get(t.type_name, 0) + 1

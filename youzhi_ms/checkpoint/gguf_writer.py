@@ -33,6 +33,7 @@ import numpy as np
 from youzhi_ms.checkpoint.hf import HFCheckpoint
 from youzhi_ms.contract import GGUF_Q_LORA_RANK_NONE, MLA_MODEL_TYPE, check_runnable, parse_config
 from youzhi_ms.errors import YouzhiError
+from youzhi_ms.progress import ProgressBar
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH_OF = {MLA_MODEL_TYPE: "deepseek2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -352,9 +353,8 @@ def export_gguf(model_dir: str, outfile: str, outtype: str = "f32", progress: bo
         w.write_ti_data_to_file()
         it = encoders
         if progress:
-            from tqdm import tqdm
-            it = tqdm(encoders, desc=f"{os.path.basename(outfile)} ({arch}, {outtype})", unit="tensor", leave=False,
-                      mininterval=0.5 if sys.stderr.isatty() else 5.0)
+            it = ProgressBar(encoders, desc=f"{os.path.basename(outfile)} ({arch}, {outtype})", unit="tensor",
+                             leave=False)
         for te, enc, byte_shape in it:
             arr = te.load()
             if tuple(arr.shape) != tuple(te.shape):

@@ -14,6 +14,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 
+from youzhi_ms.cli import path_problem
 from youzhi_ms.contract import MLA_MODEL_TYPE, expected_tensors, parse_config, read_config_json, stock_mla_config
 from youzhi_ms.errors import YouzhiError
 
@@ -71,7 +72,11 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
 def read_config(model_dir: str) -> dict:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isdir(model_dir):
-        raise YouzhiError(f"model directory {model_dir} does not exist")
+        problem = path_problem(model_dir, "folder")
+        parent = os.path.dirname(os.path.abspath(model_dir))
+        if os.path.isfile(model_dir) and os.path.isfile(os.path.join(parent, "config.json")):
+            problem += f"; pass the model's folder, {parent}"  # e.g. its config.json was given
+        raise YouzhiError(f"model directory {model_dir} {problem}")
     if not os.path.isfile(path):
         raise YouzhiError(f"{model_dir} has no config.json; pass a Hugging Face model directory "
                           "(tools/gguf_to_hf.py makes one from a GGUF file)")

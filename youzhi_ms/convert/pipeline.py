@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
-from tqdm import tqdm
 
 from youzhi_ms.checkpoint.hf import HFCheckpoint, ShardedWriter, copy_side_files, save_safetensors, write_json
 from youzhi_ms.config import SourceConfig, _rope_type, rope_inv_freq, rope_tables
@@ -31,6 +30,7 @@ from youzhi_ms.convert.latent_pca import BALANCES
 from youzhi_ms.convert.rorope import describe_bands, uniform_bands, validate_bands
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
+from youzhi_ms.progress import ProgressBar
 
 log = logging.getLogger("youzhi_ms.convert")
 
@@ -219,8 +219,8 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
             h["partial_rope"] = emb
     elif records:
         log.info("resuming the conversion at layer %d (%s)", len(records), work)
-    bar = tqdm(range(len(records), cfg.num_layers), desc=f"convert r={r}", unit="layer", disable=not opt.progress,
-               initial=len(records), total=cfg.num_layers)
+    bar = ProgressBar(range(len(records), cfg.num_layers), desc=f"convert r={r}", unit="layer",
+                      disable=not opt.progress, initial=len(records), total=cfg.num_layers)
     for i in bar:
         w = calibrate.layer_weights(ck, i, cfg)
         src = {k: w[k] for k in ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo") if k in w}
@@ -400,7 +400,7 @@ def _commit_layer(work: str, i: int, h: Dict[str, np.ndarray], rec: "LayerRecord
 def _write_tensors(writer, ck: HFCheckpoint, cfg: SourceConfig, work: str, progress: bool) -> None:
     """Converted attention from the work dir, everything else straight from the source, one tensor at a time."""
     names = ["model.embed_tokens.weight"]
-    for i in tqdm(range(cfg.num_layers), desc="write", unit="layer", disable=not progress):
+    for i in ProgressBar(range(cfg.num_layers), desc="write", unit="layer", disable=not progress):
         layer = HFCheckpoint.from_file(os.path.join(work, f"layer_{i:05d}.safetensors"))
         for n in sorted(layer.names()):
             writer.add(n, layer.get(n))

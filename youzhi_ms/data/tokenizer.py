@@ -24,6 +24,7 @@ import re
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from youzhi_ms.cli import path_problem
 from youzhi_ms.errors import YouzhiError
 
 EOT_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>")
@@ -143,7 +144,7 @@ class Tokenizer:
     def from_dir(cls, model_dir: str) -> "Tokenizer":
         model_dir = os.fspath(model_dir)
         if not os.path.isdir(model_dir):
-            raise YouzhiError(f"model directory {model_dir} does not exist")
+            raise YouzhiError(f"model directory {model_dir} {path_problem(model_dir, 'folder')}")
         tj, sp = os.path.join(model_dir, "tokenizer.json"), os.path.join(model_dir, "tokenizer.model")
         if os.path.isfile(tj):
             backend, path, kind = _HFBackend(tj), tj, "tokenizers"

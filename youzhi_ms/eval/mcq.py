@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
-from tqdm import tqdm
+
 
 from youzhi_ms.checkpoint.hf import read_config
 from youzhi_ms.checkpoint.mindspore_ckpt import load_model
@@ -49,7 +49,7 @@ from youzhi_ms.compile_cache import announce_compile
 from youzhi_ms.config import load_any_config
 from youzhi_ms.data.tokenizer import Tokenizer
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.progress import step
+from youzhi_ms.progress import ProgressBar, step
 
 LETTERS = string.ascii_uppercase
 FORMATS = ("ceval", "cmmlu", "jsonl")
@@ -365,7 +365,7 @@ class LogLikelihood:
             raise YouzhiError(f"an option is {K} tokens long, more than the maximum length {self.max_len}; "
                               "use --score letters or a larger --max-len")
         out = np.zeros(len(requests), np.float64)
-        bar = tqdm(total=len(requests), desc="mcq", unit="opt", disable=not self.progress)
+        bar = ProgressBar(total=len(requests), desc="mcq", unit="opt", disable=not self.progress)
         B = self.batch_size
         for start in range(0, len(keys), B):
             chunk = keys[start:start + B]

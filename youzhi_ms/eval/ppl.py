@@ -18,7 +18,6 @@ from typing import Optional
 import numpy as np
 from mindspore import Tensor, nn, ops
 import mindspore as ms
-from tqdm import tqdm
 
 from youzhi_ms.checkpoint.hf import HFCheckpoint, read_config
 from youzhi_ms.checkpoint.mindspore_ckpt import load_model, load_weights, model_kind
@@ -27,7 +26,7 @@ from youzhi_ms.config import load_any_config
 from youzhi_ms.data.text import load_token_stream
 from youzhi_ms.data.tokenizer import Tokenizer
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.progress import step
+from youzhi_ms.progress import ProgressBar, step
 from youzhi_ms.train.checkpointing import STUDENT_FILE
 
 
@@ -86,7 +85,7 @@ def perplexity(model, stream: np.ndarray, seq_len: int = 512, batch_size: int = 
         total += float(nll.sum())
         count += nll.size
         if bar is None:  # after the first window's compile, so its status lines do not break the bar
-            bar = tqdm(total=len(win), initial=real, desc="ppl", unit="win", disable=not progress)
+            bar = ProgressBar(total=len(win), initial=real, desc="ppl", unit="win", disable=not progress)
         else:
             bar.update(real)
         bar.set_postfix(ppl=f"{math.exp(total / count):.3f}")

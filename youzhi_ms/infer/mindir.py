@@ -213,6 +213,9 @@ class MindIRRunner:
         self.dir = os.path.abspath(export_dir)
         path = os.path.join(self.dir, MANIFEST)
         if manifest is None:
+            if not os.path.isdir(self.dir):
+                from youzhi_ms.cli import path_problem
+                raise YouzhiError(f"MindIR export {export_dir} {path_problem(export_dir, 'folder')}")
             if not os.path.isfile(path):
                 raise YouzhiError(f"{export_dir} has no {MANIFEST}; it is not a directory written by "
                                   "tools/export_mindir.py (run that first)")

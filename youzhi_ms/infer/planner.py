@@ -398,13 +398,18 @@ def plan_concurrency(shape: ModelShape, settings: PlanSettings = PlanSettings())
     return plan
 
 
+def mla_limits(shape: ModelShape) -> List[str]:
+    """The MLA deployment limits an MLA model's shape runs into (the conversion warns of the same ones)."""
+    if not shape.is_mla:
+        return []
+    return contract.deployment_warnings(shape.num_attention_heads, shape.kv_lora_rank, shape.qk_rope_head_dim,
+                                        attention_bias=shape.qkv_bias or shape.o_bias)
+
+
 def deployment_warnings(shape: ModelShape, settings: PlanSettings = PlanSettings(),
                         plan: Optional[ConcurrencyPlan] = None) -> List[str]:
     """Things that will stop or slow a vLLM / vLLM-Ascend deployment. Strings, not exceptions: a plan is still useful."""
-    out: List[str] = []
-    if shape.is_mla:
-        out += contract.deployment_warnings(shape.num_attention_heads, shape.kv_lora_rank, shape.qk_rope_head_dim,
-                                            attention_bias=shape.qkv_bias or shape.o_bias)
+    out: List[str] = mla_limits(shape)
     if plan is not None:
         if plan.kv_budget_bytes <= 0:
             out.append(f"does not fit: weights {plan.weight_bytes / GIB:.2f} GiB + activation reserve "

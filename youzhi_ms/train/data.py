@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from youzhi_ms.cli import path_problem
 from youzhi_ms.data.text import iter_jsonl, load_token_stream
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.infer.generate import EagerRunner, decode_state, sample_next
@@ -167,7 +168,7 @@ class ChatExamples:
 
     def __init__(self, path: str, tokenizer, seq_len: int, pad_id: int = 0):
         if not os.path.isfile(path):
-            raise YouzhiError(f"train_dataset.data_path {path} does not exist")
+            raise YouzhiError(f"train_dataset.data_path {path} {path_problem(path, 'file')}")
         self.seq_len, self.pad_id = seq_len, pad_id
         has_template = tokenizer.chat_template is not None
         eos = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.eot_id

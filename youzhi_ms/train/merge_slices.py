@@ -138,6 +138,9 @@ def merge_run(run_dir: str, output_dir: Optional[str] = None, step: Optional[int
     from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
     from youzhi_ms.models.names import ms_to_hf
     run_dir = os.path.abspath(run_dir)
+    if not os.path.isdir(run_dir):
+        from youzhi_ms.cli import path_problem
+        raise YouzhiError(f"--run {run_dir} {path_problem(run_dir, 'folder')}; pass the training run's output_dir")
     cfg_path = os.path.join(run_dir, "run_config.yaml")
     run_cfg = {}
     if os.path.isfile(cfg_path):

@@ -42,6 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from youzhi_ms.cli import path_problem
 from youzhi_ms.errors import YouzhiError
 
 CALLBACK_DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -190,7 +191,7 @@ def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         if not os.path.isfile(path):
-            raise YouzhiError(f"config file {path} does not exist")
+            raise YouzhiError(f"config file {path} {path_problem(path, 'file')}")
         try:
             with open(path, encoding="utf-8") as f:
                 data = yaml.load(f, Loader=_Loader) or {}

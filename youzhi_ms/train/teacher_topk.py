@@ -23,12 +23,13 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 import mindspore as ms
-from tqdm import tqdm
+
 
 from youzhi_ms.checkpoint.hf import read_config
 from youzhi_ms.checkpoint.mindspore_ckpt import load_model
 from youzhi_ms.config import load_any_config
 from youzhi_ms.data.tokenizer import Tokenizer
+from youzhi_ms.cli import path_problem
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.train.data import EpochSampler, build_dataset
 
@@ -119,7 +120,8 @@ class TopKStore:
 
     def __init__(self, path: str):
         if not os.path.isfile(path):
-            raise YouzhiError(f"offline teacher file {path} does not exist; write it with tools/make_teacher_topk.py")
+            raise YouzhiError(f"offline teacher file {path} {path_problem(path, 'file')}; write it with "
+                              "tools/make_teacher_topk.py")
         self.path = path
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -289,14 +291,14 @@ def write_teacher_topk(cfg: dict, out: str, k: int, steps: Optional[int] = None,
     writer = TopKWriter(out, rows, seq_len, k, vocab, temperature, meta, resume=resume)
     todo = np.flatnonzero(~writer.done())
     if source is not None:
-        for i in tqdm(todo, desc="shrink", unit="window", disable=not progress):
+        for i in ProgressBar(todo, desc="shrink", unit="window", disable=not progress):
             ex = dataset[int(rows[i])]
             t = src.batch([int(rows[i])], ex.input_ids[None])
             ids, lp, tail = shrink(t["ids"][0], t["lq_top"][0], t["lq_tail"][0], k)
             writer.write(i, ex.input_ids, ids, lp, tail)
         return {"path": writer.close(), "windows": int(len(rows)), "k": k}
     teacher, _ = load_model(d["teacher"])
-    bar = tqdm(total=len(todo), desc=f"teacher top-{k}", unit="window", disable=not progress)
+    bar = ProgressBar(total=len(todo), desc=f"teacher top-{k}", unit="window", disable=not progress)
     for s in range(0, len(todo), batch_size):
         idx = todo[s:s + batch_size]
         ids_in = np.stack([dataset[int(rows[i])].input_ids for i in idx])

@@ -49,7 +49,6 @@ from typing import Any, Dict, List, Optional
 
 import mindspore as ms
 import numpy as np
-from tqdm import tqdm
 
 from youzhi_ms.checkpoint.hf import ShardedWriter, read_config, write_model_files
 from youzhi_ms.checkpoint.mindspore_ckpt import hf_state_dict_from_model, load_model, model_kind
@@ -58,6 +57,7 @@ from youzhi_ms.data.tokenizer import Tokenizer
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import (atomic_output_dir, check_not_input, check_output_dir, claim_run_dir, output_lock,
                               record_written)
+from youzhi_ms.progress import ProgressBar
 from youzhi_ms.runtime import init_context
 from youzhi_ms.train.checkpointing import RunCheckpoints, rng_from_json, rng_state_to_json
 from youzhi_ms.train.chunked_loss import ChunkedGKDNet, TeacherHidden, TopKGKDNet, head_weight
@@ -573,7 +573,7 @@ class Trainer:
         stop_at = rc.get("stop_at_step")
         save_every = (self._callback("CheckpointMonitor") or {}).get("save_checkpoint_steps")
         show = self.is_main and (rc["progress"] if progress is None else progress) and sys.stderr.isatty()
-        bar = tqdm(total=self.max_steps, initial=start, desc=self.run_mode, unit="step", disable=not show)
+        bar = ProgressBar(total=self.max_steps, initial=start, desc=self.run_mode, unit="step", disable=not show)
         rows = []
         step = start
         t_run = time.time()
