@@ -15,21 +15,22 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import ClassVar, Dict, List, Optional
 
 import numpy as np
 
-from youzhi_ms.checkpoint.hf import HFCheckpoint, ShardedWriter, copy_side_files, save_safetensors, write_json
+from youzhi_ms.checkpoint.hf import (HFCheckpoint, ShardedWriter, save_safetensors, write_json,
+                                    write_model_files)
 from youzhi_ms.config import SourceConfig, _rope_type, rope_inv_freq, rope_tables
 from youzhi_ms.convert import adaptive, calibrate
 from youzhi_ms.convert.attention_np import block_output, rms_norm
-from youzhi_ms.convert.calibrate import STATS, Geometry, LayerStats, ResidualScore
+from youzhi_ms.convert.calibrate import SCORES, STATS, Geometry, LayerStats, ResidualScore
 from youzhi_ms.contract import check_rank, check_rope_dim, deployment_warnings, max_rank, mla_config
 from youzhi_ms.convert.export import attention_token_weights, refit_kv_b
 from youzhi_ms.convert.latent_pca import BALANCES
 from youzhi_ms.convert.rorope import describe_bands, uniform_bands, validate_bands
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
+from youzhi_ms.fsutil import atomic_output_dir, check_output_dir, output_lock
 from youzhi_ms.progress import ProgressBar
 
 log = logging.getLogger("youzhi_ms.convert")
@@ -60,6 +61,28 @@ class ConvertOptions:
     finalists: int = 3  # candidates re-scored over the key/value balances
     score: str = "local-block"  # the error the FreqFold and balance decisions minimise (calibrate.SCORES)
     score_stride: int = 2  # the score reads every score_stride-th query position of the proxy windows
+    freqfold_search: str = "fast"  # fast | exhaustive: how the adaptive candidates are scored (CHOICES)
+    search_subsample: int = 4  # fast search: first round on every search_subsample-th scored query position ...
+    search_windows: int = 2  # ... of the first search_windows scoring windows
+    search_survivors: int = 8  # fast search: candidates of the first round scored in full
+
+    # every option with a fixed set of values: its choices, defined here once (the CLI reads them from here)
+    CHOICES: ClassVar[Dict[str, tuple]] = {
+        "freqfold_search": ("fast", "exhaustive"), "score": SCORES, "pca_metric": ("attn", "bkv"),
+        "rorope_metric": ("k", "qk"), "stats": STATS, "export": ("exact", "deepseek"),
+        "out_dtype": ("fp32", "bf16", "fp16")}
+
+    FLAGS: ClassVar[Dict[str, str]] = {"score": "--freqfold-score", "rorope_metric": "rorope_metric (library only)"}
+
+    def __post_init__(self):
+        for name, allowed in self.CHOICES.items():
+            if getattr(self, name) not in allowed:
+                flag = self.FLAGS.get(name, "--" + name.replace("_", "-"))
+                raise YouzhiError(f"{flag} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        for name in ("search_subsample", "search_windows", "search_survivors", "score_stride", "finalists",
+                     "max_candidates"):
+            if int(getattr(self, name)) < 1:
+                raise YouzhiError(f"{name} {getattr(self, name)}: must be at least 1")
 
 
 @dataclass
@@ -70,8 +93,9 @@ class LayerRecord:
     beta: float = 1.0
     score: float = 0.0  # the FreqFold score of the built layer (what the search minimised; opt.score's kind)
     attn_rel_err: float = 0.0  # the built layer's attention error against the source attention on the same inputs
-    scores: Dict[str, float] = field(default_factory=dict)  # every candidate at balance 1
+    scores: Dict[str, float] = field(default_factory=dict)  # candidates scored in full at balance 1
     refined: Dict[str, float] = field(default_factory=dict)  # finalists x balances
+    coarse: Dict[str, float] = field(default_factory=dict)  # fast search: every candidate on the subsample
     alpha: float = 0.0
     pca_energy_kept: float = 0.0
     refit: Optional[Dict[str, float]] = None
@@ -107,10 +131,6 @@ def _check_options(cfg: SourceConfig, opt: ConvertOptions):
             raise YouzhiError(f"--freqfold {F} must be a power-of-two multiple of c = head_dim/qk_rope_dim = {c} and "
                               f"at most head_dim/2 = {d // 2} (valid: {adaptive.fold_sizes(d, c)})")
     check_rank(opt.kv_lora_rank, cfg.num_kv_heads, d, rope)
-    if opt.export not in ("exact", "deepseek"):
-        raise YouzhiError(f"--export {opt.export!r}: use exact or deepseek")
-    if opt.stats not in STATS:
-        raise YouzhiError(f"--stats {opt.stats!r}: use {' or '.join(STATS)}")
     return rope, c
 
 
@@ -130,11 +150,23 @@ def _decide(opt: ConvertOptions, i: int, stats: LayerStats, score: ResidualScore
         cands = {f"F={int(opt.freqfold)}": uniform_bands(d, int(opt.freqfold))}
     betas = opt.betas if opt.pca_metric == "attn" and not opt.skip_pca else (1.0,)
     R_id = np.eye(max_rank(geo.n_kv, d, geo.rope_dim)) if opt.skip_pca else None
+    # fast: candidates built from per-layer products (LatentPCA, the same layers to float tolerance) and scored in two
+    # rounds (all on a subsample of the query positions, the best few on all); exhaustive: every candidate built as
+    # it is exported and scored on all positions. The exported layer is built by stats.build either way.
+    fast = opt.freqfold_search == "fast"
+    build = stats.fast_build if fast else stats.build
 
     def score_of(bands, beta):
-        return score(stats.build(bands, beta, R_override=R_id)[0])
+        return score(build(bands, beta, R_override=R_id)[0])
 
-    return adaptive.choose(cands, score_of, betas, opt.finalists, progress)
+    coarse_of = None
+    if fast:
+        coarse = score.subsample(opt.search_subsample, opt.search_windows)
+
+        def coarse_of(bands):
+            return coarse(build(bands, 1.0, R_override=R_id)[0])
+
+    return adaptive.choose(cands, score_of, betas, opt.finalists, progress, coarse_of, opt.search_survivors)
 
 
 def _inputs(src_dir: str, opt: ConvertOptions) -> list:
@@ -142,7 +174,7 @@ def _inputs(src_dir: str, opt: ConvertOptions) -> list:
 
 
 def _work_dir(out_dir: str) -> str:
-    out = os.path.abspath(out_dir)
+    out = os.path.abspath(os.path.expanduser(out_dir))  # '~/x' is the home folder's (as the output rule reads it)
     return os.path.join(os.path.dirname(out), "." + os.path.basename(out) + ".partial")
 
 
@@ -154,21 +186,23 @@ def convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool = F
     the error says so; otherwise nothing is left behind."""
     check_output_dir(out_dir, overwrite, _inputs(src_dir, opt))
     work = _work_dir(out_dir)
-    try:
-        return _convert(src_dir, out_dir, opt, overwrite)
-    except BaseException as exc:
-        done = len(_read_records(work)[0]) if os.path.isfile(os.path.join(work, "meta.json")) else 0
-        if done == 0:
-            if os.path.isfile(os.path.join(work, "meta.json")):
-                shutil.rmtree(work, ignore_errors=True)
+    with output_lock(out_dir):  # one conversion per output at a time: the work directory is shared by name
+        try:
+            return _convert(src_dir, out_dir, opt, overwrite)
+        except BaseException as exc:
+            if isinstance(exc, OSError) and exc.filename is None:
+                exc.filename = work  # a write through a file object names no file (the output's own are named inside)
+            done = len(_read_records(work)[0]) if os.path.isfile(os.path.join(work, "meta.json")) else 0
+            if done == 0:
+                if os.path.isfile(os.path.join(work, "meta.json")):
+                    shutil.rmtree(work, ignore_errors=True)
+                raise
+            note = (f"{done} converted layer(s) are kept in {work}: run the same command again to resume there, or "
+                    "delete that directory")
+            if isinstance(exc, YouzhiError):
+                raise YouzhiError(f"{exc} ({note})") from None
+            exc.add_note(note)  # shown in the error / interrupt line
             raise
-        note = (f"{done} converted layer(s) are kept in {work}: run the same command again to resume there, or "
-                "delete that directory")
-        if isinstance(exc, YouzhiError):
-            raise YouzhiError(f"{exc} ({note})") from None
-        log.warning("stopped: %s", note)
-        exc.add_note(note)
-        raise
 
 
 def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -> dict:
@@ -240,11 +274,13 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
             return adaptive.BandProxy(q, k, probs, inv, kv, stats.moments, c, d ** -0.5).error
 
         dec = _decide(opt, i, stats, score, geo, band_proxy,
-                      lambda k, n: bar.set_postfix_str(f"layer {i}: built {k}/{n} candidates", refresh=True))
+                      lambda k, n: bar.set_postfix_str(f"layer {i}: scored {k}/{n} (band tiling, K/V balance) pairs",
+                                                       refresh=True))
         m, info = stats.build(dec.bands, dec.beta, R_override=R_id)
         a_conv = geo.mla(x["conv"], m)
         rec = LayerRecord(layer=i, bands=[list(b) for b in dec.bands], choice=dec.name, beta=dec.beta,
-                          score=dec.score, scores=dec.scores, refined=dec.refined, alpha=info["alpha"],
+                          score=dec.score, scores=dec.scores, refined=dec.refined, coarse=dec.coarse,
+                          alpha=info["alpha"],
                           pca_energy_kept=info.get("pca_energy_kept", 1.0),
                           attn_rel_err=float(((a_conv[:npx] - a_loc).astype(np.float64) ** 2).sum()
                                              / (a_loc.astype(np.float64) ** 2).sum()))
@@ -283,7 +319,7 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
     report = {
         "source": os.path.abspath(src_dir), "source_model_type": cfg.arch, "export": opt.export,
         "kv_lora_rank": r, "qk_rope_head_dim": rope, "collapse_c": c, "freqfold_mode": mode,
-        "pca_metric": opt.pca_metric, "stats": opt.stats,
+        "pca_metric": opt.pca_metric, "stats": opt.stats, "freqfold_search": opt.freqfold_search,
         "calibration": {"text": opt.calib_text, "tokens": int(N * S), "seq_len": S, "seed": opt.seed,
                         "proxy_tokens": int(npx * S), "score_stride": opt.score_stride},
         "cache_values_per_token_per_layer": {"gqa": 2 * L, "mla": r + rope},
@@ -305,8 +341,7 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
         writer = ShardedWriter(tmp, dtype=opt.out_dtype, max_shard_bytes=1 << 30)
         _write_tensors(writer, ck, cfg, work, opt.progress)
         writer.close()
-        write_json(os.path.join(tmp, "config.json"), config)
-        copy_side_files(src_dir, tmp)
+        write_model_files(tmp, config, src_dir)
         write_json(os.path.join(tmp, "conversion_report.json"), report)
         from youzhi_ms.convert.report import write_markdown, write_plot
         write_markdown(report, os.path.join(tmp, "conversion_report.md"))
@@ -318,7 +353,9 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
 def _layer_line(rec: LayerRecord, bands: str) -> str:
     beta = f", K/V balance {rec.beta:g}" if rec.refined else ""
     others = sorted(rec.scores.values())
-    runner = f" (next best {others[1]:.4f} of {len(others)} candidates)" if len(others) > 1 else ""
+    first = f", {len(rec.coarse)} tried on a subsample" if rec.coarse else ""
+    runner = (f" (next best {others[1]:.4f} of {len(others)} band tilings scored in full{first})"
+              if len(others) > 1 else "")
     return (f"layer {rec.layer:3d}: {rec.choice:<14s} bands {bands:<18s} residual error {rec.score:.4f}{runner}"
             f"{beta}, attention error {rec.attn_rel_err:.4f}")
 
