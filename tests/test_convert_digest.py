@@ -24,37 +24,39 @@ from helpers import ROOT, add_tiny_tokenizer, make_source
 FILES = ("config.json", "conversion_report.json", "conversion_report.md", "freqfold.png", "generation_config.json",
          "model.safetensors", "tokenizer.json")
 
-# recorded at commit 8598fb0 (before issue 22's restructuring)
+# recorded at commit 8598fb0 (before issue 22's restructuring) for the weights, the plot and the side files; config.json
+# and the reports re-recorded after merging issue 20 (config.json states the dense MoE keys) and issue 21 (the report
+# names the FreqFold search mode and its first-round scores): model.safetensors and freqfold.png are unchanged
 DIGESTS = {
     "numpy 1.26.4 / OpenBLAS SkylakeX": {
         "4": {
-            "config.json": "1e65d9bbfc01a32268c6e63d1e64a0707cd65e874026d6599332d9531631ed79",
-            "conversion_report.json": "bc8a2776a98215a2c5ea27776021735ec85c3587454b00cd862b749dcebe00da",
-            "conversion_report.md": "766b7717c99a7d203843cbb98ec2a547abb14095b59a13472346457349fa3abe",
+            "config.json": "dc0de6c8d1420688fdcdc00e2079952936e86e1549d8e20dc24d055b13d72081",
+            "conversion_report.json": "11448cbb3f0db6721e55f686e79d7de6dcd7dc5a6f1e2a834aafbb3e567cf097",
+            "conversion_report.md": "9d67252c203f20cb6321d741148ecf3b80ad5cac5b4dcd952100c55b2476a70a",
             "freqfold.png": "e29385ad8642371c224ad49bc29e8aebf1518804d3e1f3b8d6d96b72da6ac43c",
             "generation_config.json": "89c1678d2e54c78b2e98842459d5bf4469a62ac0cf78b461607ffefcfd2840db",
             "model.safetensors": "5c856ce49a3bbc03eb76f7dfb127e5d0a33b90b367ce185ff0e4075fe982df55",
             "tokenizer.json": "9aaf644f3562e9e40351f95e3ff3259bf1af0777bc6d229f9b9a679ee0c17987"
         },
         "adaptive": {
-            "config.json": "65fd49ee099e46e11fe54e5de495cee931d99cf45f923e913795ff24c3226a53",
-            "conversion_report.json": "4b8b0551732bea97afdce50decdba69c8818d3f78f3557b047449ef57242c722",
-            "conversion_report.md": "7a28f561cfd4072229d1b258c852808e519323c0ec5568f55a4971a513f98875",
+            "config.json": "5d9f7543f2fcb50309f5584e7af7f12b8a35b2ba8fd7d4d8643ee65543ec658c",
+            "conversion_report.json": "a947d0f46770314759552b19923ec5ba8faa5fe357c21314e4b7ed272c607bc2",
+            "conversion_report.md": "ad89ee8aecd7148dbbf4dd3b3c0007a0c754573caa0096dbf9388bbd76fa5f88",
             "freqfold.png": "31f6b06e6b79d8eabcff02ea2337cd64a39dca75e2d7eda30a39271ad9a80e60",
             "generation_config.json": "89c1678d2e54c78b2e98842459d5bf4469a62ac0cf78b461607ffefcfd2840db",
             "model.safetensors": "54e6d0d05078b95f907bc34d4432b22bc2d269056c00dfa7e88fba09a9a3632e",
             "tokenizer.json": "9aaf644f3562e9e40351f95e3ff3259bf1af0777bc6d229f9b9a679ee0c17987"
         },
         "auto": {
-            "config.json": "73ee92b9e034af88dfeca480daf3cdd22210668a794353976b449af9a92dc04b",
-            "conversion_report.json": "354941d27c9e91956a0bb8783399871a965749d027657d1ff79d1b798d31fac1",
-            "conversion_report.md": "d0b924d79dabc10ac4609ba6846f3aeb28341d88692a803611aa47601a97d8c8",
+            "config.json": "38fa5dc6d7a49257e7127f577ebc209d7a3f9b4f135b6c596472f4504d6c8dc5",
+            "conversion_report.json": "503de753d25f35dc2032e3b41039f221af3a828598b018560a78ab82dfca50ad",
+            "conversion_report.md": "3c4e83cfca4b302abe69cd9a82de02e5c9dc004d59e535953e62866211e2ec9e",
             "freqfold.png": "4878f63aa697a0dd83d59f3ffe792a54b61c8e286b42565b8a728226d0168f5e",
             "generation_config.json": "89c1678d2e54c78b2e98842459d5bf4469a62ac0cf78b461607ffefcfd2840db",
             "model.safetensors": "9879d424e553307af5ef25363fa65ab1f57d96afc2cb4386b45b9a8d8ae331d9",
             "tokenizer.json": "9aaf644f3562e9e40351f95e3ff3259bf1af0777bc6d229f9b9a679ee0c17987"
         }
-    },
+    }
 }
 
 
