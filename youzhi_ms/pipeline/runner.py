@@ -104,6 +104,9 @@ def run_child(out: str, stage: str, resume: bool) -> int:
     try:
         return proc.wait()
     except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            exc.add_note(f"the pipeline stopped in stage {stage}; the same command with --resume continues it "
+                         "(finished stages are kept, an interrupted training from its newest checkpoint)")
         sig = signal.SIGTERM if exc.__class__.__name__ == "Terminated" else signal.SIGINT
         try:
             proc.wait(timeout=5)  # it got the same Ctrl-C from the terminal
