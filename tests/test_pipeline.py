@@ -155,7 +155,8 @@ def test_stages_chain_and_every_output_loads_in_transformers(setup, full_run):
     rows = {r["model"]: r for r in s["rows"]}
     assert list(rows) == ["source", "mla", "gkd", "domain"]
     for model, path in (("source", str(setup / "src")), ("mla", os.path.join(out, "mla")),
-                        ("gkd", os.path.join(out, "gkd", "hf_model")), ("domain", os.path.join(out, "domain", "hf_model"))):
+                        ("gkd", os.path.join(out, "gkd", "hf_model")),
+                        ("domain", os.path.join(out, "domain", "hf_model"))):
         for kind, text in (("general", "general_eval.txt"), ("domain", "news_eval.txt")):
             ref, cls = _transformers_ppl(path, str(setup / text), 640, 64)
             assert abs(rows[model][f"{kind}_ppl"] / ref - 1) < 1e-4, (model, kind, rows[model][f"{kind}_ppl"], ref)
@@ -200,7 +201,7 @@ def test_interrupted_stage_resumes_and_ends_identical(setup, full_run, tmp_path)
     assert proc.returncode == 130, (proc.returncode, stderr[-2000:])
     assert "interrupted" in stderr and "Traceback" not in stderr
     mid = _state(out)
-    assert mid["gkd"]["status"] == "failed" and not os.path.exists(os.path.join(out, "gkd", "hf_model"))
+    assert mid["gkd"]["status"] == "interrupted" and not os.path.exists(os.path.join(out, "gkd", "hf_model"))
     assert all(mid[n] == before[n] for n in before)
     p = _run(_args(setup, out, "--resume"))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]

@@ -7,9 +7,10 @@ memory is returned to the system before the next one starts.
 The state file (`pipeline_state.json` in output_dir) records per stage: a fingerprint (its config sections, the
 content of the files it reads, and the fingerprints and finish times of the stages it reads from), its status, time,
 peak memory and figures. With --resume a stage is skipped when its record is `done` with the same fingerprint and its
-outputs are still there; a training stage that was interrupted (record `running`, same fingerprint, a checkpoint in
-its run directory) continues from its newest checkpoint; every other stage runs again from the start. A stage that
-runs again gets a new finish time, so everything that read its output runs again too.
+outputs are still there; a training stage that was interrupted (record `interrupted` or `failed`, same fingerprint,
+a checkpoint in its run directory) continues from its newest checkpoint; every other stage runs again from the start
+(the conversion itself continues from its finished layers). A stage that runs again gets a new finish time, so
+everything that read its output runs again too.
 """
 from __future__ import annotations
 
@@ -153,7 +154,12 @@ def run_pipeline(cfg: Dict[str, Any], resume: bool = False, overwrite: bool = Fa
             if os.path.exists(result_path):
                 os.remove(result_path)  # the runner's own file: a stale result must not pass for this run's
             t0 = time.time()
-            rc = run_child(out, stage.name, inner)
+            try:
+                rc = run_child(out, stage.name, inner)
+            except BaseException:
+                stages[stage.name].update(status="interrupted", seconds=round(time.time() - t0, 1))
+                _write_json(os.path.join(out, STATE), state)
+                raise
             seconds = round(time.time() - t0, 1)
             if rc != 0 or not os.path.isfile(result_path):
                 stages[stage.name].update(status="failed", exit_code=rc, seconds=seconds)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import read_marker, write_json_output

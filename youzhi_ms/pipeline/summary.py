@@ -5,7 +5,6 @@ after the domain step against after GKD) and the domain gain (domain ppl after t
 Written as summary.md (the table printed at the end), summary.json and summary.png."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List, Optional
 

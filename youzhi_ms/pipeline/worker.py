@@ -4,7 +4,6 @@ python -m youzhi_ms.pipeline.worker --output-dir OUT --stage NAME [--resume]
 Reads OUT/pipeline_config.json (written by the runner), runs the stage function, and writes its figures plus this
 process's peak memory to OUT/stages/NAME.json (whole, then renamed) as its very last act, so a result file always
 means a finished stage."""
-import argparse
 import json
 import os
 import resource
@@ -29,7 +28,8 @@ def main(argv=None):
     stage = BY_NAME[args.stage]
     ctx = Context(cfg, args.output_dir)
     res = stage.fn(ctx, resume=args.resume) if stage.resumable else stage.fn(ctx)
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,  # this process, or a tool it ran (GGUF export)
+               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     res["peak_rss_mib"] = round(peak / 1024.0, 1)  # KiB on Linux
     _write_json(os.path.join(args.output_dir, RESULTS, args.stage + ".json"), res)
 
