@@ -227,7 +227,9 @@ def test_interrupted_stage_resumes_and_ends_identical(setup, full_run, tmp_path)
 @pytest.mark.parametrize("extra,expect", [
     (["--set", "eval.domain_text=/nonexistent.txt"], "eval.domain_text"),
     (["--set", "gkd.max_steps=0"], "gkd.max_steps must be an integer >= 1"),
-    (["--set", "domain.overrides=[bogus]"], "--set 'bogus'"),
+    (["--set", "domain.overrides=[bogus]"], "domain.overrides: --set 'bogus'"),
+    (["--set", "gkd.overrides=[runner_config.batch_size=0]"], "runner_config.batch_size must be an integer >= 1"),
+    (["--set", "gkd.config=yaml_configs/domain_smollm2_mla.yaml"], "the gkd stage needs run_mode distill"),
     (["--stop-after", "nonsense"], "--stop-after 'nonsense' is not a stage"),
 ])
 def test_bad_config_is_one_error_line_before_any_stage(setup, tmp_path, extra, expect):

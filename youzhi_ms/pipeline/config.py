@@ -116,6 +116,15 @@ def validate(cfg: Dict[str, Any]) -> None:
         _need(isinstance(s["overrides"], list) and all(isinstance(o, str) for o in s["overrides"]),
               f"{sec}.overrides must be a list of 'section.key=value' strings")
     _text_source(cfg["domain"]["corpus"], "domain.corpus")
+    from youzhi_ms.train.run_config import load_run_config
+    for sec, mode in (("gkd", "distill"), ("domain", "sft")):
+        # the training yaml and its overrides are checked now (keys, values), not when the stage starts an hour in
+        try:
+            tcfg = load_run_config(resolve_file(cfg[sec]["config"]), cfg[sec]["overrides"])
+        except YouzhiError as exc:
+            raise YouzhiError(f"{sec}.config / {sec}.overrides: {exc}") from None
+        _need(tcfg["run_mode"] == mode, f"{sec}.config {cfg[sec]['config']} has run_mode {tcfg['run_mode']}; the "
+              f"{sec} stage needs run_mode {mode}")
     x = cfg["export"]
     for k in ("mindir", "gguf"):
         _need(isinstance(x[k], bool), f"export.{k} must be true or false")
