@@ -81,7 +81,7 @@ def test_plain_text_and_jsonl(tmp_path):
     bad.write_text('{"text": "ok"}\nnot json\n')
     with pytest.raises(YouzhiError, match=r"bad.jsonl:2: not valid JSON"):
         T.load_documents(str(bad))
-    with pytest.raises(YouzhiError, match="neither wiki-calib nor wiki-eval nor news nor an existing file"):
+    with pytest.raises(YouzhiError, match="neither wiki-calib nor wiki-eval nor news nor news-eval nor an existing file"):
         T.load_documents(str(tmp_path / "missing.txt"))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
@@ -96,6 +96,16 @@ class _CharTok:
 
     def encode_batch(self, texts):
         return [[ord(c) for c in t] for t in texts]
+
+
+def test_news_domain_train_and_held_out_sets_are_disjoint():
+    """news (lee_background.cor) is what the pipeline's domain step trains on, news-eval (lee.cor) what it is scored
+    on: 300 and 50 articles, no article (nor its opening) in both; lee.cor's Latin-1 pound signs are read as such."""
+    train, held = T.load_documents("news"), T.load_documents("news-eval")
+    assert (len(train), len(held)) == (300, 50)
+    assert not {d[:80] for d in train} & {d[:80] for d in held}
+    assert sum(d.count("\u00a3") for d in held) >= 1 and not any("\ufffd" in d for d in held)
+    assert held[0].startswith("The national executive of the strife-torn Democrats")
 
 
 def test_pack_tokens():

@@ -31,6 +31,9 @@ Packing (`pack_tokens`): every document is preceded by the tokenizer's end-of-te
 Held-out text of another domain: `news` = the 300 ABC (Australian Broadcasting Corporation) news articles of the Lee
 corpus, `gensim/test/test_data/lee_background.cor` in the same wheel (one article per line; ~80K SmolLM2 tokens). The
 converter never calibrates on it unless asked to, so it measures how a calibration choice transfers to other text.
+`news-eval` = the 50 other ABC articles of the Lee corpus, `gensim/test/test_data/lee.cor` (one per line, ~6K SmolLM2
+tokens; none of them is in `news`, checked by text): the held-out set when `news` is the domain a model is trained on
+(tools/pipeline.py). That file is Latin-1 (a pound sign is byte 0xA3), so it is decoded as Latin-1.
 
 User documents (`load_documents(path)`): a `.jsonl` file gives one document per line (its "text" field; blank lines
 ignored); any other file is read as UTF-8 plain text and split into documents at blank lines (one or more empty or
@@ -67,7 +70,10 @@ WIKI_SPLITS = ("wiki-calib", "wiki-eval")
 NEWS_MEMBER = "gensim/test/test_data/lee_background.cor"
 NEWS_SHA256 = "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb"
 NEWS = "news"
-BUILTIN_TEXTS = WIKI_SPLITS + (NEWS,)
+NEWS_EVAL_MEMBER = "gensim/test/test_data/lee.cor"
+NEWS_EVAL_SHA256 = "a878f9a58f6743c32985c56c2f2f75988386216b38a4023a01fd3bcf7884d93e"
+NEWS_EVAL = "news-eval"
+BUILTIN_TEXTS = WIKI_SPLITS + (NEWS, NEWS_EVAL)
 
 
 def cache_dir() -> str:
@@ -127,7 +133,7 @@ def _ensure_gensim_member(member: str, sha256: str, what: str) -> str:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", GENSIM_REQ,
                "-d", tmp]
         try:
-            with step(f"fetching the Wikipedia sample from the {GENSIM_REQ} wheel (first use only)"):
+            with step(f"fetching the {what} from the {GENSIM_REQ} wheel (first use only)"):
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise YouzhiError(f"could not run pip to fetch the {what} ({exc}); run `{' '.join(cmd[2:])}` "
@@ -377,13 +383,25 @@ def news_articles() -> List[str]:
         return [ln.strip() for ln in f if ln.strip()]
 
 
+def ensure_news_eval_sample() -> str:
+    """Path of the cached held-out Lee articles (lee.cor), from the same wheel."""
+    return _ensure_gensim_member(NEWS_EVAL_MEMBER, NEWS_EVAL_SHA256, "held-out news sample")
+
+
+def news_eval_articles() -> List[str]:
+    with open(ensure_news_eval_sample(), encoding="latin-1") as f:
+        return [ln.strip() for ln in f if ln.strip()]
+
+
 def load_documents(source: str) -> List[str]:
-    """'wiki-calib' | 'wiki-eval' | 'news' | path to a .jsonl ("text" per line) or plain-text file (blank-line
+    """'wiki-calib' | 'wiki-eval' | 'news' | 'news-eval' | path to a .jsonl ("text" per line) or plain-text file (blank-line
     separated)."""
     if source in WIKI_SPLITS:
         return wiki_splits()[source]
     if source == NEWS:
         return news_articles()
+    if source == NEWS_EVAL:
+        return news_eval_articles()
     path = os.path.expanduser(os.fspath(source))
     if not os.path.isfile(path):
         raise YouzhiError(f"text source {source!r} is neither {' nor '.join(BUILTIN_TEXTS)} nor an existing file; pass "

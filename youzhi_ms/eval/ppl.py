@@ -61,14 +61,17 @@ def windows(stream: np.ndarray, seq_len: int) -> np.ndarray:
 
 
 def perplexity(model, stream: np.ndarray, seq_len: int = 512, batch_size: int = 1, progress: bool = True,
-               graph_cache=None) -> dict:
+               graph_cache=None, scorer=None) -> dict:
     """Run the protocol on an already-built model; returns {'ppl', 'nll', 'tokens', 'seq_len', 'windows', 'seconds'}.
 
     batch_size 1 by default: MindSpore's CPU graph keeps every intermediate of the forward alive (measured on SmolLM2,
     512 tokens: peak RSS 3.8 GB at batch 1, 10.9 GB at batch 4), and on CPU a bigger batch is not faster per token.
-    graph_cache: a `youzhi_ms.compile_cache.GraphCache` planned as `[graph_signature(batch_size, seq_len)]`."""
+    graph_cache: a `youzhi_ms.compile_cache.GraphCache` planned as `[graph_signature(batch_size, seq_len)]`.
+    scorer: a `TokenNLL(model)` already used by an earlier call: its compiled graph is reused (several texts scored
+    with one compile); then pass graph_cache=None and progress announcements of a compile are not made."""
     win = windows(stream, seq_len)
-    scorer = TokenNLL(model)
+    compiled = scorer is not None
+    scorer = scorer if compiled else TokenNLL(model)
     total, count = 0.0, 0
     t0 = time.time()
     bar = None
@@ -77,7 +80,7 @@ def perplexity(model, stream: np.ndarray, seq_len: int = 512, batch_size: int = 
         real = len(batch)
         if real < batch_size:  # keep one compiled shape: pad with copies and discard their scores
             batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, 0)])
-        with _first_window(i == 0, progress, graph_cache, graph_signature(batch_size, seq_len)):
+        with _first_window(i == 0 and not compiled, progress, graph_cache, graph_signature(batch_size, seq_len)):
             nll = scorer(Tensor(batch.astype(np.int32))).asnumpy()[:real].astype(np.float64)
         if not np.all(np.isfinite(nll)):
             raise YouzhiError("the model produced non-finite log-probabilities; the weights are corrupt or overflow "

@@ -5,7 +5,8 @@ refused with one message that names the key, the file, and the closest valid spe
 parsed as yaml scalars (`3` -> int, `1e-4` -> float, `true` -> bool, `null` -> None, `[0.9, 0.95]` -> list).
 
 Sections (MindFormers names where MindFormers has the concept):
-  seed, output_dir, run_mode (distill | sft), resume_training
+  seed, output_dir, run_mode (distill | sft: cross entropy on the responses of chat data, or on every token
+                   of a packed text = continued pre-training), resume_training
   context          mode (GRAPH_MODE | PYNATIVE_MODE), device_target (CPU | Ascend | GPU), max_device_memory
   parallel         parallel_mode (data_parallel | semi_auto_parallel), enable_parallel_optimizer (semi-auto: shard the
                    AdamW moments and the weights over the data-parallel replicas)

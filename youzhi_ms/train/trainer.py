@@ -311,9 +311,8 @@ class Trainer:
         tok = self.tokenizer
         self.pad_id = tok.pad_id if tok.pad_id is not None else tok.eot_id
         self.dataset = build_dataset(self.cfg["train_dataset"], tok, self.seq_len, self.pad_id)
-        if self.run_mode == "sft" and self.dataset.kind != "chat":
-            raise YouzhiError("run_mode sft needs a chat jsonl (train_dataset.data_path with {\"messages\": [...]} or "
-                              "{\"prompt\", \"response\"} lines); plain text has no responses to train on")
+        # run_mode sft on a packed text (wiki split, .txt, .jsonl with "text") scores every token: continued
+        # pre-training on a domain corpus (tools/pipeline.py's domain step); on chat data only the responses
         self.sampler = EpochSampler(len(self.dataset), self.seed, self.cfg["train_dataset"]["shuffle"])
         self.coin = np.random.default_rng([self.seed, 7])  # on-policy decisions, identical on every rank
         self.continuation = None
