@@ -24,7 +24,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.fsutil import claim_run_dir
+from youzhi_ms.fsutil import claim_run_dir, record_written
 from youzhi_ms.pipeline.config import ROOT
 from youzhi_ms.pipeline.stages import BY_NAME, STAGES, Context, Stage, is_output
 
@@ -32,8 +32,10 @@ STATE = "pipeline_state.json"
 CONFIG = "pipeline_config.json"
 RESULTS = "stages"  # each stage process's result file, read back by the runner
 SUMMARY_FILES = ("summary.json", "summary.md", "summary.png")
-ENTRIES = ("source_hf", "eval_source.json", "mla", "eval_mla.json", "gkd", "eval_gkd.json", "domain",
-           "eval_domain.json", "mindir", "final.gguf", "plan.json", STATE, CONFIG, RESULTS) + SUMMARY_FILES
+# everything the pipeline writes in its output_dir, as the output marker lists it (directories end in '/'; the
+# conversion's resumable work directory is '.mla.partial/'): --overwrite removes exactly these
+ENTRIES = ("source_hf/", "eval_source.json", "mla/", ".mla.partial/", "eval_mla.json", "gkd/", "eval_gkd.json",
+           "domain/", "eval_domain.json", "mindir/", "final.gguf", "plan.json", STATE, CONFIG, RESULTS + "/") + SUMMARY_FILES
 STATE_VERSION = 1
 
 
@@ -127,7 +129,8 @@ def run_pipeline(cfg: Dict[str, Any], resume: bool = False, overwrite: bool = Fa
     if stop_after is not None and stop_after not in BY_NAME:
         raise YouzhiError(f"--stop-after {stop_after!r} is not a stage; stages: {', '.join(BY_NAME)}")
     say = say or (lambda msg: print(msg, flush=True))
-    out = claim_run_dir(cfg["output_dir"], overwrite, resume, _inputs(cfg), ENTRIES)
+    out = claim_run_dir(cfg["output_dir"], overwrite, resume, _inputs(cfg))
+    record_written(out, ENTRIES)
     state = load_state(out) if resume else {"version": STATE_VERSION, "stages": {}}
     _write_json(os.path.join(out, CONFIG), cfg)
     os.makedirs(os.path.join(out, RESULTS), exist_ok=True)
