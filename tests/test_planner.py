@@ -241,7 +241,7 @@ def test_cli_no_mla_warnings_keeps_the_fit_warnings(tmp_path):
         [w for w in full_w if w.startswith("warning [qwen2_5_7b_mla_r500]")])
 
 
-@pytest.mark.parametrize("kind", ["moe", "missing", "unknown", "badrank"])
+@pytest.mark.parametrize("kind", ["moe", "missing", "unknown", "badrank", "yaml_bomb"])
 def test_cli_bad_input_one_error_line(tmp_path, kind):
     d = tmp_path / "m"
     d.mkdir()
@@ -253,12 +253,19 @@ def test_cli_bad_input_one_error_line(tmp_path, kind):
     elif kind == "unknown":
         (d / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 768}))
         args = ["--model", str(d)]
+    elif kind == "yaml_bomb":  # nested aliases: each level repeats the one before 9 times (a "billion laughs")
+        levels = ['l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+        levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 13)]
+        (tmp_path / "bomb.yaml").write_text("\n".join(levels) + "\n")
+        args = ["--model", str(tmp_path / "bomb.yaml")]
     else:
         args = ["--model", Q7, "--kv-lora-rank", "4096"]
     r = _run(*args)
     assert r.returncode == 2
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    if kind == "yaml_bomb":
+        assert "alias references" in lines[0] and len(lines[0]) < 400, lines[0]
 
 
 def test_param_counts_match_transformers():

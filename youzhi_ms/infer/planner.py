@@ -207,14 +207,12 @@ def read_config_file(path: str) -> Dict[str, Any]:
         raise YouzhiError(f"cannot read {path}: {exc.strerror}; check the path and permissions") from None
     except UnicodeDecodeError:
         raise YouzhiError(f"{path} is not UTF-8 text; fix the file") from None
+    import yaml
+    from youzhi_ms.train.run_config import load_yaml
     try:
-        import yaml
-    except ImportError:
-        raise YouzhiError("reading yaml configs needs pyyaml; pip install pyyaml or pass a config.json") from None
-    try:
-        cfg = yaml.safe_load(text)
+        cfg = load_yaml(text)
     except yaml.YAMLError as exc:
-        raise YouzhiError(f"{path} is not valid YAML ({exc}); fix the file") from None
+        raise YouzhiError(f"{path} is not valid YAML ({' '.join(str(exc).split())}); fix the file") from None
     if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and \
             isinstance(cfg["model"].get("model_config"), dict):
         cfg = cfg["model"]["model_config"]

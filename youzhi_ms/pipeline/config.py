@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Sequence
 import yaml
 
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.train.run_config import _Loader, _merge, apply_override, parse_override
+from youzhi_ms.train.run_config import _merge, apply_override, load_yaml, parse_override
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -144,7 +144,7 @@ def load_pipeline_config(path: Optional[str], overrides: Sequence[str] = ()) -> 
             raise YouzhiError(f"config file {path} does not exist")
         try:
             with open(path, encoding="utf-8") as f:
-                data = yaml.load(f, Loader=_Loader) or {}
+                data = load_yaml(f) or {}
         except yaml.YAMLError as exc:
             raise YouzhiError(f"{path} is not valid yaml: {exc}") from None
         except UnicodeDecodeError:

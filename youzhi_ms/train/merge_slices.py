@@ -134,6 +134,7 @@ def merge_run(run_dir: str, output_dir: Optional[str] = None, step: Optional[int
               overwrite: bool = False, log: Callable[[str], None] = print) -> str:
     """Write the Hugging Face directory of a model / pipeline parallel run's student (default `<run>/hf_model`)."""
     import yaml
+    from youzhi_ms.train.run_config import load_yaml
     from youzhi_ms.checkpoint.hf import ShardedWriter, read_config, write_model_files
     from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
     from youzhi_ms.models.names import ms_to_hf
@@ -146,9 +147,10 @@ def merge_run(run_dir: str, output_dir: Optional[str] = None, step: Optional[int
     if os.path.isfile(cfg_path):
         with open(cfg_path) as f:
             try:
-                run_cfg = yaml.safe_load(f) or {}
+                run_cfg = load_yaml(f) or {}
             except yaml.YAMLError as e:
-                raise YouzhiError(f"{cfg_path} is not valid yaml ({e}); pass --student-dir and --dtype") from None
+                raise YouzhiError(f"{cfg_path} is not valid yaml ({' '.join(str(e).split())}); "
+                                  "pass --student-dir and --dtype") from None
         if not isinstance(run_cfg, dict):
             raise YouzhiError(f"{cfg_path} is not a run config")
     student_dir = student_dir or (run_cfg.get("model") or {}).get("student")

@@ -105,6 +105,12 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def load_yaml(stream):
+    """The one yaml reader of the project (run configs, pipeline configs, model configs given as yaml): plain
+    mappings, lists and values, YAML 1.2 floats, at most MAX_ALIASES alias references."""
+    return yaml.load(stream, Loader=_Loader)
+
+
 # keys that existed under another name on some branch's yamls / commands (docs/benchmarks.md section 6a)
 MOVED = {"model.recompute": "recompute_config.recompute"}
 
