@@ -30,10 +30,11 @@ NEWS = "police said the minister will meet union leaders today after the fire ne
 
 
 def _tokenizer(path):
-    """Character-level byte-level BPE (no merges), <|endoftext|> = 0: every text is tokenizable."""
+    """Character-level byte-level BPE with one merge ('th': llama.cpp, hence the GGUF stage, loads no BPE vocabulary
+    without merges), <|endoftext|> = 0: every text is tokenizable."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    chars = [chr(c) for c in range(33, 127)] + ["Ġ", "Ċ"]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(["<|endoftext|>"] + chars)}, merges=[]))
+    chars = [chr(c) for c in range(33, 127)] + ["Ġ", "Ċ", "th"]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(["<|endoftext|>"] + chars)}, merges=[("t", "h")]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.save(os.path.join(path, "tokenizer.json"))
@@ -176,6 +177,9 @@ def test_stages_chain_and_every_output_loads_in_transformers(setup, full_run):
     assert ("skipped" in st["gguf"]["result"]) != gguf_tool
     if not gguf_tool:
         assert "gguf: skipped: this checkout has no tools/export_gguf.py" in stdout
+    else:
+        with open(os.path.join(out, "final.gguf"), "rb") as f:
+            assert f.read(4) == b"GGUF"
     plan = st["plan"]["result"]
     assert plan["kv_bytes_per_token"]["final"] < plan["kv_bytes_per_token"]["source"]  # (16 + 8) < 2 * 2 * 16
 
