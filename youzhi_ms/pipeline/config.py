@@ -22,10 +22,9 @@ import copy
 import os
 from typing import Any, Dict, Optional, Sequence
 
-import yaml
 
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.train.run_config import _merge, apply_override, load_yaml, parse_override
+from youzhi_ms.train.run_config import _merge, apply_override, parse_override, read_yaml_sections
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -140,18 +139,7 @@ def load_pipeline_config(path: Optional[str], overrides: Sequence[str] = ()) -> 
     """DEFAULTS <- yaml file <- overrides, validated."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        if not os.path.isfile(path):
-            raise YouzhiError(f"config file {path} does not exist")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = load_yaml(f) or {}
-        except yaml.YAMLError as exc:
-            raise YouzhiError(f"{path} is not valid yaml: {exc}") from None
-        except UnicodeDecodeError:
-            raise YouzhiError(f"{path} is not UTF-8 text; save the yaml as UTF-8") from None
-        if not isinstance(data, dict):
-            raise YouzhiError(f"{path} must be a yaml mapping of sections (output_dir, source, eval, convert, ...)")
-        _merge(cfg, data, path)
+        _merge(cfg, read_yaml_sections(path, "output_dir, source, eval, convert, ..."), path)
     for text in overrides:
         apply_override(cfg, *parse_override(text))
     validate(cfg)

@@ -193,24 +193,28 @@ def apply_override(cfg: Dict[str, Any], parts: List[str], value) -> None:
             node = node[p]
 
 
+def read_yaml_sections(path: str, sections: str) -> Dict[str, Any]:
+    """A yaml config file read as hostile input: a mapping of sections (`sections` names some, for the message)."""
+    if not os.path.isfile(path):
+        raise YouzhiError(f"config file {path} {path_problem(path, 'file')}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = load_yaml(f) or {}
+    except yaml.YAMLError as exc:
+        raise YouzhiError(f"{path} is not valid yaml: {' '.join(str(exc).split())}; fix it there (plain "
+                          "mappings, lists and values only)") from None
+    except UnicodeDecodeError:
+        raise YouzhiError(f"{path} is not UTF-8 text; save the yaml as UTF-8") from None
+    if not isinstance(data, dict):
+        raise YouzhiError(f"{path} must be a yaml mapping of sections ({sections})")
+    return data
+
+
 def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[str, Any]:
     """DEFAULTS <- yaml file <- overrides, validated. Returns a plain nested dict."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        if not os.path.isfile(path):
-            raise YouzhiError(f"config file {path} {path_problem(path, 'file')}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.load(f, Loader=_Loader) or {}
-        except yaml.YAMLError as exc:
-            raise YouzhiError(f"{path} is not valid yaml: {' '.join(str(exc).split())}; fix it there (plain "
-                              "mappings, lists and values only)") from None
-        except UnicodeDecodeError:
-            raise YouzhiError(f"{path} is not UTF-8 text; save the yaml as UTF-8") from None
-        if not isinstance(data, dict):
-            raise YouzhiError(f"{path} must be a yaml mapping of sections (seed, output_dir, model, "
-                              "runner_config, ...)")
-        _merge(cfg, data, path)
+        _merge(cfg, read_yaml_sections(path, "seed, output_dir, model, runner_config, ..."), path)
     for text in overrides:
         apply_override(cfg, *parse_override(text))
     validate(cfg)
