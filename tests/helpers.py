@@ -102,6 +102,24 @@ def add_tiny_tokenizer(path, vocab_size=V):
     tok.save(os.path.join(str(path), "tokenizer.json"))
 
 
+def tiny_llama_with_text(base, layers: int, paragraphs: int, vocab_size: int = V):
+    """(model dir, text file) in `base`: a tiny Llama saved by transformers with the character tokenizer of
+    `add_tiny_tokenizer`, and a plain text of `paragraphs` short paragraphs, for the tools' CLI tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    d = base / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=64, bos_token_id=0, eos_token_id=vocab_size - 1)
+                     ).save_pretrained(d)
+    add_tiny_tokenizer(d, vocab_size)
+    text = base / "text.txt"
+    text.write_text("\n\n".join(f"Paragraph {i} says little but says it {i % 7} times over." * 4
+                                 for i in range(paragraphs)))
+    return d, text
+
+
 def write_word_tokenizer(path, vocab_size):
     """A WordLevel tokenizer ('w1 w2 ...'; any other word is <|endoftext|>, id 0) and its tokenizer_config.json in
     `path`, enough for the tools on a tiny random model (also the conftest fixture of the same name)."""

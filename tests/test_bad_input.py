@@ -23,7 +23,7 @@ import pytest
 
 from youzhi_ms.errors import YouzhiError
 
-from helpers import ROOT, add_tiny_tokenizer, calib, one_error_line
+from helpers import ROOT, tiny_llama_with_text, calib, one_error_line
 
 TOOLS = os.path.join(ROOT, "tools")
 V = 96
@@ -34,18 +34,7 @@ V = 96
 def tiny(tmp_path_factory):
     """(model dir, text file): a tiny Llama saved by transformers with a character-level tokenizer. Read-only: tests
     that damage a model copy it first (`copy_model`)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    base = tmp_path_factory.mktemp("bad_input")
-    d = base / "llama"
-    LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                 bos_token_id=0, eos_token_id=V - 1)).save_pretrained(d)
-    add_tiny_tokenizer(d, V)
-    text = base / "text.txt"
-    text.write_text("\n\n".join(f"Paragraph {i} says little but says it {i % 7} times over." * 4 for i in range(200)))
-    return d, text
+    return tiny_llama_with_text(tmp_path_factory.mktemp("bad_input"), layers=2, paragraphs=200, vocab_size=V)
 
 
 def copy_model(tiny, dst):

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, add_tiny_tokenizer, one_error_line
+from helpers import ROOT, tiny_llama_with_text, one_error_line
 
 from youzhi_ms.fsutil import MARKER, read_marker
 
@@ -60,18 +60,7 @@ def digest(*paths) -> dict:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(teacher dir, text file): a tiny one-layer Llama saved by transformers, with a character tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    base = tmp_path_factory.mktemp("nothing_lost")
-    d = base / "llama"
-    LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                 bos_token_id=0, eos_token_id=V - 1)).save_pretrained(d)
-    add_tiny_tokenizer(d, V)
-    text = base / "text.txt"
-    text.write_text("\n\n".join(f"Paragraph {i} says little but says it {i % 7} times over." * 4 for i in range(60)))
-    return d, text
+    return tiny_llama_with_text(tmp_path_factory.mktemp("nothing_lost"), layers=1, paragraphs=60, vocab_size=V)
 
 
 def convert_args(tiny, out, *extra):

@@ -18,13 +18,12 @@ closest spelling), `--set section.key=value` overrides parsed as yaml scalars (t
 """
 from __future__ import annotations
 
-import copy
 import os
 from typing import Any, Dict, Optional, Sequence
 
 
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.train.run_config import _merge, apply_override, parse_override, read_yaml_sections
+from youzhi_ms.train.run_config import layered_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -137,10 +136,4 @@ def validate(cfg: Dict[str, Any]) -> None:
 
 def load_pipeline_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[str, Any]:
     """DEFAULTS <- yaml file <- overrides, validated."""
-    cfg = copy.deepcopy(DEFAULTS)
-    if path is not None:
-        _merge(cfg, read_yaml_sections(path, "output_dir, source, eval, convert, ..."), path)
-    for text in overrides:
-        apply_override(cfg, *parse_override(text))
-    validate(cfg)
-    return cfg
+    return layered_config(DEFAULTS, path, overrides, validate, "output_dir, source, eval, convert, ...")

@@ -210,15 +210,22 @@ def read_yaml_sections(path: str, sections: str) -> Dict[str, Any]:
     return data
 
 
-def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[str, Any]:
-    """DEFAULTS <- yaml file <- overrides, validated. Returns a plain nested dict."""
-    cfg = copy.deepcopy(DEFAULTS)
+def layered_config(defaults: Dict[str, Any], path: Optional[str], overrides: Sequence[str], check,
+                   sections: str) -> Dict[str, Any]:
+    """`defaults` <- yaml file <- `--set` overrides, then `check(cfg)`: how every yaml of the project is read (the
+    training run config here, the pipeline config in youzhi_ms/pipeline/config.py). A plain nested dict."""
+    cfg = copy.deepcopy(defaults)
     if path is not None:
-        _merge(cfg, read_yaml_sections(path, "seed, output_dir, model, runner_config, ..."), path)
+        _merge(cfg, read_yaml_sections(path, sections), path)
     for text in overrides:
         apply_override(cfg, *parse_override(text))
-    validate(cfg)
+    check(cfg)
     return cfg
+
+
+def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """DEFAULTS <- yaml file <- overrides, validated."""
+    return layered_config(DEFAULTS, path, overrides, validate, "seed, output_dir, model, runner_config, ...")
 
 
 def callback(cfg: Dict[str, Any], name: str) -> Optional[Dict[str, Any]]:
