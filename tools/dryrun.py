@@ -19,21 +19,17 @@ line if the plan is refused (heads not divisible by model_parallel, ...), reject
 --json writes {world_size, data_parallel, model_parallel, pipeline_stage, unsharded_param_bytes, ranks: [{rank, stage,
 param_bytes, grad_bytes, optimizer_bytes, activation_bytes, total_bytes}], ...}, bytes per rank.
 """
-import argparse
 
 import _bootstrap  # noqa: F401
 
-from youzhi_ms.cli import NONNEGATIVE, POSITIVE, ArgumentParser
+from youzhi_ms.cli import NONNEGATIVE, POSITIVE, yaml_config_parser
 from youzhi_ms.errors import YouzhiError, cli_main
 from youzhi_ms.fsutil import OVERWRITE_HELP, check_output_dir, check_output_file, write_json_output
 
 
 @cli_main
 def main(argv=None):
-    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="training yaml (yaml_configs/*.yaml)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override one config key (repeatable), as in tools/train.py")
+    ap = yaml_config_parser(__doc__, "training yaml (yaml_configs/*.yaml)")
     ap.add_argument("--rank", type=NONNEGATIVE, default=None,
                     help="compile only this rank (default: one rank per stage)")
     ap.add_argument("--json", default=None, help="write the per-rank figures as json")

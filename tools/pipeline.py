@@ -16,24 +16,17 @@ output_dir/pipeline_state.json makes the pipeline resumable per stage (--resume 
 inputs are unchanged; an interrupted training stage continues from its newest checkpoint). youzhi_ms/pipeline/config.py
 lists every yaml key.
 """
-import argparse
 
 import _bootstrap  # noqa: F401
 
-from youzhi_ms.cli import ArgumentParser
+from youzhi_ms.cli import add_run_dir_options, yaml_config_parser
 from youzhi_ms.errors import YouzhiError, cli_main
 
 
 @cli_main
 def main(argv=None):
-    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="pipeline yaml (yaml_configs/youzhi_pipeline_smollm2.yaml)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override one config key (repeatable), e.g. --set gkd.max_steps=100")
-    ap.add_argument("--resume", action="store_true", help="continue the pipeline in output_dir")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="start over in an output_dir that holds an earlier pipeline run (it is replaced; a "
-                         "directory youzhi_ms did not create never is)")
+    ap = yaml_config_parser(__doc__, "pipeline yaml (yaml_configs/youzhi_pipeline_smollm2.yaml)", "gkd.max_steps=100")
+    add_run_dir_options(ap, "continue the pipeline in output_dir")
     ap.add_argument("--stop-after", default=None, metavar="STAGE",
                     help="end after this stage (source, eval_source, convert, eval_mla, gkd, eval_gkd, domain, "
                          "eval_domain, mindir, gguf, plan); --resume continues")

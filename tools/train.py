@@ -16,25 +16,18 @@ callbacks.CheckpointMonitor.save_checkpoint_steps=50). Unknown keys are refused.
 checkpoint in output_dir exactly (weights, AdamW moments, data position, RNG). Outputs in output_dir: loss_log.jsonl,
 loss_curve.png, checkpoint/step_N/, hf_model/ (Hugging Face DeepSeek-V3 directory, read by tools/eval_ppl.py).
 """
-import argparse
 import json
 
 import _bootstrap  # noqa: F401
 
-from youzhi_ms.cli import ArgumentParser
+from youzhi_ms.cli import add_run_dir_options, yaml_config_parser
 from youzhi_ms.errors import YouzhiError, cli_main
 
 
 @cli_main
 def main(argv=None):
-    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="yaml file (yaml_configs/*.yaml)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override one config key (repeatable)")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="start over in an output_dir that holds an earlier youzhi_ms run (it is replaced; a "
-                         "directory youzhi_ms did not create never is)")
+    ap = yaml_config_parser(__doc__, "yaml file (yaml_configs/*.yaml)")
+    add_run_dir_options(ap, "continue from the newest checkpoint in output_dir")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (LossMonitor lines only)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as json and exit")
     args = ap.parse_args(argv)

@@ -73,3 +73,22 @@ def path_problem(path: str, want: str) -> str:
 
 POSITIVE = int_at_least(1)
 NONNEGATIVE = int_at_least(0)
+
+
+def yaml_config_parser(description: str, config_help: str, set_example: str = "") -> ArgumentParser:
+    """The parser of a tool driven by a MindFormers-style yaml (train, pipeline, dryrun): --config and the repeatable
+    --set SECTION.KEY=VALUE overrides, read by train/run_config.py's rules."""
+    ap = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help=config_help)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one config key (repeatable)" + (f", e.g. --set {set_example}" if set_example else ""))
+    return ap
+
+
+def add_run_dir_options(ap: argparse.ArgumentParser, resume_help: str) -> None:
+    """--resume / --overwrite of a tool that fills an output_dir over time (train, pipeline)."""
+    ap.add_argument("--resume", action="store_true", help=resume_help)
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start over in an output_dir that holds an earlier youzhi_ms run (exactly what that run "
+                         "wrote is replaced; anything else there stops the run; a directory youzhi_ms did not create "
+                         "never is)")
