@@ -260,17 +260,26 @@ def test_qk_norm_source_refused(tmp_path):
     assert r.returncode == 2 and "q/k RMSNorm" in r.stderr and not (tmp_path / "out").exists()
 
 
-def test_non_finite_calibration_statistics_refused(tmp_path):
+def test_non_finite_weights_and_calibration_statistics_refused(tmp_path, monkeypatch):
     from youzhi_ms.checkpoint.hf import save_safetensors
+    from youzhi_ms.convert import attention_np
     from youzhi_ms.errors import YouzhiError
     make_source("llama", tmp_path / "src")
+    # finite weights whose calibration streams still overflow (here: an MLP that returns inf) stop at the statistics
+    real = attention_np.mlp
+    monkeypatch.setattr(attention_np, "mlp", lambda x, w: real(x, w) * np.inf)
+    with pytest.raises(YouzhiError, match="non-finite calibration statistics"):
+        _convert(tmp_path / "src", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(attention_np, "mlp", real)
+    # a weight holding Inf is refused by name when it is read, before any statistics
     ck = HFCheckpoint(str(tmp_path / "src"))
     tensors = [(n, ck.get(n)) for n in ck.names()]
     tensors = [(n, np.full_like(a, np.inf) if n.endswith("layers.0.self_attn.k_proj.weight") else a) for n, a in tensors]
     save_safetensors(str(tmp_path / "src" / "model.safetensors"), tensors)
-    with pytest.raises(YouzhiError, match="non-finite calibration statistics"):
-        _convert(tmp_path / "src", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    with pytest.raises(YouzhiError, match=r"model.layers.0.self_attn.k_proj.weight holds \d+ NaN/Inf"):
+        _convert(tmp_path / "src", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_interrupted_conversion_resumes_to_the_same_result(tmp_path, monkeypatch):

@@ -31,6 +31,7 @@ from youzhi_ms.config import load_any_config
 from youzhi_ms.data.tokenizer import Tokenizer
 from youzhi_ms.cli import path_problem
 from youzhi_ms.errors import YouzhiError
+from youzhi_ms.progress import ProgressBar
 from youzhi_ms.train.data import EpochSampler, build_dataset
 
 MAGIC = b"YZTOPK01"
