@@ -17,10 +17,10 @@ import torch
 from youzhi_ms import contract as C
 from youzhi_ms.checkpoint.gguf_writer import export_gguf, tokenizer_pre
 from youzhi_ms.errors import YouzhiError
+from youzhi_ms.infer import llamacpp  # our own module: an import error is a failure, never a skip
 
 from helpers import ROOT, one_error_line, randomize
 
-llamacpp = pytest.importorskip("youzhi_ms.infer.llamacpp")
 try:
     llamacpp.lib()
 except YouzhiError as exc:  # the engine is part of the test extra: its absence is a failure, not a skip
