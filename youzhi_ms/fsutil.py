@@ -98,12 +98,13 @@ def read_marker(path: str) -> Optional[dict]:
     return m if isinstance(m, dict) and m.get("written_by") == "youzhi_ms" else None
 
 
-def _replace_json(path: str, obj) -> None:
-    """Write `obj` to `path` through a pid-tagged temp sibling: a torn marker would make an output look foreign."""
+def replace_json(path: str, obj, **dump_options) -> None:
+    """Write `obj` to `path` through a pid-tagged temp sibling (named as the output rule knows its leftovers): a torn
+    marker would make an output look foreign, a torn state file would lose a run's bookkeeping."""
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
+            json.dump(obj, f, indent=1, **dump_options)
             f.write("\n")
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
@@ -121,7 +122,7 @@ def write_marker(path: str, kind: str, files: Sequence[str], preexisting: Option
          "time": time.strftime("%Y-%m-%d %H:%M:%S"), "files": sorted(set(files) | {MARKER})}
     if preexisting:
         m["preexisting"] = sorted(preexisting)
-    _replace_json(os.path.join(path, MARKER), m)
+    replace_json(os.path.join(path, MARKER), m)
 
 
 def tree_entries(path: str) -> list:
@@ -148,7 +149,7 @@ def record_written(path: str, entries: Iterable[str]) -> None:
     new = [e for e in entries if e not in listed and e not in before and e.rstrip("/") not in before]
     if new:
         marker["files"] = sorted(listed | set(new))
-        _replace_json(os.path.join(path, MARKER), marker)
+        replace_json(os.path.join(path, MARKER), marker)
 
 
 # the hidden names the tools give their temporary and set-aside siblings of an entry NAME (tempfile's 8 random

@@ -24,7 +24,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.fsutil import claim_run_dir, record_written
+from youzhi_ms.fsutil import claim_run_dir, record_written, replace_json
 from youzhi_ms.pipeline.config import ROOT
 from youzhi_ms.pipeline.stages import BY_NAME, STAGES, Context, Stage, is_output
 
@@ -58,12 +58,9 @@ def fingerprint(stage: Stage, ctx: Context, stages: Dict[str, dict]) -> str:
 
 
 def _write_json(path: str, obj) -> None:
-    """The runner's own bookkeeping files: written whole into a temp file, then renamed (never half-written)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    """The runner's own bookkeeping files, never half-written; an interrupted write leaves a temp file named as the
+    output rule knows its leftovers, so a later --overwrite is not stopped by it."""
+    replace_json(path, obj, ensure_ascii=False, default=str)
 
 
 def load_state(out: str) -> Dict[str, Any]:
