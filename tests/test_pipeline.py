@@ -173,13 +173,10 @@ def test_stages_chain_and_every_output_loads_in_transformers(setup, full_run):
     assert os.path.getsize(os.path.join(out, "summary.png")) > 1000
     for f in ("prefill.mindir", "decode.mindir", "manifest.json"):
         assert os.path.isfile(os.path.join(out, "mindir", f))
-    gguf_tool = os.path.isfile(os.path.join(ROOT, "tools", "export_gguf.py"))
-    assert ("skipped" in st["gguf"]["result"]) != gguf_tool
-    if not gguf_tool:
-        assert "gguf: skipped: this checkout has no tools/export_gguf.py" in stdout
-    else:
-        with open(os.path.join(out, "final.gguf"), "rb") as f:
-            assert f.read(4) == b"GGUF"
+    assert "skipped" not in st["gguf"]["result"]
+    from gguf import GGUFReader  # the llama.cpp project's reader: the final MLA model as llama.cpp's deepseek2
+    arch = GGUFReader(os.path.join(out, "final.gguf")).get_field("general.architecture")
+    assert bytes(arch.parts[arch.data[0]]).decode() == "deepseek2"
     plan = st["plan"]["result"]
     assert plan["kv_bytes_per_token"]["final"] < plan["kv_bytes_per_token"]["source"]  # (16 + 8) < 2 * 2 * 16
 

@@ -12,8 +12,8 @@ closest spelling), `--set section.key=value` overrides parsed as yaml scalars (t
   gkd             config (a tools/train.py yaml, run_mode distill), max_steps, overrides (list of --set strings)
   domain          corpus (the domain training text: news, or a .txt / .jsonl file), config (a tools/train.py yaml,
                   run_mode sft: on a packed text that is continued pre-training), max_steps, overrides
-  export          mindir (true/false), mindir_max_seq_len, gguf (true: run tools/export_gguf.py when the checkout
-                  has it, else the stage is skipped with one line), gguf_outtype
+  export          mindir (true/false), mindir_max_seq_len, gguf (true/false: the final model as a GGUF for
+                  llama.cpp, as tools/export_gguf.py writes it), gguf_outtype
   plan            device_memory_gib, max_model_len (tools/plan_concurrency.py's settings)
 """
 from __future__ import annotations

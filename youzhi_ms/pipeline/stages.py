@@ -10,15 +10,12 @@ gkd/hf_model)  domain/ (the same; domain/hf_model)  mindir/  final.gguf  plan.js
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from typing import Any, Callable, Dict, List
 
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import read_marker, write_json_output
-from youzhi_ms.pipeline.config import ROOT, resolve_file
+from youzhi_ms.pipeline.config import resolve_file
 
-GGUF_TOOL = os.path.join(ROOT, "tools", "export_gguf.py")
 
 
 class Context:
@@ -177,22 +174,18 @@ def stage_mindir(ctx: Context) -> Dict[str, Any]:
 
 
 def stage_gguf(ctx: Context) -> Dict[str, Any]:
-    """tools/export_gguf.py on the final model, when this checkout has that tool (another branch adds it)."""
+    """The final model as one GGUF for llama.cpp (youzhi_ms/checkpoint/gguf_writer.py, as tools/export_gguf.py)."""
     if not ctx.cfg["export"]["gguf"]:
         print("gguf: skipped (export.gguf is false)", flush=True)
         return {"skipped": "export.gguf is false"}
-    if not os.path.isfile(GGUF_TOOL):
-        print(f"gguf: skipped: this checkout has no {os.path.relpath(GGUF_TOOL, ROOT)} (the GGUF export is not "
-              "merged yet); the MindIR export and the Hugging Face directories are the deployable outputs", flush=True)
-        return {"skipped": "tools/export_gguf.py is not in this checkout"}
-    out = ctx.path("final.gguf")
-    cmd = [sys.executable, GGUF_TOOL, "--model", ctx.final_dir, "--outfile", out,
-           "--outtype", ctx.cfg["export"]["gguf_outtype"]] + (["--overwrite"] if os.path.exists(out) else [])
-    rc = subprocess.call(cmd)
-    if rc != 0:
-        raise YouzhiError(f"tools/export_gguf.py failed (exit {rc}, its message above); the stages before it are "
-                          "kept: fix the cause and run the pipeline again with --resume")
-    return {"output": out, "bytes": os.path.getsize(out), "outtype": ctx.cfg["export"]["gguf_outtype"]}
+    from youzhi_ms.checkpoint.gguf_writer import export_gguf
+    out, outtype = ctx.path("final.gguf"), ctx.cfg["export"]["gguf_outtype"]
+    try:
+        export_gguf(ctx.final_dir, out, outtype, overwrite=os.path.exists(out))
+    except YouzhiError as exc:
+        raise YouzhiError(f"{exc}; the stages before the GGUF export are kept: fix the cause and run the pipeline "
+                          "again with --resume") from None
+    return {"output": out, "bytes": os.path.getsize(out), "outtype": outtype}
 
 
 def stage_plan(ctx: Context) -> Dict[str, Any]:
@@ -252,7 +245,7 @@ def _mindir_outputs(ctx: Context) -> List[str]:
 
 
 def _gguf_outputs(ctx: Context) -> List[str]:
-    return [ctx.path("final.gguf")] if ctx.cfg["export"]["gguf"] and os.path.isfile(GGUF_TOOL) else []
+    return [ctx.path("final.gguf")] if ctx.cfg["export"]["gguf"] else []
 
 
 def _train_files(stage: str) -> Callable[[Context], List[str]]:
@@ -279,7 +272,7 @@ STAGES: List[Stage] = [
     Stage("eval_domain", _eval_stage("domain"), _fixed("eval_domain.json"), ["domain"], ["eval"],
           _eval_files),
     Stage("mindir", stage_mindir, _mindir_outputs, ["domain"], ["export"]),
-    Stage("gguf", stage_gguf, _gguf_outputs, ["domain"], ["export"], lambda ctx: [GGUF_TOOL]),
+    Stage("gguf", stage_gguf, _gguf_outputs, ["domain"], ["export"], lambda ctx: []),
     Stage("plan", stage_plan, _fixed("plan.json"), ["source", "domain"], ["plan"]),
 ]
 BY_NAME = {s.name: s for s in STAGES}
