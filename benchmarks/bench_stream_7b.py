@@ -89,12 +89,32 @@ def write_random_checkpoint(path, layers=28, seed=0, shape="7b"):
     write_json(os.path.join(path, "tokenizer_config.json"), {"eos_token": "<|endoftext|>"})
 
 
+def tree_pss_kb(pid):
+    """Proportional set size of a process and its children (the FreqFold search's forked workers share the parent's
+    pages copy-on-write: Pss counts a shared page once in all, where summed RSS would count it per process)."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        kids = []
+    for p in [pid] + kids:
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for ln in f:
+                    if ln.startswith("Pss:"):
+                        total += int(ln.split()[1])
+        except OSError:
+            pass
+    return total
+
+
 def run_measured(cmd):
-    """(returncode, stderr, wall seconds, peak RSS GB from wait4, peak VmHWM GB polled from /proc, CPU seconds) of a
-    child."""
+    """(returncode, stderr, wall seconds, peak RSS GB from wait4, peak VmHWM GB polled from /proc, CPU seconds, peak
+    Pss GB of the process with its workers, polled) of a child."""
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    hwm, err = 0, []
+    hwm, pss, polls, err = 0, 0, 0, []
     import threading
     reader = threading.Thread(target=lambda: err.append(proc.stderr.read()))
     reader.start()
@@ -109,11 +129,14 @@ def run_measured(cmd):
                         hwm = max(hwm, int(ln.split()[1]))
         except OSError:
             pass
+        if polls % 5 == 0:  # once a second: reading smaps walks the page tables
+            pss = max(pss, tree_pss_kb(proc.pid))
+        polls += 1
         time.sleep(0.2)
     reader.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     return (proc.returncode, "".join(err), time.time() - t0, ru.ru_maxrss / 1024 ** 2, hwm / 1024 ** 2,
-            ru.ru_utime + ru.ru_stime)
+            ru.ru_utime + ru.ru_stime, pss / 1024 ** 2)
 
 
 def main():
@@ -148,7 +171,7 @@ def main():
            "--calib-text", "wiki-calib", "--calib-tokens", str(args.calib_tokens), "--proxy-seqs", str(args.proxy_seqs),
            "--out-dtype", "bf16", "--freqfold-search", args.freqfold_search, "--quiet"]
     load0 = os.getloadavg()[0]
-    rc, stderr, wall, peak_gb, hwm_gb, cpu = run_measured(cmd)
+    rc, stderr, wall, peak_gb, hwm_gb, cpu, pss_gb = run_measured(cmd)
     if rc != 0:
         print(stderr[-3000:])
         sys.exit(1)
@@ -157,15 +180,17 @@ def main():
            "freqfold": args.freqfold, "calib_tokens": args.calib_tokens, "write_source_seconds": round(t_write, 1),
            "convert_wall_seconds": round(wall, 1), "convert_cpu_seconds": round(cpu, 1),
            "load_before": load0, "load_after": os.getloadavg()[0], "peak_rss_gb": round(peak_gb, 2),
-           "peak_vmhwm_polled_gb": round(hwm_gb, 2), "parent_rss_gb": round(
+           "peak_vmhwm_polled_gb": round(hwm_gb, 2), "peak_pss_with_workers_gb": round(pss_gb, 2),
+           "parent_rss_gb": round(
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 3),
            "cache_ratio": rep["cache_ratio"], "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores",
            "command": " ".join(cmd[1:])}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     json.dump(res, open(args.out, "w"), indent=1)
-    print("| shape | rank | freqfold | calib tokens | convert wall s | peak RSS GB |\n|---|---|---|---|---|---|")
+    print("| shape | rank | freqfold | calib tokens | convert wall s | CPU s | peak RSS GB | peak Pss with workers GB |\n"
+          "|---|---|---|---|---|---|---|---|")
     print(f"| {res['shape']} | {args.kv_lora_rank}+64 | {args.freqfold} | {args.calib_tokens} | {res['convert_wall_seconds']}"
-          f" | {res['peak_rss_gb']} |")
+          f" | {res['convert_cpu_seconds']} | {res['peak_rss_gb']} | {res['peak_pss_with_workers_gb']} |")
     if not args.keep:
         import shutil
         shutil.rmtree(dst, ignore_errors=True)

@@ -11,6 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import youzhi_ms  # noqa: E402,F401  (chooses numpy's OpenBLAS kernel before any test module imports numpy)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _compile_cache_in_session_tmp(tmp_path_factory):

@@ -74,6 +74,9 @@ def main(argv=None):
                     help="how the adaptive modes search the band tilings: fast = every tiling on a subsample of the "
                          "scored positions, the best few on all (default); exhaustive = every tiling on all positions, "
                          "each built exactly as it would be exported (for checking; several times slower)")
+    ap.add_argument("--search-workers", type=NONNEGATIVE, default=defaults["search_workers"].default,
+                    help="processes that score the FreqFold candidates (default 0: one per core, at most 8); the "
+                         "choice does not depend on it")
     ap.add_argument("--freqfold-score", choices=choices["score"], default=defaults["score"].default,
                     help="what each FreqFold candidate is scored by against the source model: local-block = the "
                          "layer's output after its MLP on the same inputs (default); local = after attention only; "
@@ -104,6 +107,7 @@ def main(argv=None):
                          proxy_seqs=args.proxy_seqs, export=args.export, seed=args.seed, plan=plan,
                          out_dtype=args.out_dtype, pca_metric=args.pca_metric, stats=args.stats,
                          score=args.freqfold_score, freqfold_search=args.freqfold_search,
+                         search_workers=args.search_workers,
                          progress=not args.quiet)
     if opt.freqfold == "auto":  # judged by the converted MindSpore model: MindSpore is imported only for this mode
         from youzhi_ms.eval.auto_freqfold import convert_auto as convert

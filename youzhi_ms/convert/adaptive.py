@@ -29,6 +29,7 @@ import numpy as np
 
 from youzhi_ms.convert.latent import kv_group
 from youzhi_ms.convert.rorope import Band, describe_bands, pca, uniform_bands
+from youzhi_ms.convert.score_workers import map_scores
 
 MODES = ("adaptive", "adaptive-layer")
 
@@ -161,27 +162,32 @@ class Decision:
     scores: Dict[str, float] = field(default_factory=dict)  # candidates scored in full at balance 1
     refined: Dict[str, float] = field(default_factory=dict)  # "name @ beta" for the finalists
     coarse: Dict[str, float] = field(default_factory=dict)  # every candidate on the subsample (fast search only)
+    coarse_balances: Dict[str, float] = field(default_factory=dict)  # "name @ beta" on the subsample (fast only)
 
 
 def choose(cands: Dict[str, List[Band]], score_of: Callable[[List[Band], float], float],
            betas: Sequence[float] = (1.0,), finalists: int = 3,
            progress: Optional[Callable[[int, int], None]] = None,
-           coarse_of: Optional[Callable[[List[Band]], float]] = None, survivors: int = 8) -> Decision:
-    """The candidates at balance 1, then the best `finalists` over the balances.
+           coarse_of: Optional[Callable[[List[Band], float], float]] = None, survivors: int = 4,
+           workers: int = 1, balance_survivors: int = 3) -> Decision:
+    """The layer's (bands, key/value balance) pair with the smallest error among those scored in full.
 
-    score_of(bands, beta) -> error; progress(done, total) after every candidate scored (a candidate x balance pair,
-    either score). Without coarse_of every candidate is scored in full (the exhaustive search) and the result is the
-    true minimum over the scored pairs. With coarse_of (a cheaper score that ranks like score_of, e.g. on a subsample
-    of the query positions) every candidate is scored by it first and only the best `survivors` (at least
-    `finalists`) in full: successive halving, the same choice unless the full score's best few fall outside the
-    coarse score's best `survivors`. Ties keep the first name."""
+    score_of(bands, beta) -> error; progress(done, total) after every pair scored (either score).
+    Exhaustive (no coarse_of): every candidate in full at balance 1, then the best `finalists` in full at every other
+    balance. Fast (coarse_of(bands, beta): a cheaper score that ranks like score_of, e.g. on a subsample of the query
+    positions): successive halving in both directions. Every candidate by coarse_of at balance 1, the best `survivors`
+    in full; the best `finalists` of those by coarse_of at the other balances, the best `balance_survivors` of those
+    pairs in full. The fast choice equals the exhaustive one unless the full score's winner falls outside a coarse
+    round's survivors. With no more candidates than `survivors` (a uniform F, a plan) the search is the exhaustive one.
+    Each round's pairs are scored by up to `workers` processes (`score_workers.map_scores`); the result does not
+    depend on their number. Ties keep the first name."""
     top_n = min(max(1, finalists), len(cands))
-    coarse: Dict[str, float] = {}
-    full = cands
-    n_full = len(cands)
-    if coarse_of is not None and len(cands) > max(survivors, top_n):
-        n_full = max(survivors, top_n)
-    total = (len(cands) if n_full < len(cands) else 0) + n_full + top_n * sum(1 for b in betas if b != 1.0)
+    halving = coarse_of is not None and len(cands) > max(survivors, top_n)
+    n_full = max(survivors, top_n) if halving else len(cands)
+    other_betas = [b for b in betas if b != 1.0]
+    n_pairs = top_n * len(other_betas)
+    n_pairs_full = min(max(1, balance_survivors), n_pairs) if halving else n_pairs
+    total = (len(cands) + n_pairs if halving else 0) + n_full + n_pairs_full
     done = [0]
 
     def tick():
@@ -189,27 +195,39 @@ def choose(cands: Dict[str, List[Band]], score_of: Callable[[List[Band], float],
         if progress is not None:
             progress(done[0], total)
 
-    def score(bands, beta):
-        s = score_of(bands, beta)
-        tick()
-        return s
+    def scored(fn, items):
+        return dict(zip(items, map_scores(fn, items, workers, tick)))
 
-    if n_full < len(cands):
-        for n, b in cands.items():
-            coarse[n] = coarse_of(b)
-            tick()
-        keep = set(sorted(coarse, key=coarse.get)[:n_full])
-        full = {n: b for n, b in cands.items() if n in keep}
-    scores = {n: score(b, 1.0) for n, b in full.items()}
+    coarse: Dict[str, float] = {}
+    coarse_balances: Dict[str, float] = {}
+    names = list(cands)
+    if halving:
+        coarse = scored(lambda n: coarse_of(cands[n], 1.0), names)
+        names = sorted(names, key=coarse.get)[:n_full]
+        names = [n for n in cands if n in set(names)]  # candidate order, so ties keep the first name
+    scores = scored(lambda n: score_of(cands[n], 1.0), names)
     top = sorted(scores, key=scores.get)[:top_n]
+    pairs = [(n, beta) for n in top for beta in other_betas]
+    if halving and pairs:
+        pair_coarse = scored(lambda nb: coarse_of(cands[nb[0]], nb[1]), pairs)
+        coarse_balances = {f"{n} @ {beta:g}": v for (n, beta), v in pair_coarse.items()}
+        keep = set(sorted(pairs, key=pair_coarse.get)[:n_pairs_full])
+        pairs = [nb for nb in pairs if nb in keep]
+    other = scored(lambda nb: score_of(cands[nb[0]], nb[1]), pairs)
     refined: Dict[str, float] = {}
     best: Tuple[float, str, float] = (np.inf, top[0], 1.0)
     for n in top:
         for beta in betas:
-            s = scores[n] if beta == 1.0 else score(cands[n], beta)
+            if beta == 1.0:
+                s = scores[n]
+            elif (n, beta) in other:
+                s = other[(n, beta)]
+            else:
+                continue  # dropped by the coarse balance round
             if len(betas) > 1:
                 refined[f"{n} @ {beta:g}"] = s
             if s < best[0]:
                 best = (s, n, float(beta))
     s, n, beta = best
-    return Decision(name=n, bands=list(cands[n]), beta=beta, score=s, scores=scores, refined=refined, coarse=coarse)
+    return Decision(name=n, bands=list(cands[n]), beta=beta, score=s, scores=scores, refined=refined, coarse=coarse,
+                    coarse_balances=coarse_balances)

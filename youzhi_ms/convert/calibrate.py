@@ -130,11 +130,23 @@ class LayerStats:
     def fast_build(self, bands: Sequence[Band], beta: float = 1.0, R_override: Optional[np.ndarray] = None):
         """`build` at the target rank to float tolerance, from per-layer products (`LatentPCA`): what the fast FreqFold
         search scores candidates with. The exported layer always comes from `build`."""
+        return self._latent_pca().build(self.rotation(bands), self.geo.rank, beta, R_override=R_override)
+
+    def _latent_pca(self) -> LatentPCA:
         g = self.geo
         if self._latent is None:
             self._latent = LatentPCA(self.src, self.SX, g.n_heads, g.n_kv, g.d, g.rope_dim, self.damping,
                                      self.pca_metric, self.Sq)
-        return self._latent.build(self.rotation(bands), g.rank, beta, R_override=R_override)
+        return self._latent
+
+    def prepare_search(self, candidates, fast: bool) -> None:
+        """Every band's PCA (and, for the fast search, the per-layer products) computed now: candidates scored in
+        forked workers then share them instead of each worker computing its own."""
+        for bands in candidates:
+            for band in bands:
+                self.band_pca(band)
+        if fast:
+            self._latent_pca()
 
 
 SCORES = ("local-block", "local", "residual", "normed")  # the kinds of ResidualScore (ConvertOptions.score)

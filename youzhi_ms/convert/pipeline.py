@@ -29,6 +29,7 @@ from youzhi_ms.contract import check_rank, check_rope_dim, deployment_warnings, 
 from youzhi_ms.convert.export import attention_token_weights, refit_kv_b
 from youzhi_ms.convert.latent_pca import BALANCES
 from youzhi_ms.convert.rorope import describe_bands, uniform_bands, validate_bands
+from youzhi_ms.convert.score_workers import default_workers
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import atomic_output_dir, check_output_dir, output_lock
 from youzhi_ms.progress import ProgressBar
@@ -64,7 +65,9 @@ class ConvertOptions:
     freqfold_search: str = "fast"  # fast | exhaustive: how the adaptive candidates are scored (CHOICES)
     search_subsample: int = 4  # fast search: first round on every search_subsample-th scored query position ...
     search_windows: int = 2  # ... of the first search_windows scoring windows
-    search_survivors: int = 8  # fast search: candidates of the first round scored in full
+    search_survivors: int = 4  # fast search: tilings of the first round scored in full
+    search_balance_survivors: int = 3  # fast search: (finalist, balance) pairs of the coarse balance round in full
+    search_workers: int = 0  # processes scoring the candidates (0: one per core, at most 8); results do not depend on it
 
     # every option with a fixed set of values: its choices, defined here once (the CLI reads them from here)
     CHOICES: ClassVar[Dict[str, tuple]] = {
@@ -79,10 +82,12 @@ class ConvertOptions:
             if getattr(self, name) not in allowed:
                 flag = self.FLAGS.get(name, "--" + name.replace("_", "-"))
                 raise YouzhiError(f"{flag} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        for name in ("search_subsample", "search_windows", "search_survivors", "score_stride", "finalists",
-                     "max_candidates"):
+        for name in ("search_subsample", "search_windows", "search_survivors", "search_balance_survivors",
+                     "score_stride", "finalists", "max_candidates"):
             if int(getattr(self, name)) < 1:
                 raise YouzhiError(f"{name} {getattr(self, name)}: must be at least 1")
+        if int(self.search_workers) < 0:
+            raise YouzhiError(f"--search-workers {self.search_workers}: use 0 (one per core) or a positive count")
 
 
 @dataclass
@@ -96,6 +101,7 @@ class LayerRecord:
     scores: Dict[str, float] = field(default_factory=dict)  # candidates scored in full at balance 1
     refined: Dict[str, float] = field(default_factory=dict)  # finalists x balances
     coarse: Dict[str, float] = field(default_factory=dict)  # fast search: every candidate on the subsample
+    coarse_balances: Dict[str, float] = field(default_factory=dict)  # fast search: finalist x balance on the subsample
     alpha: float = 0.0
     pca_energy_kept: float = 0.0
     refit: Optional[Dict[str, float]] = None
@@ -155,6 +161,9 @@ def _decide(opt: ConvertOptions, i: int, stats: LayerStats, score: ResidualScore
     # it is exported and scored on all positions. The exported layer is built by stats.build either way.
     fast = opt.freqfold_search == "fast"
     build = stats.fast_build if fast else stats.build
+    workers = opt.search_workers or default_workers()
+    if workers > 1:  # what every candidate reads, computed once here so the forked workers share it
+        stats.prepare_search(cands.values(), fast)
 
     def score_of(bands, beta):
         return score(build(bands, beta, R_override=R_id)[0])
@@ -163,10 +172,11 @@ def _decide(opt: ConvertOptions, i: int, stats: LayerStats, score: ResidualScore
     if fast:
         coarse = score.subsample(opt.search_subsample, opt.search_windows)
 
-        def coarse_of(bands):
-            return coarse(build(bands, 1.0, R_override=R_id)[0])
+        def coarse_of(bands, beta):
+            return coarse(build(bands, beta, R_override=R_id)[0])
 
-    return adaptive.choose(cands, score_of, betas, opt.finalists, progress, coarse_of, opt.search_survivors)
+    return adaptive.choose(cands, score_of, betas, opt.finalists, progress, coarse_of, opt.search_survivors, workers,
+                           opt.search_balance_survivors)
 
 
 def _inputs(src_dir: str, opt: ConvertOptions) -> list:
@@ -239,7 +249,8 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
     # unfinished layer (same options and source); the output directory itself appears only when complete.
     work = _work_dir(out_dir)
     fingerprint = {"source": os.path.abspath(src_dir), "options": {k: v for k, v in opt.__dict__.items()
-                                                                   if k not in ("progress", "calib_ids")},
+                                                                   if k not in ("progress", "calib_ids",
+                                                                                "search_workers")},
                    "calib_sha": hashlib.sha256(np.ascontiguousarray(ids, np.int64).tobytes()).hexdigest()}
     records, h = _resume(work, fingerprint, {"conv", "orig"} | ({"partial_rope"} if standard else set()))
     if h is None:
@@ -280,6 +291,7 @@ def _convert(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: bool) -
         a_conv = geo.mla(x["conv"], m)
         rec = LayerRecord(layer=i, bands=[list(b) for b in dec.bands], choice=dec.name, beta=dec.beta,
                           score=dec.score, scores=dec.scores, refined=dec.refined, coarse=dec.coarse,
+                          coarse_balances=dec.coarse_balances,
                           alpha=info["alpha"],
                           pca_energy_kept=info.get("pca_energy_kept", 1.0),
                           attn_rel_err=float(((a_conv[:npx] - a_loc).astype(np.float64) ** 2).sum()

@@ -57,11 +57,14 @@ def write_markdown(rep: dict, path: str) -> None:
                   "(`name @ balance`). The layer keeps the smallest of all these, so its residual error above equals "
                   "one entry here. With the fast search (`--freqfold-search fast`) every candidate is first scored "
                   "on a subsample of the scoring positions (`first round`, its own scale) and only the best few in "
-                  "full.", ""]
+                  "full; the finalists' other balances likewise (`balances, first round`), the best few of those "
+                  "pairs in full.", ""]
         for L in rep["layers"]:
             lines.append(f"- layer {L['layer']}: {_rank(L['scores'])}")
             if L.get("coarse"):
                 lines.append(f"  - first round ({len(L['coarse'])} tilings): {_rank(L['coarse'])}")
+            if L.get("coarse_balances"):
+                lines.append(f"  - balances, first round: {_rank(L['coarse_balances'])}")
             if L.get("refined"):
                 lines.append(f"  - finalists: {_rank(L['refined'])}")
     if rep["warnings"]:
