@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from youzhi_ms.config import load_any_config
 from youzhi_ms.contract import read_config_json
@@ -223,14 +223,14 @@ def _standin_unless_cann(level: int, cache_dir: Optional[str], log):
     return standin
 
 
-def _compiled_depth(student: dict, teacher: Optional[dict], stages: int, layers_per_stage: Optional[int]):
-    """The (student, teacher) config dicts the ranks compile: `layers_per_stage` x stages layers when given (every
+def _compiled_depth(student: dict, teacher: Optional[dict], pp: int, layers_per_stage: Optional[int]):
+    """The (student, teacher) config dicts the ranks compile: `layers_per_stage` x `pp` layers when given (every
     layer of a stage compiles to the same slices; build_report scales them back to the real depth)."""
     compiled_student, compiled_teacher = dict(student), dict(teacher) if teacher else None
     if layers_per_stage is not None:
-        depth = layers_per_stage * stages
+        depth = layers_per_stage * pp
         if depth > int(student["num_hidden_layers"]) or (teacher and depth > int(teacher["num_hidden_layers"])):
-            raise YouzhiError(f"--layers-per-stage {layers_per_stage} x {stages} stages exceeds the "
+            raise YouzhiError(f"--layers-per-stage {layers_per_stage} x {pp} stages exceeds the "
                               "models' depth; use a smaller value or leave it out")
         compiled_student["num_hidden_layers"] = depth
         if compiled_teacher:
@@ -245,7 +245,7 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
     student, teacher, sources = model_configs(cfg, student_path, teacher_path)
     plan = check_plan(cfg, student, teacher)
     world = plan.device_num
-    per_stage = world // plan.pipeline_stage
+    ranks_per_pp_stage = world // plan.pipeline_stage
     if rank is not None and not 0 <= rank < world:
         raise YouzhiError(f"--rank {rank} is outside the plan's {world} ranks (0..{world - 1})")
     if level not in (0, 1):
@@ -253,7 +253,7 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
                           "supported")
     standin = _standin_unless_cann(level, cache_dir, log)
     compiled_student, compiled_teacher = _compiled_depth(student, teacher, plan.pipeline_stage, layers_per_stage)
-    roles = [rank] if rank is not None else [s * per_stage for s in range(plan.pipeline_stage)]
+    roles = [rank] if rank is not None else [s * ranks_per_pp_stage for s in range(plan.pipeline_stage)]
     workdir = tempfile.mkdtemp(prefix="youzhi_dryrun_")
     jobs, envs = [], []
     for r in roles:
@@ -271,7 +271,7 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
     try:
         results = _compile_all(jobs, envs, workdir, max(1, jobs_at_once), log)
         for res in results:
-            res["stage"] = res["rank"] // per_stage
+            res["stage"] = res["rank"] // ranks_per_pp_stage  # the report's "stage": the pipeline stage
             if not res.get("ok"):
                 raise YouzhiError(f"MindSpore's parallel compiler rejected rank {res['rank']} (stage {res['stage']}) "
                                   f"of this plan: {res.get('error')}; log {res['log']}")
@@ -296,57 +296,68 @@ def _unsharded_bytes(parameters_full: List[tuple]) -> int:
     return sum(memory._prod(shape) * memory.dtype_bytes(dt) for shape, dt in parameters_full)
 
 
+def _compiled_rank_memory(cfg, plan, student, teacher, res, compiled_student, compiled_teacher) -> dict:
+    """Held (parameters, gradients, optimizer) and activation bytes of compiled rank `res`, scaled back to the real
+    depth when a reduced depth was compiled."""
+    pp, pp_stage = plan.pipeline_stage, res["stage"]
+    trainable = {p["name"] for p in res["parameters"] if not p["name"].startswith(("teacher.", "adam_", "accu_"))
+                 and p["name"] != "step_hyper"}
+    scale = None
+    if int(compiled_student["num_hidden_layers"]) != int(student["num_hidden_layers"]):
+        def factor(full, comp):
+            compiled = memory.layers_on_pp_stage(int(comp["num_hidden_layers"]), pp, pp_stage)
+            return memory.layers_on_pp_stage(int(full["num_hidden_layers"]), pp, pp_stage) / compiled \
+                if compiled else 0.0
+        scale = {"student": factor(student, compiled_student),
+                 "teacher": factor(teacher, compiled_teacher) if teacher else 0.0}
+    if cfg["model"]["trainable"] == "attention":
+        trainable = {n for n in trainable if ".self_attention." in n}
+    held = memory.held_bytes(res["parameters"], pp > 1, trainable, scale)
+    act = memory.activation_bytes(cfg, student, teacher, plan.data_parallel, plan.model_parallel, pp, pp_stage,
+                                  plan.micro_batch_num, memory.gathered_bytes(res["parameters"], scale))
+    return {"held": held, "act": act, "rank": res["rank"], "seconds": res["wall_seconds"],
+            "peak_rss_gb": res["peak_rss_gb"], "mindspore_memory": res.get("mindspore_memory", [])}
+
+
+def _check_slices(res: dict, expect: Dict[str, Any]) -> int:
+    """How many of the plan's slice shapes compiled rank `res` holds; a different one is a planner bug."""
+    names = {p["name"]: p for p in res["parameters"]}
+    for name, shape in expect.items():
+        if name in names and names[name]["slice_shape"] != shape:
+            raise RuntimeError(f"rank {res['rank']}: {name} compiled to slice {names[name]['slice_shape']}, "
+                               f"the plan's strategy table says {shape}")
+    return sum(1 for name in expect if name in names)
+
+
 def build_report(cfg, plan, student, teacher, results, compiled_student, compiled_teacher, level, standin, sources):
+    """The dry run's report: every rank's bytes (a rank's memory is that of its pipeline stage's compiled rank),
+    the limit they must fit, and how the numbers were obtained. Report keys say `stage` for the pipeline stage."""
     world, pp = plan.device_num, plan.pipeline_stage
-    per_stage = world // pp
+    ranks_per_pp_stage = world // pp
     expect = expected_slices(plan, compiled_student, compiled_teacher)
-    checked = 0
-    by_stage = {}
-    for res in results:
-        stage = res["stage"]
-        names = {p["name"]: p for p in res["parameters"]}
-        for name, shape in expect.items():
-            if name in names:
-                if names[name]["slice_shape"] != shape:
-                    raise RuntimeError(f"rank {res['rank']}: {name} compiled to slice {names[name]['slice_shape']}, "
-                                       f"the plan's strategy table says {shape}")
-                checked += 1
-        trainable = {p["name"] for p in res["parameters"] if not p["name"].startswith(("teacher.", "adam_", "accu_"))
-                     and p["name"] != "step_hyper"}
-        scale = None
-        if int(compiled_student["num_hidden_layers"]) != int(student["num_hidden_layers"]):
-            def factor(full, comp):
-                c = memory.stage_layers(int(comp["num_hidden_layers"]), pp, stage)
-                return memory.stage_layers(int(full["num_hidden_layers"]), pp, stage) / c if c else 0.0
-            scale = {"student": factor(student, compiled_student),
-                     "teacher": factor(teacher, compiled_teacher) if teacher else 0.0}
-        if cfg["model"]["trainable"] == "attention":
-            trainable = {n for n in trainable if ".self_attention." in n}
-        held = memory.held_bytes(res["parameters"], pp > 1, trainable, scale)
-        act = memory.activation_bytes(cfg, student, teacher, plan.data_parallel, plan.model_parallel, pp, stage,
-                                      plan.micro_batch_num, memory.gathered_bytes(res["parameters"], scale))
-        by_stage[stage] = {"held": held, "act": act, "rank": res["rank"], "seconds": res["wall_seconds"],
-                           "peak_rss_gb": res["peak_rss_gb"], "mindspore_memory": res.get("mindspore_memory", [])}
+    checked = sum(_check_slices(res, expect) for res in results)
+    by_pp_stage = {res["stage"]: _compiled_rank_memory(cfg, plan, student, teacher, res, compiled_student,
+                                                       compiled_teacher) for res in results}
     full = [(shape, "float32") for shape in param_shapes(student).values()]
     if teacher is not None:
         full += [(shape, "float32") for shape in param_shapes(teacher).values()]
     limit = min(memory.CARD_BYTES, memory.parse_memory(cfg["context"].get("max_device_memory")) or memory.CARD_BYTES)
     ranks = []
-    for r in range(world):
-        stage = r // per_stage
-        if stage not in by_stage:
+    for rank in range(world):
+        pp_stage = rank // ranks_per_pp_stage
+        if pp_stage not in by_pp_stage:
             continue
-        h, a = by_stage[stage]["held"], by_stage[stage]["act"]
-        total = h["param"] + h["grad"] + h["optimizer"] + a["total"]
-        ranks.append({"rank": r, "stage": stage, "param_bytes": h["param"], "grad_bytes": h["grad"],
-                      "optimizer_bytes": h["optimizer"], "activation_bytes": a["total"], "total_bytes": total})
+        held, act = by_pp_stage[pp_stage]["held"], by_pp_stage[pp_stage]["act"]
+        ranks.append({"rank": rank, "stage": pp_stage, "param_bytes": held["param"], "grad_bytes": held["grad"],
+                      "optimizer_bytes": held["optimizer"], "activation_bytes": act["total"],
+                      "total_bytes": held["param"] + held["grad"] + held["optimizer"] + act["total"]})
     return {
         "world_size": world, "data_parallel": plan.data_parallel, "model_parallel": plan.model_parallel,
         "pipeline_stage": pp, "unsharded_param_bytes": _unsharded_bytes(full), "ranks": ranks,
         "limit_bytes": limit, "card_bytes": memory.CARD_BYTES,
         "compiled": [{"rank": v["rank"], "stage": s, "seconds": v["seconds"], "peak_host_rss_gb": v["peak_rss_gb"],
-                      "mindspore_memory_log": v["mindspore_memory"]} for s, v in sorted(by_stage.items())],
-        "activation_estimate": {str(s): v["act"] for s, v in sorted(by_stage.items())},
+                      "mindspore_memory_log": v["mindspore_memory"]} for s, v in sorted(by_pp_stage.items())],
+        "activation_estimate": {str(s): v["act"] for s, v in sorted(by_pp_stage.items())},
         "strategy_table_checked": checked,
         "depth_reduced": int(compiled_student["num_hidden_layers"]) != int(student["num_hidden_layers"]),
         "compiled_layers": {"student": int(compiled_student["num_hidden_layers"]),
@@ -365,14 +376,14 @@ def _gb(n: int) -> str:
 
 def format_table(report: dict) -> str:
     rows = []
-    stages = {}
+    by_pp_stage = {}
     for r in report["ranks"]:
-        stages.setdefault(r["stage"], []).append(r)
+        by_pp_stage.setdefault(r["stage"], []).append(r)
     head = (f"{'ranks':<12} {'stage':>5} {'params':>8} {'grads':>8} {'optim':>8} {'activ*':>8} {'total':>8}  "
             f"of {memory.human(report['limit_bytes'])}")
     rows.append(head)
     rows.append("-" * len(head))
-    for s, rs in sorted(stages.items()):
+    for s, rs in sorted(by_pp_stage.items()):
         r = rs[0]
         span = f"{rs[0]['rank']}-{rs[-1]['rank']}" if len(rs) > 1 else str(rs[0]["rank"])
         verdict = "fits" if r["total_bytes"] <= report["limit_bytes"] else "DOES NOT FIT"
