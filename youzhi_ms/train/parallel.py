@@ -32,11 +32,12 @@ from typing import Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from youzhi_ms.checkpoint.hf import HFCheckpoint
+from youzhi_ms.checkpoint.mindspore_ckpt import is_ms_layout  # no MindSpore at its top
 from youzhi_ms.contract import MLA_MODEL_TYPE, expected_tensors, parse_config
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.models.names import hf_to_ms, ms_to_hf
 
-# MindSpore (and the modules that import it: losses, parallel_step, sharded_model, mindspore_ckpt) is imported inside
+# MindSpore (and the modules that import it: losses, parallel_step, sharded_model) is imported inside
 # the two functions that build or fill the sharded step: the dry run's parent process plans and checks from this module
 # without MindSpore (dryrun/__init__.py: only its compile workers import it, after the CANN stand-in is set up).
 
@@ -52,7 +53,7 @@ class ParallelPlan:
     use_seq_parallel: bool
     vocab_emb_dp: bool
     strategies: Dict[str, Strategy] = field(default_factory=dict)
-    stages: Dict[str, int] = field(default_factory=dict)
+    pp_stage_of: Dict[str, int] = field(default_factory=dict)  # parameter prefix -> its pipeline stage
 
     @property
     def device_num(self) -> int:
@@ -95,9 +96,9 @@ def _model_table(dims: dict, dp: int, mp: int, pp: int, seq_par: bool, vocab_dp:
     if dims["layers"] < pp:
         raise YouzhiError(f"parallel_config.pipeline_stage={pp} exceeds the {who}'s {dims['layers']} layers")
     table: Dict[str, Strategy] = {}
-    stages: Dict[str, int] = {}
+    pp_stage_of: Dict[str, int] = {}
     table[prefix + "embedding.word_embeddings"] = ((dp, 1), (1, 1)) if vocab_dp else ((dp, 1), (mp, 1))
-    stages[prefix + "embedding"] = 0
+    pp_stage_of[prefix + "embedding"] = 0
     for i in range(dims["layers"]):
         p = f"{prefix}decoder.layers.{i}."
         a = p + "self_attention."
@@ -116,12 +117,12 @@ def _model_table(dims: dict, dp: int, mp: int, pp: int, seq_par: bool, vocab_dp:
         table[p + "mlp.gating"] = col
         table[p + "mlp.hidden"] = col
         table[p + "mlp.linear_fc2"] = row
-        stages[p.rstrip(".")] = i * pp // dims["layers"]
+        pp_stage_of[p.rstrip(".")] = i * pp // dims["layers"]
     if not dims["tied"]:
         table[prefix + "output_layer"] = col
-    stages[prefix + "decoder.final_layernorm"] = pp - 1
-    stages[prefix + "output_layer"] = pp - 1
-    return table, stages
+    pp_stage_of[prefix + "decoder.final_layernorm"] = pp - 1
+    pp_stage_of[prefix + "output_layer"] = pp - 1
+    return table, pp_stage_of
 
 
 def param_shapes(cfg: dict) -> Dict[str, Tuple[int, ...]]:
@@ -152,13 +153,13 @@ def plan_parallel(parallel_config: dict, student_cfg: Mapping, teacher_cfg: Opti
                           "pipeline stage has work (MindFormers uses micro_batch_num >= pipeline_stage)")
     seq_par = bool(parallel_config.get("use_seq_parallel", False))
     vocab_dp = bool(parallel_config.get("vocab_emb_dp", True))
-    table, stages = _model_table(_model_dims(student_cfg, "student"), dp, mp, pp, seq_par, vocab_dp, "", "student")
+    table, pp_stage_of = _model_table(_model_dims(student_cfg, "student"), dp, mp, pp, seq_par, vocab_dp, "", "student")
     if teacher_cfg is not None:
-        t_table, t_stages = _model_table(_model_dims(teacher_cfg, "teacher"), dp, mp, pp, seq_par, vocab_dp, "teacher.",
-                                         "teacher")
-        table.update(t_table)
-        stages.update(t_stages)
-    return ParallelPlan(dp, mp, pp, micro, seq_par, vocab_dp, table, stages)
+        teacher_table, teacher_pp_stage_of = _model_table(_model_dims(teacher_cfg, "teacher"), dp, mp, pp, seq_par,
+                                                          vocab_dp, "teacher.", "teacher")
+        table.update(teacher_table)
+        pp_stage_of.update(teacher_pp_stage_of)
+    return ParallelPlan(dp, mp, pp, micro, seq_par, vocab_dp, table, pp_stage_of)
 
 
 def check_device(parallel_config: dict, device_target: str) -> None:
@@ -259,9 +260,9 @@ def build_semi_auto_step(cfg: dict, plan: ParallelPlan, student_cfg, teacher_cfg
                                                cfg["runner_config"]["seq_length"], dp, mp, plan.vocab_emb_dp,
                                                use_fused, jsd_beta=d["beta"], temperature=d["temperature"])
     if pp > 1:
-        student.set_stages(pp)
+        student.set_pp_stages(pp)
         if teacher is not None:
-            teacher.set_stages(pp)
+            teacher.set_pp_stages(pp)
     if cfg["recompute_config"]["recompute"]:
         for layer in student.decoder.layers:
             layer.recompute()
@@ -333,7 +334,6 @@ def load_sharded_weights(model, model_dir: str, kind: str, layout: dict, local_r
     rank's index inside its pipeline stage; `prefix` is stripped from the names first (the teacher's 'teacher.').
     Returns the number of tensors loaded."""
     import mindspore as ms  # lazy: see the imports at the top
-    from youzhi_ms.checkpoint.mindspore_ckpt import is_ms_layout
     ckpt = HFCheckpoint(model_dir)
     ms_layout = is_ms_layout(ckpt)
     n = 0
