@@ -32,7 +32,11 @@ import numpy as np
 from youzhi_ms.checkpoint.hf import HFCheckpoint
 from youzhi_ms.contract import GGUF_Q_LORA_RANK_NONE, MLA_MODEL_TYPE, check_runnable, parse_config
 from youzhi_ms.errors import YouzhiError
+from youzhi_ms.fsutil import atomic_output_file, check_output_file
 from youzhi_ms.progress import ProgressBar
+
+# `gguf` (the llama.cpp project's writer) is an optional dependency (setup.py's test extra): it is imported inside the
+# functions that use it, so this module, which the pipeline imports, loads without it.
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH_OF = {MLA_MODEL_TYPE: "deepseek2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -324,7 +328,6 @@ def export_gguf(model_dir: str, outfile: str, outtype: str = "f32", progress: bo
     the output rule (youzhi_ms/fsutil.py: refused if it exists without `overwrite` or is an input; written to a temp
     sibling and renamed when complete). Returns a summary dict."""
     import gguf
-    from youzhi_ms.fsutil import atomic_output_file, check_output_file
     if outtype not in OUTTYPES:
         raise YouzhiError(f"--outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
     check_output_file(outfile, overwrite, [("--model", model_dir)], "--outfile")
