@@ -659,7 +659,7 @@ def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "fp32", progress: b
     cfg = _llama_config(g)
     pairs = _hf_tensors(g, cfg)
     cfg["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
-    H, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    n_heads, n_kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     type_counts: Dict[str, int] = {}
     n_params = 0
     with atomic_output_dir(output_dir, overwrite, inputs, legacy_marker=LEGACY_OUTPUT) as tmp:
@@ -669,19 +669,19 @@ def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "fp32", progress: b
         if progress:
             it = ProgressBar(pairs, desc=f"{os.path.basename(path)} -> HF", unit="tensor", leave=False)
         for gname, hname in it:
-            t = g.tensors[gname]
-            type_counts[t.type_name] = type_counts.get(t.type_name, 0) + 1
-            w = g.get(gname)
+            type_name = g.tensors[gname].type_name
+            type_counts[type_name] = type_counts.get(type_name, 0) + 1
+            weight = g.get(gname)
             if hname.endswith("q_proj.weight"):
-                w = unpermute_qk(w, H)
+                weight = unpermute_qk(weight, n_heads)
             elif hname.endswith("k_proj.weight"):
-                w = unpermute_qk(w, K)
+                weight = unpermute_qk(weight, n_kv_heads)
             exp = _expected_shape(hname, cfg)
-            if tuple(w.shape) != exp:
-                raise YouzhiError(f"{path}: tensor {gname} has shape {tuple(w.shape)}, expected {exp} from the file's "
-                                  "metadata; the GGUF file is inconsistent")
-            n_params += w.size
-            writer.add(hname, w)
+            if tuple(weight.shape) != exp:
+                raise YouzhiError(f"{path}: tensor {gname} has shape {tuple(weight.shape)}, expected {exp} from the "
+                                  "file's metadata; the GGUF file is inconsistent")
+            n_params += weight.size
+            writer.add(hname, weight)
         writer.close()
         write_json(os.path.join(tmp, "config.json"), cfg)
         write_json(os.path.join(tmp, SOURCE_FILE), {

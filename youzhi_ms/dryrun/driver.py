@@ -256,13 +256,13 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
     roles = [rank] if rank is not None else [s * ranks_per_pp_stage for s in range(plan.pipeline_stage)]
     workdir = tempfile.mkdtemp(prefix="youzhi_dryrun_")
     jobs, envs = [], []
-    for r in roles:
+    for role in roles:
         job = {"config": cfg, "student_config": compiled_student, "teacher_config": compiled_teacher,
-               "rank": r, "world": world}
+               "rank": role, "world": world}
         if strategy_dir:  # written by the children into the work directory, moved into place when all compiled
-            job["strategy_file"] = os.path.join(workdir, "strategy", f"strategy_rank_{r}.ckpt")
+            job["strategy_file"] = os.path.join(workdir, "strategy", f"strategy_rank_{role}.ckpt")
         jobs.append(job)
-        envs.append(_child_env(standin, r, world, level, "3" if level == 0 else "1"))
+        envs.append(_child_env(standin, role, world, level, "3" if level == 0 else "1"))
     log(f"compiling rank(s) {roles} (one per pipeline stage of {plan.pipeline_stage}; {world} ranks: dp "
         f"{plan.data_parallel} x mp {plan.model_parallel} x pp {plan.pipeline_stage})"
         + (f", {layers_per_stage} layer(s) per stage" if layers_per_stage else "")

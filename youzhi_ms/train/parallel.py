@@ -225,14 +225,14 @@ def check_semi_auto(cfg: dict, plan: ParallelPlan) -> None:
         raise YouzhiError(f"distill.lmbda={cfg['distill']['lmbda']}: on-policy sampling needs the student's decode "
                           "graph, which the sharded model does not have; under model / pipeline parallel set "
                           "distill.lmbda: 0.0 (GKD on the dataset's sequences)")
-    d = cfg["distill"]
-    if cfg["run_mode"] == "distill" and d["offline_teacher"] is not None:
+    distill = cfg["distill"]
+    if cfg["run_mode"] == "distill" and distill["offline_teacher"] is not None:
         raise YouzhiError("distill.offline_teacher is implemented for data parallel only (the sharded step computes "
                           "the teacher live, its head split over model_parallel); drop it, or set "
                           "parallel_config.model_parallel=1 and pipeline_stage=1")
-    if cfg["run_mode"] == "distill" and d["teacher_graph"] != "joint":
-        raise YouzhiError(f"distill.teacher_graph={d['teacher_graph']} is implemented for data parallel only; under "
-                          "model / pipeline parallel the teacher runs inside the sharded step: set it to joint")
+    if cfg["run_mode"] == "distill" and distill["teacher_graph"] != "joint":
+        raise YouzhiError(f"distill.teacher_graph={distill['teacher_graph']} is implemented for data parallel only; "
+                          "under model / pipeline parallel the teacher runs inside the sharded step: set it to joint")
     if cfg["parallel"]["enable_parallel_optimizer"] and plan.data_parallel == 1:
         raise YouzhiError("parallel.enable_parallel_optimizer shards the optimizer over the data-parallel replicas, "
                           "and data_parallel is 1; set it to false or raise data_parallel")
@@ -253,12 +253,12 @@ def build_semi_auto_step(cfg: dict, plan: ParallelPlan, student_cfg, teacher_cfg
     from youzhi_ms.train.losses import jsd_upper_bound
     from youzhi_ms.train.parallel_step import ShardedStep, ShardedUpdateCore
     from youzhi_ms.train.sharded_model import build_sharded
-    d = cfg["distill"]
-    distill = cfg["run_mode"] == "distill"
+    distill = cfg["distill"]
+    distilling = cfg["run_mode"] == "distill"
     dp, mp, pp = plan.data_parallel, plan.model_parallel, plan.pipeline_stage
-    loss_net, student, teacher = build_sharded(student_cfg, teacher_cfg if distill else None,
+    loss_net, student, teacher = build_sharded(student_cfg, teacher_cfg if distilling else None,
                                                cfg["runner_config"]["seq_length"], dp, mp, plan.vocab_emb_dp,
-                                               use_fused, jsd_beta=d["beta"], temperature=d["temperature"])
+                                               use_fused, jsd_beta=distill["beta"], temperature=distill["temperature"])
     if pp > 1:
         student.set_pp_stages(pp)
         if teacher is not None:
@@ -272,7 +272,7 @@ def build_semi_auto_step(cfg: dict, plan: ParallelPlan, student_cfg, teacher_cfg
         p.requires_grad = id(p) in chosen
     opt = cfg["optimizer"]
     core = ShardedUpdateCore(train, groups, decays, tuple(opt["betas"]), opt["eps"], opt["max_grad_norm"])
-    bound = jsd_upper_bound(d["beta"]) if distill else None
+    bound = jsd_upper_bound(distill["beta"]) if distilling else None
     shard_opt = bool(cfg["parallel"]["enable_parallel_optimizer"])
     step = ShardedStep(loss_net, core, max(groups) + 1, pp, plan.micro_batch_num, bound, rank, world, shard_opt)
     step.set_train()

@@ -22,7 +22,7 @@ Sections (MindFormers names where MindFormers has the concept):
                    {type: LossMonitor, per_print_times}
   train_dataset    data_path (wiki-calib | wiki-eval | .txt | .jsonl), format (auto | packed | chat), shuffle,
                    max_tokens (truncate a packed token stream)
-  distill          teacher (source GQA Hugging Face dir), beta, lmbda, temperature, max_new_tokens, top_p,
+  distill          teacher (source GQA Hugging Face dir), beta (the JSD mix), lmbda, temperature, max_new_tokens, top_p,
                    loss (chunked: vocabulary loss in token chunks with a hand-written backward | full: plain logits),
                    loss_chunk_tokens, teacher_graph (joint: teacher forward inside the training graph | separate: in
                    its own no-grad graph), offline_teacher (a tools/make_teacher_topk.py file: no live teacher).

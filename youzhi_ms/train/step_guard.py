@@ -44,7 +44,7 @@ class StepGuard:
             drop()
             if attempt < CORRUPT_RETRIES:
                 row["retries"] = attempt + 1
-            log.warning("step %d: loss %.6g exceeds %.4f, the largest value the generalized JSD (beta %g) can "
+            log.warning("step %d: loss %.6g exceeds %.4f, the largest value the generalized JSD (distill.beta %g) can "
                         "take: a corrupted computation; its gradients are dropped%s", step + 1, row["loss"],
                         self.loss_bound, self.jsd_beta,
                         " and the step is computed again" if attempt < CORRUPT_RETRIES else

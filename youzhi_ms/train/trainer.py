@@ -262,19 +262,20 @@ class Trainer:
     def _build_loss_net(self):
         """distill: the chunked vocabulary loss (from the live teacher, in or out of the training graph, or from the
         stored top-k file), or the plain one on full logits (distill.loss=full); sft: cross entropy."""
-        d = self.run_config.distill
+        distill = self.run_config.distill
         self.teacher_hidden = None
-        if self.run_config.distilling and d.loss == "chunked":
+        if self.run_config.distilling and distill.loss == "chunked":
             head_trains = any(p is head_weight(self.student) for p in self.trainable)
             if self.offline:
-                self.loss_net = TopKGKDNet(self.student, d.jsd_beta, d.temperature, d.loss_chunk_tokens, head_trains)
+                self.loss_net = TopKGKDNet(self.student, distill.jsd_beta, distill.temperature,
+                                           distill.loss_chunk_tokens, head_trains)
             else:
-                separate = d.teacher_graph == "separate"
-                self.loss_net = ChunkedGKDNet(self.student, self.teacher, d.jsd_beta, d.temperature,
-                                              d.loss_chunk_tokens, head_trains, teacher_outside=separate)
+                separate = distill.teacher_graph == "separate"
+                self.loss_net = ChunkedGKDNet(self.student, self.teacher, distill.jsd_beta, distill.temperature,
+                                              distill.loss_chunk_tokens, head_trains, teacher_outside=separate)
                 self.teacher_hidden = TeacherHidden(self.teacher) if separate else None
         elif self.run_config.distilling:
-            self.loss_net = GKDNet(self.student, self.teacher, d.jsd_beta, d.temperature)
+            self.loss_net = GKDNet(self.student, self.teacher, distill.jsd_beta, distill.temperature)
         else:
             self.loss_net = SFTNet(self.student)
 
@@ -301,10 +302,11 @@ class Trainer:
         self.sampler = EpochSampler(len(self.dataset), self.seed, self.run_config.train_dataset.shuffle)
         self.coin = np.random.default_rng([self.seed, 7])  # on-policy decisions, identical on every rank
         self.continuation = None
-        d = self.run_config.distill
-        if self.run_config.distilling and d.lmbda > 0:
-            self.continuation = StudentContinuation(self.student, self.student_cfg, self.seq_len, d.max_new_tokens,
-                                                    d.temperature, d.top_p, (tok.eos_id, tok.eot_id), self.pad_id)
+        distill = self.run_config.distill
+        if self.run_config.distilling and distill.lmbda > 0:
+            self.continuation = StudentContinuation(self.student, self.student_cfg, self.seq_len,
+                                                    distill.max_new_tokens, distill.temperature, distill.top_p,
+                                                    (tok.eos_id, tok.eot_id), self.pad_id)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _sum_over_ranks(self, values: List[float]) -> np.ndarray:
@@ -316,11 +318,13 @@ class Trainer:
         return total / (self.world // self.dp_world)
 
     def lrs(self, step: int) -> List[float]:
-        s = self.run_config.lr_schedule
-        total = s.total_steps or self.max_steps
-        warm = s.warmup_steps if s.warmup_steps is not None else int(round(s.warmup_ratio * total))
-        f = lr_factor(step, total, warm, s.min_lr_ratio)
-        return [lr * f for lr in self.group_lrs]
+        """Each learning-rate group's rate at optimizer step `step` (0-based)."""
+        schedule = self.run_config.lr_schedule
+        total = schedule.total_steps or self.max_steps
+        warmup = schedule.warmup_steps if schedule.warmup_steps is not None else \
+            int(round(schedule.warmup_ratio * total))
+        factor = lr_factor(step, total, warmup, schedule.min_lr_ratio)
+        return [lr * factor for lr in self.group_lrs]
 
     def next_micro_batch(self, step: int, micro: int) -> Dict[str, Any]:
         """This rank's part of global micro-batch `micro` of optimizer step `step` (0-based)."""
@@ -425,17 +429,17 @@ class Trainer:
         row["seconds"] = round(time.time() - t0, 4)
         return row
 
-    def _net_inputs(self, b: dict, scale) -> tuple:
-        """The loss net's inputs for micro-batch `b`: ids, labels, mask, scale, then the teacher's part when it is
-        not computed inside the training graph (its hidden states from its own graph, or the stored top-k)."""
-        ids = ms.Tensor(b["input_ids"], ms.int32)
-        x = (ids, ms.Tensor(b["labels"], ms.int32), ms.Tensor(b["loss_mask"], ms.float32), scale)
+    def _net_inputs(self, batch: dict, scale) -> tuple:
+        """The loss net's inputs for micro-batch `batch`: ids, labels, mask, scale, then the teacher's part when it
+        is not computed inside the training graph (its hidden states from its own graph, or the stored top-k)."""
+        ids = ms.Tensor(batch["input_ids"], ms.int32)
+        inputs = (ids, ms.Tensor(batch["labels"], ms.int32), ms.Tensor(batch["loss_mask"], ms.float32), scale)
         if self.teacher_hidden is not None:
-            x += (self.teacher_hidden(ids),)
+            inputs += (self.teacher_hidden(ids),)
         elif self.topk is not None:
-            t = self.topk.batch(b["rows"], b["input_ids"])
-            x += (ms.Tensor(t["ids"]), ms.Tensor(t["lq_top"]), ms.Tensor(t["lq_tail"]))
-        return x
+            stored = self.topk.batch(batch["rows"], batch["input_ids"])
+            inputs += (ms.Tensor(stored["ids"]), ms.Tensor(stored["lq_top"]), ms.Tensor(stored["lq_tail"]))
+        return inputs
 
     def _accumulate(self, inputs: list) -> float:
         """The micro-batches' gradients into the accumulators; returns the step's global loss."""
