@@ -25,6 +25,7 @@ from youzhi_ms.dryrun import cann_standin, memory
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import atomic_output_dir
 from youzhi_ms.train.parallel import check_semi_auto, param_shapes, plan_parallel
+from youzhi_ms.train.run_config import RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,15 +56,13 @@ def _resolve(path: Optional[str]) -> Optional[str]:
     return path
 
 
-def model_configs(cfg: dict, student: Optional[str], teacher: Optional[str]):
+def model_configs(run: RunConfig, student: Optional[str], teacher: Optional[str]):
     """(student config dict, teacher config dict or None, where each came from). Order: the command-line flag, the
     trained-model directory of the yaml if it is on this machine, the yaml's dry_run section."""
     found = []
-    for who, flag, run_path, fallback in (("student", student, cfg["model"]["student"],
-                                           cfg["dry_run"]["student_config"]),
-                                          ("teacher", teacher, cfg["distill"]["teacher"],
-                                           cfg["dry_run"]["teacher_config"])):
-        if who == "teacher" and cfg["run_mode"] != "distill":
+    for who, flag, run_path, fallback in (("student", student, run.model.student, run.dry_run.student_config),
+                                          ("teacher", teacher, run.distill.teacher, run.dry_run.teacher_config)):
+        if who == "teacher" and not run.distilling:
             found.append((None, None))
             continue
         run_path = _resolve(run_path)
@@ -77,34 +76,33 @@ def model_configs(cfg: dict, student: Optional[str], teacher: Optional[str]):
                               f"--{who}-config PATH (a config.json or model directory) or set "
                               f"dry_run.{who}_config in the yaml")
         found.append((_read_config_json(source, f"--{who}-config"), source))
-    (s, s_src), (t, t_src) = found
-    return s, t, {"student": s_src, "teacher": t_src}
+    (student_config, student_source), (teacher_config, teacher_source) = found
+    return student_config, teacher_config, {"student": student_source, "teacher": teacher_source}
 
 
 # ------------------------------------------------------------------------------------------------ the plan
-def check_plan(cfg: dict, student: dict, teacher: Optional[dict]):
+def check_plan(run: RunConfig, student: dict, teacher: Optional[dict]):
     """The plan as the trainer would build it on Ascend, with its refusals (one YouzhiError each)."""
     models = {"student": load_any_config(student), "teacher": load_any_config(teacher) if teacher is not None else None}
     if models["teacher"] is not None and models["teacher"].vocab_size != models["student"].vocab_size:
         raise YouzhiError(f"teacher vocab_size {models['teacher'].vocab_size} != student vocab_size "
                           f"{models['student'].vocab_size}; GKD needs one tokenizer")
-    pc = cfg["parallel_config"]
-    if pc.get("data_parallel") is None:
+    if run.parallel_config.data_parallel is None:
         raise YouzhiError("parallel_config.data_parallel is null; a dry run needs the cluster size: set "
                           "data_parallel (devices = data_parallel x model_parallel x pipeline_stage)")
-    plan = plan_parallel(pc, student, teacher)
+    plan = plan_parallel(run.raw["parallel_config"], student, teacher)
     if not plan.semi_auto:
         raise YouzhiError("parallel_config has model_parallel 1 and pipeline_stage 1: that is a data-parallel run "
                           "(tools/train.py under msrun), which the dry run does not model; set model_parallel or "
                           "pipeline_stage > 1")
-    if cfg["parallel"]["parallel_mode"] != "semi_auto_parallel":
+    if run.parallel.parallel_mode != "semi_auto_parallel":
         raise YouzhiError("parallel.parallel_mode must be semi_auto_parallel for model / pipeline parallel plans")
-    if cfg["context"]["device_target"] != "Ascend":
+    if run.context.device_target != "Ascend":
         raise YouzhiError("context.device_target must be Ascend for a model / pipeline parallel plan")
-    check_semi_auto(cfg, plan)
+    check_semi_auto(run, plan)
     for who, c in models.items():
-        if c is not None and cfg["runner_config"]["seq_length"] > c.max_position_embeddings:
-            raise YouzhiError(f"runner_config.seq_length {cfg['runner_config']['seq_length']} exceeds the {who}'s "
+        if c is not None and run.runner.seq_length > c.max_position_embeddings:
+            raise YouzhiError(f"runner_config.seq_length {run.runner.seq_length} exceeds the {who}'s "
                               f"max_position_embeddings {c.max_position_embeddings}")
     return plan
 
@@ -242,8 +240,10 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
             rank: Optional[int] = None, level: int = 0, layers_per_stage: Optional[int] = None,
             strategy_dir: Optional[str] = None, cache_dir: Optional[str] = None, keep_workdir: bool = False,
             jobs_at_once: int = 1, overwrite: bool = False, log: Callable[[str], None] = print) -> DryRunResult:
-    student, teacher, sources = model_configs(cfg, student_path, teacher_path)
-    plan = check_plan(cfg, student, teacher)
+    """`cfg`: load_run_config's dict (sent as it is to the compile workers)."""
+    run = RunConfig.parse(cfg)
+    student, teacher, sources = model_configs(run, student_path, teacher_path)
+    plan = check_plan(run, student, teacher)
     world = plan.device_num
     ranks_per_pp_stage = world // plan.pipeline_stage
     if rank is not None and not 0 <= rank < world:
@@ -283,7 +283,7 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
     finally:
         if ok and not keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    report = build_report(cfg, plan, student, teacher, results, compiled_student, compiled_teacher, level,
+    report = build_report(run, plan, student, teacher, results, compiled_student, compiled_teacher, level,
                           standin is not None, sources)
     report["workdir"] = workdir if keep_workdir else None
     limit = report["limit_bytes"]
@@ -296,7 +296,7 @@ def _unsharded_bytes(parameters_full: List[tuple]) -> int:
     return sum(memory._prod(shape) * memory.dtype_bytes(dt) for shape, dt in parameters_full)
 
 
-def _compiled_rank_memory(cfg, plan, student, teacher, res, compiled_student, compiled_teacher) -> dict:
+def _compiled_rank_memory(run: RunConfig, plan, student, teacher, res, compiled_student, compiled_teacher) -> dict:
     """Held (parameters, gradients, optimizer) and activation bytes of compiled rank `res`, scaled back to the real
     depth when a reduced depth was compiled."""
     pp, pp_stage = plan.pipeline_stage, res["stage"]
@@ -310,10 +310,10 @@ def _compiled_rank_memory(cfg, plan, student, teacher, res, compiled_student, co
                 if compiled else 0.0
         scale = {"student": factor(student, compiled_student),
                  "teacher": factor(teacher, compiled_teacher) if teacher else 0.0}
-    if cfg["model"]["trainable"] == "attention":
+    if run.model.trainable == "attention":
         trainable = {n for n in trainable if ".self_attention." in n}
     held = memory.held_bytes(res["parameters"], pp > 1, trainable, scale)
-    act = memory.activation_bytes(cfg, student, teacher, plan.data_parallel, plan.model_parallel, pp, pp_stage,
+    act = memory.activation_bytes(run, student, teacher, plan.data_parallel, plan.model_parallel, pp, pp_stage,
                                   plan.micro_batch_num, memory.gathered_bytes(res["parameters"], scale))
     return {"held": held, "act": act, "rank": res["rank"], "seconds": res["wall_seconds"],
             "peak_rss_gb": res["peak_rss_gb"], "mindspore_memory": res.get("mindspore_memory", [])}
@@ -329,19 +329,20 @@ def _check_slices(res: dict, expect: Dict[str, Any]) -> int:
     return sum(1 for name in expect if name in names)
 
 
-def build_report(cfg, plan, student, teacher, results, compiled_student, compiled_teacher, level, standin, sources):
+def build_report(run: RunConfig, plan, student, teacher, results, compiled_student, compiled_teacher, level, standin,
+                 sources):
     """The dry run's report: every rank's bytes (a rank's memory is that of its pipeline stage's compiled rank),
     the limit they must fit, and how the numbers were obtained. Report keys say `stage` for the pipeline stage."""
     world, pp = plan.device_num, plan.pipeline_stage
     ranks_per_pp_stage = world // pp
     expect = expected_slices(plan, compiled_student, compiled_teacher)
     checked = sum(_check_slices(res, expect) for res in results)
-    by_pp_stage = {res["stage"]: _compiled_rank_memory(cfg, plan, student, teacher, res, compiled_student,
+    by_pp_stage = {res["stage"]: _compiled_rank_memory(run, plan, student, teacher, res, compiled_student,
                                                        compiled_teacher) for res in results}
     full = [(shape, "float32") for shape in param_shapes(student).values()]
     if teacher is not None:
         full += [(shape, "float32") for shape in param_shapes(teacher).values()]
-    limit = min(memory.CARD_BYTES, memory.parse_memory(cfg["context"].get("max_device_memory")) or memory.CARD_BYTES)
+    limit = min(memory.CARD_BYTES, memory.parse_memory(run.context.max_device_memory) or memory.CARD_BYTES)
     ranks = []
     for rank in range(world):
         pp_stage = rank // ranks_per_pp_stage
@@ -364,9 +365,8 @@ def build_report(cfg, plan, student, teacher, results, compiled_student, compile
                             "teacher": int(compiled_teacher["num_hidden_layers"]) if compiled_teacher else None},
         "dryrun_level": level, "cann": "compile-only stand-in" if standin else "installed",
         "model_configs": sources, "micro_batch_num": plan.micro_batch_num,
-        "batch_size": cfg["runner_config"]["batch_size"], "seq_length": cfg["runner_config"]["seq_length"],
-        "recompute": cfg["recompute_config"]["recompute"],
-        "parallel_optimizer": cfg["parallel"]["enable_parallel_optimizer"],
+        "batch_size": run.runner.batch_size, "seq_length": run.runner.seq_length, "recompute": run.recompute,
+        "parallel_optimizer": run.parallel.enable_parallel_optimizer,
     }
 
 

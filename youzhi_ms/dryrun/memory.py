@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Dict, List, Mapping, Optional
 
 from youzhi_ms.contract import MLA_MODEL_TYPE, parse_config
+from youzhi_ms.train.run_config import RunConfig
 
 GiB = 1024 ** 3
 CARD_BYTES = 64 * GiB  # Ascend 910B: 64 GB HBM per card
@@ -161,11 +162,11 @@ def layer_elements(cfg: dict, b: int, S: int, m: int) -> int:
     return n
 
 
-def activation_bytes(run_cfg: dict, student: dict, teacher: Optional[dict], dp: int, mp: int, pp: int, pp_stage: int,
+def activation_bytes(run: RunConfig, student: dict, teacher: Optional[dict], dp: int, mp: int, pp: int, pp_stage: int,
                      micro_batch_num: int, gathered: int = 0) -> Dict[str, int]:
-    b = int(run_cfg["runner_config"]["batch_size"])
-    S = int(run_cfg["runner_config"]["seq_length"])
-    recompute = bool(run_cfg["recompute_config"]["recompute"])
+    b = int(run.runner.batch_size)
+    S = int(run.runner.seq_length)
+    recompute = bool(run.recompute)
     in_flight = min(micro_batch_num, pp - pp_stage) if pp > 1 else 1
     sd = _dims(student)
     per_layer = 4 * layer_elements(student, b, S, mp)

@@ -416,6 +416,29 @@ class ContextSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParallelSection:
+    parallel_mode: str
+    enable_parallel_optimizer: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfigSection:
+    """MindFormers' names: `pipeline_stage` is the number of pipeline stages."""
+    data_parallel: Optional[int]
+    model_parallel: int
+    pipeline_stage: int
+    micro_batch_num: int
+    use_seq_parallel: bool
+    vocab_emb_dp: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DryRunSection:
+    student_config: Optional[str]
+    teacher_config: Optional[str]
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSection:
     student: Optional[str]
     trainable: str
@@ -476,14 +499,16 @@ class DistillSection:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """A validated run config as typed sections; `raw` is the plain dict (what run_config.yaml records, and what the
-    parallel planner and tools/dryrun.py read)."""
+    """A validated run config as typed sections; `raw` is the plain dict (what run_config.yaml records, what the
+    dry run sends to its compile workers, and the sections data.build_dataset and parallel.plan_parallel read)."""
     raw: Dict[str, Any] = dataclasses.field(repr=False)
     seed: int
     output_dir: str
     run_mode: str
     resume_training: bool
     context: ContextSection
+    parallel: ParallelSection
+    parallel_config: ParallelConfigSection
     model: ModelSection
     runner: RunnerSection
     optimizer: OptimizerSection
@@ -491,6 +516,7 @@ class RunConfig:
     train_dataset: TrainDatasetSection
     distill: DistillSection
     recompute: bool
+    dry_run: DryRunSection
     save_checkpoint_steps: Optional[int]   # None: no CheckpointMonitor (checkpoints at the end only)
     keep_checkpoint_max: int
     print_every: Optional[int]             # LossMonitor.per_print_times; None: no LossMonitor
@@ -503,10 +529,12 @@ class RunConfig:
         checkpoints = callback(cfg, "CheckpointMonitor") or {}
         return cls(raw=cfg, seed=cfg["seed"], output_dir=cfg["output_dir"], run_mode=cfg["run_mode"],
                    resume_training=cfg["resume_training"], context=ContextSection(**cfg["context"]),
-                   model=ModelSection(**cfg["model"]), runner=RunnerSection(**cfg["runner_config"]),
-                   optimizer=OptimizerSection(**cfg["optimizer"]), lr_schedule=LrScheduleSection(**cfg["lr_schedule"]),
+                   parallel=ParallelSection(**cfg["parallel"]),
+                   parallel_config=ParallelConfigSection(**cfg["parallel_config"]), model=ModelSection(**cfg["model"]),
+                   runner=RunnerSection(**cfg["runner_config"]), optimizer=OptimizerSection(**cfg["optimizer"]),
+                   lr_schedule=LrScheduleSection(**cfg["lr_schedule"]),
                    train_dataset=TrainDatasetSection(**cfg["train_dataset"]), distill=DistillSection(**distill),
-                   recompute=cfg["recompute_config"]["recompute"],
+                   recompute=cfg["recompute_config"]["recompute"], dry_run=DryRunSection(**cfg["dry_run"]),
                    save_checkpoint_steps=checkpoints.get("save_checkpoint_steps"),
                    keep_checkpoint_max=checkpoints.get("keep_checkpoint_max", 2),
                    print_every=(callback(cfg, "LossMonitor") or {}).get("per_print_times"))

@@ -144,16 +144,15 @@ class Trainer:
     def _setup_parallel(self):
         """The parallel plan and this rank's place in it: its data-parallel index among `dp_world` replicas and, with
         pipeline parallel, its pipeline stage (model parallel is the innermost rank dimension, stages the outermost)."""
-        raw = self.run_config.raw
-        self.plan = plan_parallel(raw["parallel_config"], self.student_cfg.raw,
+        self.plan = plan_parallel(self.run_config.raw["parallel_config"], self.student_cfg.raw,
                                   self.teacher_cfg.raw if self.teacher_cfg else None, self.world)
         check_world(self.plan, self.world, self.device)
         self.ranks_per_pp_stage = self.world // self.plan.pipeline_stage
         self.rank_in_pp_stage = self.rank % self.ranks_per_pp_stage
         self.in_last_pp_stage = self.rank // self.ranks_per_pp_stage == self.plan.pipeline_stage - 1
         if self.plan.semi_auto:  # Ascend only (check_device refused it elsewhere); compiled by tools/dryrun.py
-            check_semi_auto(raw, self.plan)
-            self.micro_bs = local_rows(raw, self.plan)  # pipeline: all micro-batches of the step at once
+            check_semi_auto(self.run_config, self.plan)
+            self.micro_bs = local_rows(self.run_config, self.plan)  # pipeline: all micro-batches of the step at once
             if self.run_config.context.max_device_memory:
                 ms.set_context(max_device_memory=self.run_config.context.max_device_memory)
             self.dp_rank = self.rank_in_pp_stage // self.plan.model_parallel
@@ -239,7 +238,7 @@ class Trainer:
                                           f"strategy_rank_{self.rank}.ckpt")
         with no_init_parameters():
             self.parallel_net, self.pstep, self.student, self.teacher = build_semi_auto_step(
-                self.run_config.raw, self.plan, self.student_cfg, self.teacher_cfg, self.rank, self.world,
+                self.run_config, self.plan, self.student_cfg, self.teacher_cfg, self.rank, self.world,
                 strategy_file=self.strategy_file)
         ids = ms.Tensor(np.zeros((self.micro_bs, self.seq_len), np.int32))
         self.parallel_net.compile(ids, ids, ms.Tensor(np.zeros((self.micro_bs, self.seq_len), np.float32)))
