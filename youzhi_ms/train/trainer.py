@@ -1,4 +1,4 @@
-"""The training loop: GKD recovery of a converted MLA student from its GQA teacher, or SFT of the student.
+"""Training: GKD recovery of a converted MLA student from its GQA teacher, or SFT of the student.
 
 One process (or one msrun worker) holds the frozen teacher and the trainable student (or, with
 `distill.offline_teacher`, the teacher's stored top-k file instead of the teacher: `teacher_topk.py`). The distill
@@ -32,14 +32,9 @@ directory.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import logging
-import math
 import os
-import resource
-import sys
 import tempfile
 import time
 from typing import Any, Dict, List, Optional
@@ -54,13 +49,12 @@ from youzhi_ms.checkpoint.mindspore_ckpt import load_model, model_kind
 from youzhi_ms.config import load_any_config
 from youzhi_ms.data.tokenizer import Tokenizer
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.progress import ProgressBar
 from youzhi_ms.runtime import init_context
 from youzhi_ms.train.checkpointing import rng_from_json, rng_state_to_json
 from youzhi_ms.train.chunked_loss import ChunkedGKDNet, TeacherHidden, TopKGKDNet, head_weight
 from youzhi_ms.train.data import (EpochSampler, StudentContinuation, build_dataset, collate, row_rngs,
                                   shard_rows)
-from youzhi_ms.train.loss_log import append_row
+from youzhi_ms.train.loop import run_training
 from youzhi_ms.train.losses import GKDNet, SFTNet
 from youzhi_ms.train.optim import (AllReduceSum, ApplyStep, FusedStep, MicroStep, ResetAccumulators, UpdateCore,
                                    lr_factor)
@@ -90,8 +84,9 @@ def init_distributed():
 
 # ----------------------------------------------------------------------------------------------------------- trainer
 class Trainer:
-    """Set-up (models, trainable set, optimizer, loss, step graphs, data), one optimizer step, and the loop. What goes
-    to output_dir is `self.output` (run_output.py); the corrupted-step check is `self.guard` (step_guard.py)."""
+    """Set-up (models, trainable set, optimizer, loss, step graphs, data) and one optimizer step (`train_step`). The
+    loop that drives the steps is loop.py; what goes to output_dir is `self.output` (run_output.py); the
+    corrupted-step check is `self.guard` (step_guard.py)."""
 
     def __init__(self, cfg: Dict[str, Any], rank: Optional[int] = None, world: Optional[int] = None):
         """`cfg`: run_config.load_run_config's validated dict, parsed here once into typed sections."""
@@ -456,92 +451,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ the loop
     def run(self, resume: bool = False, progress: Optional[bool] = None, overwrite: bool = False) -> Dict[str, Any]:
-        """`overwrite`: start over in an output_dir holding an earlier youzhi_ms run (what it wrote is removed).
-        Rank 0 holds output_dir's lock throughout, so a second run into it is refused at once."""
-        try:
-            with self.output.lock() if self.is_main else contextlib.nullcontext():
-                return self._run(resume, progress, overwrite)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                done = self.checkpoints()
-                exc.add_note(f"the newest complete checkpoint {done[-1]} is kept: run the same command with --resume "
-                             "to continue from it" if done else "no checkpoint was complete yet: the run starts over")
-            raise
-
-    def _run(self, resume: bool, progress: Optional[bool], overwrite: bool) -> Dict[str, Any]:
-        resume = resume or self.run_config.resume_training
-        self._check_output(resume, overwrite)
-        self._setup_models()
-        self._setup_data()
-        start = self._prepare_output(resume, overwrite)
-        runner = self.run_config.runner
-        stop_at, save_every = runner.stop_at_step, self.run_config.save_checkpoint_steps
-        show = self.is_main and (runner.progress if progress is None else progress) and sys.stderr.isatty()
-        bar = ProgressBar(total=self.max_steps, initial=start, desc=self.run_mode, unit="step", disable=not show)
-        rows = []
-        step = start
-        t_run = time.time()
-        last_saved = None
-        while step < self.max_steps:
-            if stop_at is not None and step >= stop_at:
-                break
-            row = self.train_step(step)
-            step += 1
-            if not math.isfinite(row["loss"]):
-                raise YouzhiError(f"the loss became {row['loss']} at step {step}; lower lr_schedule.learning_rate or "
-                                  "check the data (resume from the last checkpoint with --resume)")
-            rows.append(row)
-            if self.is_main:
-                self._report(row, bar, show)
-            self._stop_after_corrupted_steps(row, step, bar)
-            if (save_every and step % save_every == 0) or step == self.max_steps or step == stop_at:
-                self.save_checkpoint(step)
-                last_saved = step
-        bar.close()
-        return self._finish(start, step, rows, time.time() - t_run, last_saved)
-
-    def _report(self, row: dict, bar, show: bool) -> None:
-        """Rank 0: the loss log row, the progress bar, and a LossMonitor line every per_print_times steps."""
-        append_row(self.output.loss_log, row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-        print_every = self.run_config.print_every
-        step = row["step"]
-        if print_every and (step % print_every == 0 or step == self.max_steps):
-            gn = "skipped" if row.get("skipped") else f"{row['grad_norm']:.4f}"
-            msg = (f"step {step}/{self.max_steps} loss {row['loss']:.6f} lr {row['lr']:.3e} "
-                   f"grad_norm {gn} {row['seconds']:.2f}s/step"
-                   f"{' on-policy' if any(row['on_policy']) else ''}")
-            if not show:  # the bar shows the same numbers
-                log.info(msg)
-
-    def _stop_after_corrupted_steps(self, row: dict, step: int, bar) -> None:
-        if self.guard.count(row):
-            bar.close()
-            self.save_checkpoint(step)  # skipped steps changed nothing: this is the last good state
-            raise self.guard.stop_error(step, self.output.step_dir(step))
-
-    def _finish(self, start: int, step: int, rows: List[dict], seconds: float, last_saved) -> Dict[str, Any]:
-        """Per-rank summary json; rank 0 draws the loss curve and, at max_steps, exports the Hugging Face student."""
-        result = {"start_step": start, "end_step": step, "steps_run": step - start, "rank": self.rank,
-                  "world": self.world, "seconds": round(seconds, 3), "last_checkpoint": last_saved,
-                  "losses": [r["loss"] for r in rows], "weights_sha256": self.weights_digest(),
-                  "loss_log": self.output.loss_log, "peak_rss_mib": peak_rss_mib()}
-        self.output.write_rank_summary({k: v for k, v in result.items() if k != "losses"})
-        if self.is_main:
-            self.output.plot_loss_curve()
-            if step == self.max_steps and not self.sharded:
-                result["hf_model"] = self.export_hf()
-            elif step == self.max_steps:
-                log.warning("model/pipeline parallel: the final weights are the per-rank slices in %s; merge them "
-                            "into a Hugging Face directory with tools/merge_slices.py --run %s",
-                            self.checkpoints()[-1], self.out)
-        return result
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (what decides whether workers fit side by side on one machine)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # KiB on Linux
+        """The whole run (loop.py). `overwrite`: start over in an output_dir holding an earlier youzhi_ms run."""
+        return run_training(self, resume, progress, overwrite)
 
 
 def train(cfg: Dict[str, Any], resume: bool = False, progress: Optional[bool] = None,
