@@ -3,6 +3,8 @@
 Every key a run can use is listed in DEFAULTS below (the schema): a yaml file or an override naming any other key is
 refused with one message that names the key, the file, and the closest valid spelling. Values of `--set key=value` are
 parsed as yaml scalars (`3` -> int, `1e-4` -> float, `true` -> bool, `null` -> None, `[0.9, 0.95]` -> list).
+`load_run_config` returns the validated plain dict (each section checked by its own function, SECTION_CHECKS); the
+code that runs a config parses it once with `RunConfig.parse` into typed sections (`run.runner.batch_size`).
 
 Sections (MindFormers names where MindFormers has the concept):
   seed, output_dir, run_mode (distill | sft: cross entropy on the responses of chat data, or on every token
