@@ -17,7 +17,6 @@ import numpy as np
 from youzhi_ms.cli import path_problem
 from youzhi_ms.contract import MLA_MODEL_TYPE, expected_tensors, parse_config, read_config_json, stock_mla_config
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.models.names import ms_to_hf
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -197,6 +196,9 @@ class HFCheckpoint:
     def _check_against_config(self) -> None:
         """Every tensor the config implies is there with its shape and a floating-point dtype, and nothing else
         (contract.expected_tensors), before any weight is read or any model is built."""
+        # lazy: the converter reads checkpoints through this module and imports nothing from models/ (the MindSpore
+        # models' package; tests/test_convert_exact.py)
+        from youzhi_ms.models.names import ms_to_hf
         f = parse_config(self.config, os.path.join(self.dir, "config.json"))
         want = expected_tensors(f)
         kind = "mla" if f["model_type"] == MLA_MODEL_TYPE else "gqa"
