@@ -38,7 +38,7 @@ def main():
         sys.exit("error: this run compiles one fused step graph (no accumulation, no loss bound); nothing to split")
     calls = {"models": [peak_gib(), 0.0]}
     losses = []
-    b1, b2 = tr.cfg["optimizer"]["betas"]
+    b1, b2 = tr.run_config.optimizer.betas
     for step in range(args.steps):
         batches = [tr.next_micro_batch(step, m) for m in range(tr.accum)]
         scale = ms.Tensor(1.0 / float(sum(b["loss_mask"].sum() for b in batches)), ms.float32)

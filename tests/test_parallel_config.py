@@ -80,8 +80,8 @@ def test_shipped_yaml_configs(name, device, devices, mode, models):
     assert s["embedding.word_embeddings"] == ((dp, 1), (1, 1)) and s["output_layer"] == col
     # every linear of both models has a strategy: L x (4 MLA + 3 MLP) + L x (4 GQA + 3 MLP) + embeddings + heads
     assert len(s) == layers * 7 + layers * 7 + 4
-    stages = [plan.stages[f"decoder.layers.{i}"] for i in range(layers)]
-    assert stages == [0] * (layers // 2) + [1] * (layers // 2) and plan.stages["output_layer"] == pp - 1
+    pp_stages = [plan.pp_stage_of[f"decoder.layers.{i}"] for i in range(layers)]
+    assert pp_stages == [0] * (layers // 2) + [1] * (layers // 2) and plan.pp_stage_of["output_layer"] == pp - 1
     assert plan.micro_batch_num >= pp
 
 

@@ -24,10 +24,14 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Optional, Sequence
 
+import mindspore as ms
+
+from youzhi_ms.data.text import cache_dir
 from youzhi_ms.progress import step
 from youzhi_ms.runtime import quiet_known_warnings
 
@@ -61,7 +65,6 @@ def cache_root() -> Optional[str]:
         return None
     if setting:
         return os.path.abspath(os.path.expanduser(setting))
-    from youzhi_ms.data.text import cache_dir
     return os.path.join(cache_dir(), "compile")
 
 
@@ -74,7 +77,6 @@ class GraphCache:
     """
 
     def __init__(self, purpose: str, key: dict, plan: Sequence[str], root: Optional[str] = None):
-        import mindspore as ms
         self.plan = list(plan)
         self.done = 0  # planned graphs compiled (or loaded) so far, with the cache on
         self.path = None
@@ -167,7 +169,6 @@ def _prune(root: str, keep: str) -> None:
     ours = [p for p in entries if os.path.isfile(os.path.join(p, MARKER)) and p != keep]
     if len(ours) < KEEP_ENTRIES:
         return
-    import shutil
     ours.sort(key=lambda p: os.path.getmtime(os.path.join(p, MARKER)))
     for p in ours[:len(ours) - KEEP_ENTRIES + 1]:
         shutil.rmtree(p, ignore_errors=True)

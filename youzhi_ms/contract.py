@@ -179,7 +179,17 @@ def parse_config(cfg: Mapping, where: str = "config") -> Dict[str, Any]:
     """
     if not isinstance(cfg, Mapping):
         raise YouzhiError(f"{where}: expected a mapping of config keys, got {type(cfg).__name__}; fix the config")
-    mtype = model_type(cfg, where)
+    fields = _shared_fields(cfg, model_type(cfg, where), where)
+    bias = _bool(cfg, "attention_bias", where)
+    if fields["model_type"] == MLA_MODEL_TYPE:
+        fields.update(_mla_fields(cfg, fields, bias, where))
+    else:
+        fields.update(_gqa_fields(cfg, fields, bias, where))
+    return fields
+
+
+def _shared_fields(cfg: Mapping, mtype: str, where: str) -> Dict[str, Any]:
+    """parse_config's fields every architecture has."""
     f: Dict[str, Any] = {"model_type": mtype}
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"):
         f[key] = _pos_int(cfg, key, where)
@@ -192,47 +202,51 @@ def parse_config(cfg: Mapping, where: str = "config") -> Dict[str, Any]:
     f["bos_token_id"] = _token_ids(cfg, "bos_token_id", where)
     f["eos_token_id"] = _token_ids(cfg, "eos_token_id", where)
     f["mlp_bias"] = _bool(cfg, "mlp_bias", where)
-    bias = _bool(cfg, "attention_bias", where)
-    heads = f["num_attention_heads"]
-    if mtype == MLA_MODEL_TYPE:
-        n_routed, first_dense = cfg.get("n_routed_experts"), cfg.get("first_k_dense_replace")
-        if n_routed and (not isinstance(first_dense, int) or first_dense < f["num_hidden_layers"]):
-            raise YouzhiError(f"{where}: DeepSeek-V3 config with n_routed_experts={n_routed} and first_k_dense_replace="
-                              f"{first_dense} < num_hidden_layers={f['num_hidden_layers']} is a mixture-of-experts "
-                              "model; youzhi_ms handles dense MLA only (n_routed_experts null, first_k_dense_replace = "
-                              "num_hidden_layers)")
-        for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
-            f[key] = _pos_int(cfg, key, where)
-        f["q_lora_rank"] = _opt_pos_int(cfg, "q_lora_rank", where)
-        if f["qk_rope_head_dim"] % 2:
-            raise YouzhiError(f"{where}: qk_rope_head_dim must be even (RoPE rotates pairs), got "
-                              f"{f['qk_rope_head_dim']}; fix the config")
-        yz = cfg.get("youzhi") or {}
-        if not isinstance(yz, Mapping):
-            raise YouzhiError(f"{where}: the youzhi block must be an object, got {yz!r}; fix the config")
-        f.update(num_key_value_heads=heads, head_dim=f["qk_rope_head_dim"], qkv_bias=bias, o_bias=bias,
-                 rope_interleave=_bool(cfg, "rope_interleave", where, True),
-                 q_bias=_bool(yz, "q_proj_bias", where + " youzhi"),
-                 kv_layernorm=not _bool(yz, "no_kv_layernorm", where + " youzhi"))
-        return f
-    kv = _opt_pos_int(cfg, "num_key_value_heads", where) or heads
-    if heads % kv:
-        raise YouzhiError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}; "
+    return f
+
+
+def _mla_fields(cfg: Mapping, shared: Mapping, bias: bool, where: str) -> Dict[str, Any]:
+    """parse_config's DeepSeek-V3 fields (dense MLA only); `shared`: the _shared_fields already read."""
+    layers = shared["num_hidden_layers"]
+    n_routed, first_dense = cfg.get("n_routed_experts"), cfg.get("first_k_dense_replace")
+    if n_routed and (not isinstance(first_dense, int) or first_dense < layers):
+        raise YouzhiError(f"{where}: DeepSeek-V3 config with n_routed_experts={n_routed} and first_k_dense_replace="
+                          f"{first_dense} < num_hidden_layers={layers} is a mixture-of-experts "
+                          "model; youzhi_ms handles dense MLA only (n_routed_experts null, first_k_dense_replace = "
+                          "num_hidden_layers)")
+    f = {key: _pos_int(cfg, key, where) for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
+                                                     "v_head_dim")}
+    f["q_lora_rank"] = _opt_pos_int(cfg, "q_lora_rank", where)
+    if f["qk_rope_head_dim"] % 2:
+        raise YouzhiError(f"{where}: qk_rope_head_dim must be even (RoPE rotates pairs), got "
+                          f"{f['qk_rope_head_dim']}; fix the config")
+    yz = cfg.get("youzhi") or {}
+    if not isinstance(yz, Mapping):
+        raise YouzhiError(f"{where}: the youzhi block must be an object, got {yz!r}; fix the config")
+    f.update(num_key_value_heads=shared["num_attention_heads"], head_dim=f["qk_rope_head_dim"], qkv_bias=bias,
+             o_bias=bias, rope_interleave=_bool(cfg, "rope_interleave", where, True),
+             q_bias=_bool(yz, "q_proj_bias", where + " youzhi"),
+             kv_layernorm=not _bool(yz, "no_kv_layernorm", where + " youzhi"))
+    return f
+
+
+def _gqa_fields(cfg: Mapping, shared: Mapping, bias: bool, where: str) -> Dict[str, Any]:
+    """parse_config's GQA fields: key/value heads, head_dim, and the architecture's bias flags."""
+    heads = shared["num_attention_heads"]
+    kv_heads = _opt_pos_int(cfg, "num_key_value_heads", where) or heads
+    if heads % kv_heads:
+        raise YouzhiError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}; "
                           "fix the config")
     head_dim = _opt_pos_int(cfg, "head_dim", where)
     if head_dim is None:
-        if f["hidden_size"] % heads:
-            raise YouzhiError(f"{where}: hidden_size={f['hidden_size']} is not divisible by num_attention_heads="
+        if shared["hidden_size"] % heads:
+            raise YouzhiError(f"{where}: hidden_size={shared['hidden_size']} is not divisible by num_attention_heads="
                               f"{heads} and the config has no head_dim; add head_dim to the config")
-        head_dim = f["hidden_size"] // heads
+        head_dim = shared["hidden_size"] // heads
     if head_dim % 2:
         raise YouzhiError(f"{where}: head_dim must be even (RoPE rotates pairs), got {head_dim}; fix the config")
-    if mtype == "qwen2":
-        qkv_bias, o_bias = True, False
-    else:
-        qkv_bias, o_bias = bias, bias
-    f.update(num_key_value_heads=kv, head_dim=head_dim, qkv_bias=qkv_bias, o_bias=o_bias)
-    return f
+    qkv_bias, o_bias = (True, False) if shared["model_type"] == "qwen2" else (bias, bias)
+    return dict(num_key_value_heads=kv_heads, head_dim=head_dim, qkv_bias=qkv_bias, o_bias=o_bias)
 
 
 def check_runnable(cfg: Mapping, fields: Mapping, where: str = "config") -> None:
@@ -383,23 +397,23 @@ def mla_config(source_cfg: Mapping, kv_lora_rank: int, qk_rope_head_dim: Optiona
     q_bias = f["qkv_bias"] if q_bias is None else q_bias
     kv_bias = f["qkv_bias"] if kv_bias is None else kv_bias
     exact = export == "exact"
-    d, L = f["head_dim"], f["num_hidden_layers"]
+    head_dim, layers = f["head_dim"], f["num_hidden_layers"]
     out: Dict[str, Any] = {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": MLA_MODEL_TYPE,
         "vocab_size": f["vocab_size"],
         "hidden_size": f["hidden_size"],
         "intermediate_size": f["intermediate_size"],
-        "num_hidden_layers": L,
+        "num_hidden_layers": layers,
         "num_attention_heads": f["num_attention_heads"],
         "num_key_value_heads": f["num_attention_heads"],
         "kv_lora_rank": kv_lora_rank,
         "q_lora_rank": None,
-        "qk_nope_head_dim": d,
+        "qk_nope_head_dim": head_dim,
         "qk_rope_head_dim": rope,
-        "v_head_dim": d,
+        "v_head_dim": head_dim,
         "head_dim": rope,  # what transformers' DeepseekV3Config sets (the rope part of a query/key head)
-        **dense_moe_keys(L, f["intermediate_size"]),
+        **dense_moe_keys(layers, f["intermediate_size"]),
         "hidden_act": "silu",
         "max_position_embeddings": f["max_position_embeddings"],
         "rms_norm_eps": f["rms_norm_eps"],
@@ -417,13 +431,19 @@ def mla_config(source_cfg: Mapping, kv_lora_rank: int, qk_rope_head_dim: Optiona
         "use_cache": True,
     }
     if exact or youzhi:
-        yz = dict(youzhi or {})
-        yz["export"] = export
-        if exact:
-            yz["no_kv_layernorm"] = True
-            yz["q_proj_bias"] = bool(q_bias)
-        out["youzhi"] = yz
+        out["youzhi"] = _youzhi_block(export, q_bias, youzhi)
     return out
+
+
+def _youzhi_block(export: str, q_bias: bool, provenance: Optional[Mapping]) -> Dict[str, Any]:
+    """The config's youzhi block: `provenance`, the export kind and, for an exact export, the extensions its model
+    needs (no kv_a_layernorm; a q_proj bias when the source has one)."""
+    block = dict(provenance or {})
+    block["export"] = export
+    if export == "exact":
+        block["no_kv_layernorm"] = True
+        block["q_proj_bias"] = bool(q_bias)
+    return block
 
 
 # ---------------------------------------------------------------------------------------------------- deployment

@@ -18,6 +18,7 @@ a graph has run a Ctrl-C ends with 143 and the line says `Ctrl-C or SIGTERM`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import functools
 import logging
@@ -42,7 +43,6 @@ _sigint_c_handler = None  # the C-level SIGINT handler right after cli_main inst
 def _c_handler(signum: int):
     """The C-level handler address of `signum` (sigaction's first field), or None where it cannot be read."""
     try:
-        import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         buf = ctypes.create_string_buffer(256)  # larger than any libc's struct sigaction
         if libc.sigaction(signum, None, buf) != 0:

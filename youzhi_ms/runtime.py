@@ -7,12 +7,15 @@ import os
 import subprocess
 import sys
 
+from youzhi_ms import errors
+
 _DONE = False
 
 
 def init_context(mode: str = "graph", device: str | None = None, seed: int | None = None) -> None:
     """Graph mode on the requested device (default: $YOUZHI_DEVICE or CPU). Safe to call more than once."""
     global _DONE
+    # lazy: tools import this module to set up the log filter and answer bad input before MindSpore (seconds) loads
     import mindspore as ms
     if not _DONE:
         ms.set_device(device or os.environ.get("YOUZHI_DEVICE", "CPU"))
@@ -70,7 +73,6 @@ def quiet_known_warnings(patterns=KNOWN_HARMLESS):
     try:
         yield
     finally:
-        from youzhi_ms import errors
         try:
             sys.stderr.flush()
         except (OSError, ValueError):

@@ -20,15 +20,17 @@ import importlib.util
 import math
 import os
 import struct
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from youzhi_ms.checkpoint.hf import ShardedWriter, check_finite, write_json
 from youzhi_ms.cli import path_problem
 from youzhi_ms.contract import check_runnable, parse_config
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
+from youzhi_ms.progress import ProgressBar
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -393,25 +395,13 @@ _LAYER_MAP = (  # GGUF per-layer name -> HF name
 
 
 def _llama_config(g: GGUFFile) -> dict:
-    arch = g.metadata.get("general.architecture")
-    if arch != "llama":
-        raise YouzhiError(f"{g.path}: architecture {arch!r} is not supported; gguf_to_hf converts Llama-architecture "
-                          "GGUF files only (general.architecture = 'llama'); for other models start from their Hugging "
-                          "Face checkpoint")
-    if "rope_freqs.weight" in g:
-        raise YouzhiError(f"{g.path}: the file has a rope_freqs.weight table (Llama-3.1-style rope scaling), whose "
-                          "parameters GGUF does not store; use the original Hugging Face checkpoint for this model")
+    """The Hugging Face LlamaForCausalLM config.json of a Llama-architecture GGUF file, from its metadata."""
+    _check_llama_file(g)
     p = "llama."
     hidden = g.meta_int(p + "embedding_length")
     n_heads = g.meta_int(p + "attention.head_count")
     n_kv = g.meta_int(p + "attention.head_count_kv", n_heads)
-    head_dim = g.meta_int(p + "attention.key_length", hidden // n_heads or None)
-    if g.meta_int(p + "attention.value_length", head_dim) != head_dim:
-        raise YouzhiError(f"{g.path}: key and value head sizes differ, which LlamaForCausalLM cannot express")
-    rope_dim = g.meta_int(p + "rope.dimension_count", head_dim)
-    if rope_dim != head_dim:
-        raise YouzhiError(f"{g.path}: partial rotary embedding (rope.dimension_count {rope_dim} < head size "
-                          f"{head_dim}) is not a Llama layout; use the original Hugging Face checkpoint")
+    head_dim = _llama_head_dim(g, hidden, n_heads)
     if "token_embd.weight" not in g:
         raise YouzhiError(f"{g.path}: token_embd.weight is missing; the GGUF file is incomplete")
     tokens = g.metadata.get("tokenizer.ggml.tokens")
@@ -427,8 +417,9 @@ def _llama_config(g: GGUFFile) -> dict:
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": float(np.float32(g.meta_float(p + "attention.layer_norm_rms_epsilon", 1e-5))),
-        "rope_theta": g.meta_float(p + "rope.freq_base", 10000.0),
+        # float32 metadata: keep the shortest decimal that round-trips (1e-05, not 9.999999747378752e-06)
+        "rms_norm_eps": float(str(np.float32(g.meta_float(p + "attention.layer_norm_rms_epsilon", 1e-5)))),
+        "rope_theta": float(str(np.float32(g.meta_float(p + "rope.freq_base", 10000.0)))),
         "max_position_embeddings": g.meta_int(p + "context_length", 2048),
         "vocab_size": vocab,
         "tie_word_embeddings": "output.weight" not in g,
@@ -437,9 +428,42 @@ def _llama_config(g: GGUFFile) -> dict:
         "initializer_range": 0.02,
         "torch_dtype": "float32",
     }
-    # float32 metadata: keep the shortest decimal that round-trips (1e-05, not 9.999999747378752e-06)
-    cfg["rms_norm_eps"] = float(str(np.float32(cfg["rms_norm_eps"])))
-    cfg["rope_theta"] = float(str(np.float32(cfg["rope_theta"])))
+    cfg.update(_special_token_ids(g, vocab))
+    scaling = _rope_scaling(g)
+    if scaling is not None:
+        cfg["rope_scaling"] = scaling
+    where = f"{g.path} (metadata as config.json)"
+    check_runnable(cfg, parse_config(cfg, where), where)  # the same rules as for any Hugging Face config
+    return cfg
+
+
+def _check_llama_file(g: GGUFFile) -> None:
+    arch = g.metadata.get("general.architecture")
+    if arch != "llama":
+        raise YouzhiError(f"{g.path}: architecture {arch!r} is not supported; gguf_to_hf converts Llama-architecture "
+                          "GGUF files only (general.architecture = 'llama'); for other models start from their Hugging "
+                          "Face checkpoint")
+    if "rope_freqs.weight" in g:
+        raise YouzhiError(f"{g.path}: the file has a rope_freqs.weight table (Llama-3.1-style rope scaling), whose "
+                          "parameters GGUF does not store; use the original Hugging Face checkpoint for this model")
+
+
+def _llama_head_dim(g: GGUFFile, hidden: int, n_heads: int) -> int:
+    """The head size, refusing what LlamaForCausalLM cannot express (value heads of another size, partial RoPE)."""
+    p = "llama."
+    head_dim = g.meta_int(p + "attention.key_length", hidden // n_heads or None)
+    if g.meta_int(p + "attention.value_length", head_dim) != head_dim:
+        raise YouzhiError(f"{g.path}: key and value head sizes differ, which LlamaForCausalLM cannot express")
+    rope_dim = g.meta_int(p + "rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
+        raise YouzhiError(f"{g.path}: partial rotary embedding (rope.dimension_count {rope_dim} < head size "
+                          f"{head_dim}) is not a Llama layout; use the original Hugging Face checkpoint")
+    return head_dim
+
+
+def _special_token_ids(g: GGUFFile, vocab: int) -> dict:
+    """bos / eos / pad token ids the file names (config.json keys), each checked to be a token of the vocabulary."""
+    found = {}
     for key, gkey in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                       ("pad_token_id", "padding_token_id")):
         v = g.metadata.get("tokenizer.ggml." + gkey)
@@ -447,20 +471,23 @@ def _llama_config(g: GGUFFile) -> dict:
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab:
                 raise YouzhiError(f"{g.path}: metadata tokenizer.ggml.{gkey} = {v!r} is not a token id below the "
                                   f"vocabulary size {vocab}; the GGUF file is corrupt")
-            cfg[key] = v
+            found[key] = v
+    return found
+
+
+def _rope_scaling(g: GGUFFile) -> Optional[dict]:
+    """config.json's rope_scaling from the llama.rope.scaling.* metadata (None: no scaling)."""
+    p = "llama."
     stype = g.metadata.get(p + "rope.scaling.type")
     factor = g.metadata.get(p + "rope.scaling.factor")
-    if stype not in (None, "none") and factor is not None and g.meta_float(p + "rope.scaling.factor", 1.0) != 1.0:
-        scaling = {"rope_type": str(stype), "factor": float(factor)}
-        orig = g.metadata.get(p + "rope.scaling.original_context_length")
-        if orig is not None:
-            scaling["original_max_position_embeddings"] = g.meta_int(p + "rope.scaling.original_context_length")
-        if stype not in ("linear", "yarn"):
-            raise YouzhiError(f"{g.path}: rope scaling type {stype!r} is not supported (linear, yarn)")
-        cfg["rope_scaling"] = scaling
-    where = f"{g.path} (metadata as config.json)"
-    check_runnable(cfg, parse_config(cfg, where), where)  # the same rules as for any Hugging Face config
-    return cfg
+    if stype in (None, "none") or factor is None or g.meta_float(p + "rope.scaling.factor", 1.0) == 1.0:
+        return None
+    scaling = {"rope_type": str(stype), "factor": float(factor)}
+    if g.metadata.get(p + "rope.scaling.original_context_length") is not None:
+        scaling["original_max_position_embeddings"] = g.meta_int(p + "rope.scaling.original_context_length")
+    if stype not in ("linear", "yarn"):
+        raise YouzhiError(f"{g.path}: rope scaling type {stype!r} is not supported (linear, yarn)")
+    return scaling
 
 
 def _hf_tensors(g: GGUFFile, cfg: dict) -> Iterator[Tuple[str, str]]:
@@ -503,8 +530,6 @@ _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 
 def _build_tokenizer(g: GGUFFile):
     """A `tokenizers.Tokenizer` (byte-level BPE) from the GGUF vocabulary, merges and token types."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
     model = g.metadata.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise YouzhiError(f"{g.path}: tokenizer model {model!r} is not supported; only byte-level BPE ('gpt2') "
@@ -634,7 +659,7 @@ def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "fp32", progress: b
     cfg = _llama_config(g)
     pairs = _hf_tensors(g, cfg)
     cfg["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
-    H, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    n_heads, n_kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     type_counts: Dict[str, int] = {}
     n_params = 0
     with atomic_output_dir(output_dir, overwrite, inputs, legacy_marker=LEGACY_OUTPUT) as tmp:
@@ -642,22 +667,21 @@ def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "fp32", progress: b
         writer = ShardedWriter(tmp, dtype=dtype)
         it = pairs
         if progress:
-            from youzhi_ms.progress import ProgressBar
             it = ProgressBar(pairs, desc=f"{os.path.basename(path)} -> HF", unit="tensor", leave=False)
         for gname, hname in it:
-            t = g.tensors[gname]
-            type_counts[t.type_name] = type_counts.get(t.type_name, 0) + 1
-            w = g.get(gname)
+            type_name = g.tensors[gname].type_name
+            type_counts[type_name] = type_counts.get(type_name, 0) + 1
+            weight = g.get(gname)
             if hname.endswith("q_proj.weight"):
-                w = unpermute_qk(w, H)
+                weight = unpermute_qk(weight, n_heads)
             elif hname.endswith("k_proj.weight"):
-                w = unpermute_qk(w, K)
+                weight = unpermute_qk(weight, n_kv_heads)
             exp = _expected_shape(hname, cfg)
-            if tuple(w.shape) != exp:
-                raise YouzhiError(f"{path}: tensor {gname} has shape {tuple(w.shape)}, expected {exp} from the file's "
-                                  "metadata; the GGUF file is inconsistent")
-            n_params += w.size
-            writer.add(hname, w)
+            if tuple(weight.shape) != exp:
+                raise YouzhiError(f"{path}: tensor {gname} has shape {tuple(weight.shape)}, expected {exp} from the "
+                                  "file's metadata; the GGUF file is inconsistent")
+            n_params += weight.size
+            writer.add(hname, weight)
         writer.close()
         write_json(os.path.join(tmp, "config.json"), cfg)
         write_json(os.path.join(tmp, SOURCE_FILE), {

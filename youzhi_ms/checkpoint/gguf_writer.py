@@ -32,7 +32,11 @@ import numpy as np
 from youzhi_ms.checkpoint.hf import HFCheckpoint
 from youzhi_ms.contract import GGUF_Q_LORA_RANK_NONE, MLA_MODEL_TYPE, check_runnable, parse_config
 from youzhi_ms.errors import YouzhiError
+from youzhi_ms.fsutil import atomic_output_file, check_output_file
 from youzhi_ms.progress import ProgressBar
+
+# `gguf` (the llama.cpp project's writer) is an optional dependency (setup.py's test extra): it is imported inside the
+# functions that use it, so this module, which the pipeline imports, loads without it.
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH_OF = {MLA_MODEL_TYPE: "deepseek2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -324,32 +328,32 @@ def export_gguf(model_dir: str, outfile: str, outtype: str = "f32", progress: bo
     the output rule (youzhi_ms/fsutil.py: refused if it exists without `overwrite` or is an input; written to a temp
     sibling and renamed when complete). Returns a summary dict."""
     import gguf
-    from youzhi_ms.fsutil import atomic_output_file, check_output_file
     if outtype not in OUTTYPES:
         raise YouzhiError(f"--outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
     check_output_file(outfile, overwrite, [("--model", model_dir)], "--outfile")
     ck = HFCheckpoint(model_dir)
     where = os.path.join(model_dir, "config.json")
-    f = parse_config(ck.config, where)
-    check_exportable(ck.config, f, where)
-    arch = ARCH_OF[f["model_type"]]
-    vocab = read_vocab(model_dir, f["vocab_size"])
-    plan = _plan(ck, f)
+    fields = parse_config(ck.config, where)
+    check_exportable(ck.config, fields, where)
+    arch = ARCH_OF[fields["model_type"]]
+    vocab = read_vocab(model_dir, fields["vocab_size"])
+    plan = _plan(ck, fields)
     types: Dict[str, int] = {}
     with atomic_output_file(outfile, overwrite, [("--model", model_dir)], "--outfile") as tmp:
-        w = gguf.GGUFWriter(tmp, arch)
-        _metadata(w, ck.config, f, arch, outtype, os.path.basename(os.path.abspath(model_dir).rstrip(os.sep)))
-        _add_vocab(w, vocab)
+        writer = gguf.GGUFWriter(tmp, arch)
+        _metadata(writer, ck.config, fields, arch, outtype,
+                  os.path.basename(os.path.abspath(model_dir).rstrip(os.sep)))
+        _add_vocab(writer, vocab)
         encoders = []
         for te in plan:
             qtype, byte_shape, dt, enc = _encode(te.name, te.shape, outtype)
             nbytes = int(np.prod(byte_shape)) * np.dtype(dt).itemsize
-            w.add_tensor_info(te.name, byte_shape, np.dtype(dt), nbytes, raw_dtype=qtype)
+            writer.add_tensor_info(te.name, byte_shape, np.dtype(dt), nbytes, raw_dtype=qtype)
             encoders.append((te, enc, byte_shape))
             types[qtype.name] = types.get(qtype.name, 0) + 1
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
         it = encoders
         if progress:
             it = ProgressBar(encoders, desc=f"{os.path.basename(outfile)} ({arch}, {outtype})", unit="tensor",
@@ -359,7 +363,7 @@ def export_gguf(model_dir: str, outfile: str, outtype: str = "f32", progress: bo
             if tuple(arr.shape) != tuple(te.shape):
                 raise YouzhiError(f"{model_dir}: {te.name} came out {arr.shape}, expected {te.shape}")
             data = np.ascontiguousarray(enc(arr))
-            w.write_tensor_data(data.reshape(byte_shape))
-        w.close()
+            writer.write_tensor_data(data.reshape(byte_shape))
+        writer.close()
     return {"path": outfile, "arch": arch, "outtype": outtype, "n_tensors": len(plan), "tensor_types": types,
             "bytes": os.path.getsize(outfile), "pre_tokenizer": vocab.pre, "n_vocab": len(vocab.tokens)}

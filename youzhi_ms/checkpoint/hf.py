@@ -196,6 +196,8 @@ class HFCheckpoint:
     def _check_against_config(self) -> None:
         """Every tensor the config implies is there with its shape and a floating-point dtype, and nothing else
         (contract.expected_tensors), before any weight is read or any model is built."""
+        # lazy: the converter reads checkpoints through this module and imports nothing from models/ (the MindSpore
+        # models' package; tests/test_convert_exact.py)
         from youzhi_ms.models.names import ms_to_hf
         f = parse_config(self.config, os.path.join(self.dir, "config.json"))
         want = expected_tensors(f)

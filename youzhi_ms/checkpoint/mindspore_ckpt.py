@@ -65,6 +65,8 @@ def convert_dir(input_dir: str, output_dir: str, dtype: str = "keep", reverse: b
     return len(names)
 
 
+# MindSpore (and models/, which imports it) is imported inside the functions that build or fill a model: convert_dir
+# only renames tensors, and tools/convert_hf_weights.py should not pay MindSpore's import (seconds) for it.
 def build_model(cfg, dtype=None, table_len: Optional[int] = None, use_fused=None):
     import mindspore as ms
     dtype = dtype or ms.float32

@@ -11,6 +11,7 @@ import random
 import re
 from typing import Dict, Iterator, List
 
+from youzhi_ms.data.text import load_documents
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import atomic_output_file, check_output_file
 
@@ -48,7 +49,6 @@ def write_chat_jsonl(path: str, source: str = "wiki-calib", n: int = 2000, seed:
                      overwrite: bool = False) -> int:
     """Write the examples to `path` (via a temp file, so an interrupted run leaves no partial file); returns count.
     An existing `path` is replaced only with `overwrite` (see fsutil for the rule)."""
-    from youzhi_ms.data.text import load_documents
     inputs = [("--source", source)]
     check_output_file(path, overwrite, inputs, "--out")
     rows = list(continuation_examples(load_documents(source), n, seed))

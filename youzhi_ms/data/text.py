@@ -59,6 +59,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from youzhi_ms.errors import YouzhiError
+from youzhi_ms.progress import step
 
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 WIKI_SHA256 = "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d"
@@ -128,7 +129,6 @@ def _ensure_gensim_member(member: str, sha256: str, what: str) -> str:
     path = os.path.join(cdir, name)
     if os.path.isfile(path):
         return path
-    from youzhi_ms.progress import step
     with tempfile.TemporaryDirectory(prefix="youzhi-gensim-", dir=cdir) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", GENSIM_REQ,
                "-d", tmp]
@@ -327,7 +327,6 @@ def wiki_splits() -> Dict[str, List[str]]:
     """{'wiki-calib': [...], 'wiki-eval': [...]} documents; eval = kept article i with i % 5 == 0."""
     path = ensure_wiki_sample()
     if path not in _SPLIT_CACHE:
-        from youzhi_ms.progress import step
         with step("cleaning the Wikipedia sample's markup into articles"):
             arts = wiki_articles(path)
         _SPLIT_CACHE[path] = {
@@ -451,7 +450,6 @@ def load_token_stream(source: str, tokenizer) -> np.ndarray:
         except (ValueError, OSError):
             pass  # corrupt cache entry: rebuild below
     docs = load_documents(source)
-    from youzhi_ms.progress import step
     with step(f"tokenizing {source} (cached for the next runs)"):
         arr = pack_tokens(docs, tokenizer)
     fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npy", dir=tdir)

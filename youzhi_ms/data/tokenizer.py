@@ -24,6 +24,13 @@ import re
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+import jinja2
+import sentencepiece
+import tokenizers
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from youzhi_ms.cli import path_problem
 from youzhi_ms.errors import YouzhiError
 
@@ -58,9 +65,8 @@ def _first_id(v) -> Optional[int]:
 
 class _HFBackend:
     def __init__(self, path: str):
-        from tokenizers import Tokenizer as _Tok
         try:
-            self.tok = _Tok.from_file(path)
+            self.tok = tokenizers.Tokenizer.from_file(path)
         except Exception as exc:  # the library raises a bare Exception on malformed files
             raise YouzhiError(f"{path} could not be loaded by the tokenizers library ({exc}); re-create it "
                               "(tools/gguf_to_hf.py writes one) or update the tokenizers package") from None
@@ -86,8 +92,7 @@ class _HFBackend:
 
 class _SPBackend:
     def __init__(self, path: str):
-        import sentencepiece as spm
-        self.sp = spm.SentencePieceProcessor()
+        self.sp = sentencepiece.SentencePieceProcessor()
         try:
             self.sp.Load(path)
         except (OSError, RuntimeError) as exc:
@@ -233,98 +238,96 @@ class Tokenizer:
 # ---------------------------------------------------------------------------------------------------------------------
 # jinja2 rendering
 
-_ENV_CACHE: Dict[str, Any] = {}
-
-
-def _jinja_env():
-    if "env" in _ENV_CACHE:
-        return _ENV_CACHE["env"]
-    import jinja2
-    from jinja2 import nodes
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationBlock(Extension):
-        """`{% generation %}...{% endgeneration %}` (assistant-mask markers) rendered as their plain content."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.Scope(body, lineno=lineno)
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt):
-        return datetime.datetime.now().strftime(fmt)
-
-    def too_big(what):
-        raise jinja2.exceptions.TemplateError(f"the template builds {what} (over {MAX_TEMPLATE_CHARS} items)")
-
-    def _check_args(name, args, kwargs):
-        if any(isinstance(a, int) and abs(a) > MAX_TEMPLATE_CHARS for a in (*args, *kwargs.values())):
-            too_big(f"a call of {name} with a count")
-
-    def bounded_filter(name, f):
-        """Filters are called directly, not through the sandbox's `call`: the same checks (center(10**10), a '%...s'
-        format of a huge width)."""
-        @functools.wraps(f)
-        def wrapper(*args, **kwargs):
-            _check_args(name, args, kwargs)
-            if name == "format" and any(isinstance(a, str) and _HUGE_WIDTH.search(a) for a in args[:2]):
-                too_big("a format with a huge width")
-            return f(*args, **kwargs)
-        return wrapper
-
-    class Bounded(ImmutableSandboxedEnvironment):
-        """The sandbox bounds range() (jinja2's MAX_RANGE); these bound the other ways a template can ask for memory
-        in one step: repeating a string or list, a huge power, a call with a huge count (ljust, center, format)."""
-
-        intercepted_binops = frozenset(["*", "**", "%"])
-
-        def call_binop(self, context, operator, left, right):
-            if operator == "*":
-                for seq, n in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_CHARS:
-                        too_big(f"a {type(seq).__name__} repeated {n} times")
-            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 256 and \
-                    isinstance(left, (int, float)) and abs(left) > 1:
-                too_big(f"a power {left} ** {right}")
-            if operator == "%" and isinstance(left, str) and _HUGE_WIDTH.search(left):
-                too_big("a %-format with a huge width")
-            return super().call_binop(context, operator, left, right)
-
-        def call(__self, __context, __obj, *args, **kwargs):
-            fmt = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # the sandbox wraps str.format
-            if isinstance(fmt, str) and getattr(__obj, "__name__", "") in ("format", "format_map") and \
-                    _HUGE_WIDTH.search(fmt):
-                too_big("a format with a huge width")
-            _check_args(getattr(__obj, "__name__", "a function"), args, kwargs)
-            return super().call(__context, __obj, *args, **kwargs)
-
-    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
-    env.filters["tojson"] = tojson
-    env.filters.update({name: bounded_filter(name, f) for name, f in env.filters.items()})
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    _ENV_CACHE["env"] = env
-    return env
-
-
 _HUGE_WIDTH = re.compile(r"[%{:][^%{}]*?\d{8,}")  # a width / precision of 8 digits in a format spec: 100 M characters
 MAX_TEMPLATE_CHARS = 1 << 24  # a rendered prompt (or one step of building it) above 16 M characters is refused
 MAX_TEMPLATE_SECONDS = 30
 
 
+class _GenerationBlock(Extension):
+    """`{% generation %}...{% endgeneration %}` (assistant-mask markers) rendered as their plain content."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.datetime.now().strftime(fmt)
+
+
+def _too_big(what):
+    raise jinja2.exceptions.TemplateError(f"the template builds {what} (over {MAX_TEMPLATE_CHARS} items)")
+
+
+def _check_args(name, args, kwargs):
+    if any(isinstance(a, int) and abs(a) > MAX_TEMPLATE_CHARS for a in (*args, *kwargs.values())):
+        _too_big(f"a call of {name} with a count")
+
+
+def _bounded_filter(name, f):
+    """Filters are called directly, not through the sandbox's `call`: the same checks (center(10**10), a '%...s'
+    format of a huge width)."""
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        _check_args(name, args, kwargs)
+        if name == "format" and any(isinstance(a, str) and _HUGE_WIDTH.search(a) for a in args[:2]):
+            _too_big("a format with a huge width")
+        return f(*args, **kwargs)
+    return wrapper
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox bounds range() (jinja2's MAX_RANGE); these bound the other ways a template can ask for memory
+    in one step: repeating a string or list, a huge power, a call with a huge count (ljust, center, format)."""
+
+    intercepted_binops = frozenset(["*", "**", "%"])
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_CHARS:
+                    _too_big(f"a {type(seq).__name__} repeated {n} times")
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 256 and \
+                isinstance(left, (int, float)) and abs(left) > 1:
+            _too_big(f"a power {left} ** {right}")
+        if operator == "%" and isinstance(left, str) and _HUGE_WIDTH.search(left):
+            _too_big("a %-format with a huge width")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context, __obj, *args, **kwargs):
+        fmt = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # the sandbox wraps str.format
+        if isinstance(fmt, str) and getattr(__obj, "__name__", "") in ("format", "format_map") and \
+                _HUGE_WIDTH.search(fmt):
+            _too_big("a format with a huge width")
+        _check_args(getattr(__obj, "__name__", "a function"), args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def _jinja_env() -> _BoundedSandbox:
+    """The one template environment (built on first use): transformers' settings, every filter bounded."""
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.filters.update({name: _bounded_filter(name, f) for name, f in env.filters.items()})
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
 def render_chat_template(template: str, messages: List[Dict[str, Any]], add_generation_prompt: bool = True,
                          **variables) -> str:
     """Render a Hugging Face chat template; template errors become YouzhiError."""
-    import jinja2
     try:
         compiled = _jinja_env().from_string(template)
         # streamed, so a template that writes without end is stopped at the budget, not when memory runs out

@@ -23,6 +23,7 @@ import numpy as np
 
 from youzhi_ms.config import load_any_config
 from youzhi_ms.train.parallel import build_semi_auto_step, local_rows, opt_shard_size, plan_parallel
+from youzhi_ms.train.run_config import RunConfig
 
 
 def run(job_path: str) -> int:
@@ -40,14 +41,15 @@ def run(job_path: str) -> int:
         ms.set_context(mode=ms.GRAPH_MODE)
         init()
         from mindspore.nn.utils import no_init_parameters
-        cfg = job["config"]
+        run_config = RunConfig.parse(job["config"])
         scfg = load_any_config(job["student_config"])
         tcfg = load_any_config(job["teacher_config"]) if job.get("teacher_config") else None
-        plan = plan_parallel(cfg["parallel_config"], job["student_config"], job.get("teacher_config"), job["world"])
+        plan = plan_parallel(job["config"]["parallel_config"], job["student_config"], job.get("teacher_config"),
+                             job["world"])
         with no_init_parameters():
-            net, step, _, _ = build_semi_auto_step(cfg, plan, scfg, tcfg, job["rank"], job["world"],
+            net, step, _, _ = build_semi_auto_step(run_config, plan, scfg, tcfg, job["rank"], job["world"],
                                                    strategy_file=job.get("strategy_file"))
-        rows, seq = local_rows(cfg, plan), cfg["runner_config"]["seq_length"]
+        rows, seq = local_rows(run_config, plan), run_config.runner.seq_length
         ids = ms.Tensor(np.zeros((rows, seq), np.int32))
         mask = ms.Tensor(np.ones((rows, seq), np.float32))
         net.compile(ids, ids, mask)

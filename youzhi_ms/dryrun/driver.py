@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from youzhi_ms.config import load_any_config
 from youzhi_ms.contract import read_config_json
@@ -25,6 +25,7 @@ from youzhi_ms.dryrun import cann_standin, memory
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.fsutil import atomic_output_dir
 from youzhi_ms.train.parallel import check_semi_auto, param_shapes, plan_parallel
+from youzhi_ms.train.run_config import RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,15 +56,13 @@ def _resolve(path: Optional[str]) -> Optional[str]:
     return path
 
 
-def model_configs(cfg: dict, student: Optional[str], teacher: Optional[str]):
+def model_configs(run: RunConfig, student: Optional[str], teacher: Optional[str]):
     """(student config dict, teacher config dict or None, where each came from). Order: the command-line flag, the
     trained-model directory of the yaml if it is on this machine, the yaml's dry_run section."""
     found = []
-    for who, flag, run_path, fallback in (("student", student, cfg["model"]["student"],
-                                           cfg["dry_run"]["student_config"]),
-                                          ("teacher", teacher, cfg["distill"]["teacher"],
-                                           cfg["dry_run"]["teacher_config"])):
-        if who == "teacher" and cfg["run_mode"] != "distill":
+    for who, flag, run_path, fallback in (("student", student, run.model.student, run.dry_run.student_config),
+                                          ("teacher", teacher, run.distill.teacher, run.dry_run.teacher_config)):
+        if who == "teacher" and not run.distilling:
             found.append((None, None))
             continue
         run_path = _resolve(run_path)
@@ -77,34 +76,33 @@ def model_configs(cfg: dict, student: Optional[str], teacher: Optional[str]):
                               f"--{who}-config PATH (a config.json or model directory) or set "
                               f"dry_run.{who}_config in the yaml")
         found.append((_read_config_json(source, f"--{who}-config"), source))
-    (s, s_src), (t, t_src) = found
-    return s, t, {"student": s_src, "teacher": t_src}
+    (student_config, student_source), (teacher_config, teacher_source) = found
+    return student_config, teacher_config, {"student": student_source, "teacher": teacher_source}
 
 
 # ------------------------------------------------------------------------------------------------ the plan
-def check_plan(cfg: dict, student: dict, teacher: Optional[dict]):
+def check_plan(run: RunConfig, student: dict, teacher: Optional[dict]):
     """The plan as the trainer would build it on Ascend, with its refusals (one YouzhiError each)."""
     models = {"student": load_any_config(student), "teacher": load_any_config(teacher) if teacher is not None else None}
     if models["teacher"] is not None and models["teacher"].vocab_size != models["student"].vocab_size:
         raise YouzhiError(f"teacher vocab_size {models['teacher'].vocab_size} != student vocab_size "
                           f"{models['student'].vocab_size}; GKD needs one tokenizer")
-    pc = cfg["parallel_config"]
-    if pc.get("data_parallel") is None:
+    if run.parallel_config.data_parallel is None:
         raise YouzhiError("parallel_config.data_parallel is null; a dry run needs the cluster size: set "
                           "data_parallel (devices = data_parallel x model_parallel x pipeline_stage)")
-    plan = plan_parallel(pc, student, teacher)
+    plan = plan_parallel(run.raw["parallel_config"], student, teacher)
     if not plan.semi_auto:
         raise YouzhiError("parallel_config has model_parallel 1 and pipeline_stage 1: that is a data-parallel run "
                           "(tools/train.py under msrun), which the dry run does not model; set model_parallel or "
                           "pipeline_stage > 1")
-    if cfg["parallel"]["parallel_mode"] != "semi_auto_parallel":
+    if run.parallel.parallel_mode != "semi_auto_parallel":
         raise YouzhiError("parallel.parallel_mode must be semi_auto_parallel for model / pipeline parallel plans")
-    if cfg["context"]["device_target"] != "Ascend":
+    if run.context.device_target != "Ascend":
         raise YouzhiError("context.device_target must be Ascend for a model / pipeline parallel plan")
-    check_semi_auto(cfg, plan)
+    check_semi_auto(run, plan)
     for who, c in models.items():
-        if c is not None and cfg["runner_config"]["seq_length"] > c.max_position_embeddings:
-            raise YouzhiError(f"runner_config.seq_length {cfg['runner_config']['seq_length']} exceeds the {who}'s "
+        if c is not None and run.runner.seq_length > c.max_position_embeddings:
+            raise YouzhiError(f"runner_config.seq_length {run.runner.seq_length} exceeds the {who}'s "
                               f"max_position_embeddings {c.max_position_embeddings}")
     return plan
 
@@ -223,14 +221,14 @@ def _standin_unless_cann(level: int, cache_dir: Optional[str], log):
     return standin
 
 
-def _compiled_depth(student: dict, teacher: Optional[dict], stages: int, layers_per_stage: Optional[int]):
-    """The (student, teacher) config dicts the ranks compile: `layers_per_stage` x stages layers when given (every
+def _compiled_depth(student: dict, teacher: Optional[dict], pp: int, layers_per_stage: Optional[int]):
+    """The (student, teacher) config dicts the ranks compile: `layers_per_stage` x `pp` layers when given (every
     layer of a stage compiles to the same slices; build_report scales them back to the real depth)."""
     compiled_student, compiled_teacher = dict(student), dict(teacher) if teacher else None
     if layers_per_stage is not None:
-        depth = layers_per_stage * stages
+        depth = layers_per_stage * pp
         if depth > int(student["num_hidden_layers"]) or (teacher and depth > int(teacher["num_hidden_layers"])):
-            raise YouzhiError(f"--layers-per-stage {layers_per_stage} x {stages} stages exceeds the "
+            raise YouzhiError(f"--layers-per-stage {layers_per_stage} x {pp} stages exceeds the "
                               "models' depth; use a smaller value or leave it out")
         compiled_student["num_hidden_layers"] = depth
         if compiled_teacher:
@@ -242,10 +240,12 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
             rank: Optional[int] = None, level: int = 0, layers_per_stage: Optional[int] = None,
             strategy_dir: Optional[str] = None, cache_dir: Optional[str] = None, keep_workdir: bool = False,
             jobs_at_once: int = 1, overwrite: bool = False, log: Callable[[str], None] = print) -> DryRunResult:
-    student, teacher, sources = model_configs(cfg, student_path, teacher_path)
-    plan = check_plan(cfg, student, teacher)
+    """`cfg`: load_run_config's dict (sent as it is to the compile workers)."""
+    run = RunConfig.parse(cfg)
+    student, teacher, sources = model_configs(run, student_path, teacher_path)
+    plan = check_plan(run, student, teacher)
     world = plan.device_num
-    per_stage = world // plan.pipeline_stage
+    ranks_per_pp_stage = world // plan.pipeline_stage
     if rank is not None and not 0 <= rank < world:
         raise YouzhiError(f"--rank {rank} is outside the plan's {world} ranks (0..{world - 1})")
     if level not in (0, 1):
@@ -253,16 +253,16 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
                           "supported")
     standin = _standin_unless_cann(level, cache_dir, log)
     compiled_student, compiled_teacher = _compiled_depth(student, teacher, plan.pipeline_stage, layers_per_stage)
-    roles = [rank] if rank is not None else [s * per_stage for s in range(plan.pipeline_stage)]
+    roles = [rank] if rank is not None else [s * ranks_per_pp_stage for s in range(plan.pipeline_stage)]
     workdir = tempfile.mkdtemp(prefix="youzhi_dryrun_")
     jobs, envs = [], []
-    for r in roles:
+    for role in roles:
         job = {"config": cfg, "student_config": compiled_student, "teacher_config": compiled_teacher,
-               "rank": r, "world": world}
+               "rank": role, "world": world}
         if strategy_dir:  # written by the children into the work directory, moved into place when all compiled
-            job["strategy_file"] = os.path.join(workdir, "strategy", f"strategy_rank_{r}.ckpt")
+            job["strategy_file"] = os.path.join(workdir, "strategy", f"strategy_rank_{role}.ckpt")
         jobs.append(job)
-        envs.append(_child_env(standin, r, world, level, "3" if level == 0 else "1"))
+        envs.append(_child_env(standin, role, world, level, "3" if level == 0 else "1"))
     log(f"compiling rank(s) {roles} (one per pipeline stage of {plan.pipeline_stage}; {world} ranks: dp "
         f"{plan.data_parallel} x mp {plan.model_parallel} x pp {plan.pipeline_stage})"
         + (f", {layers_per_stage} layer(s) per stage" if layers_per_stage else "")
@@ -271,7 +271,7 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
     try:
         results = _compile_all(jobs, envs, workdir, max(1, jobs_at_once), log)
         for res in results:
-            res["stage"] = res["rank"] // per_stage
+            res["stage"] = res["rank"] // ranks_per_pp_stage  # the report's "stage": the pipeline stage
             if not res.get("ok"):
                 raise YouzhiError(f"MindSpore's parallel compiler rejected rank {res['rank']} (stage {res['stage']}) "
                                   f"of this plan: {res.get('error')}; log {res['log']}")
@@ -283,7 +283,7 @@ def dry_run(cfg: dict, student_path: Optional[str] = None, teacher_path: Optiona
     finally:
         if ok and not keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    report = build_report(cfg, plan, student, teacher, results, compiled_student, compiled_teacher, level,
+    report = build_report(run, plan, student, teacher, results, compiled_student, compiled_teacher, level,
                           standin is not None, sources)
     report["workdir"] = workdir if keep_workdir else None
     limit = report["limit_bytes"]
@@ -296,66 +296,77 @@ def _unsharded_bytes(parameters_full: List[tuple]) -> int:
     return sum(memory._prod(shape) * memory.dtype_bytes(dt) for shape, dt in parameters_full)
 
 
-def build_report(cfg, plan, student, teacher, results, compiled_student, compiled_teacher, level, standin, sources):
+def _compiled_rank_memory(run: RunConfig, plan, student, teacher, res, compiled_student, compiled_teacher) -> dict:
+    """Held (parameters, gradients, optimizer) and activation bytes of compiled rank `res`, scaled back to the real
+    depth when a reduced depth was compiled."""
+    pp, pp_stage = plan.pipeline_stage, res["stage"]
+    trainable = {p["name"] for p in res["parameters"] if not p["name"].startswith(("teacher.", "adam_", "accu_"))
+                 and p["name"] != "step_hyper"}
+    scale = None
+    if int(compiled_student["num_hidden_layers"]) != int(student["num_hidden_layers"]):
+        def factor(full, comp):
+            compiled = memory.layers_on_pp_stage(int(comp["num_hidden_layers"]), pp, pp_stage)
+            return memory.layers_on_pp_stage(int(full["num_hidden_layers"]), pp, pp_stage) / compiled \
+                if compiled else 0.0
+        scale = {"student": factor(student, compiled_student),
+                 "teacher": factor(teacher, compiled_teacher) if teacher else 0.0}
+    if run.model.trainable == "attention":
+        trainable = {n for n in trainable if ".self_attention." in n}
+    held = memory.held_bytes(res["parameters"], pp > 1, trainable, scale)
+    act = memory.activation_bytes(run, student, teacher, plan.data_parallel, plan.model_parallel, pp, pp_stage,
+                                  plan.micro_batch_num, memory.gathered_bytes(res["parameters"], scale))
+    return {"held": held, "act": act, "rank": res["rank"], "seconds": res["wall_seconds"],
+            "peak_rss_gb": res["peak_rss_gb"], "mindspore_memory": res.get("mindspore_memory", [])}
+
+
+def _check_slices(res: dict, expect: Dict[str, Any]) -> int:
+    """How many of the plan's slice shapes compiled rank `res` holds; a different one is a planner bug."""
+    names = {p["name"]: p for p in res["parameters"]}
+    for name, shape in expect.items():
+        if name in names and names[name]["slice_shape"] != shape:
+            raise RuntimeError(f"rank {res['rank']}: {name} compiled to slice {names[name]['slice_shape']}, "
+                               f"the plan's strategy table says {shape}")
+    return sum(1 for name in expect if name in names)
+
+
+def build_report(run: RunConfig, plan, student, teacher, results, compiled_student, compiled_teacher, level, standin,
+                 sources):
+    """The dry run's report: every rank's bytes (a rank's memory is that of its pipeline stage's compiled rank),
+    the limit they must fit, and how the numbers were obtained. Report keys say `stage` for the pipeline stage."""
     world, pp = plan.device_num, plan.pipeline_stage
-    per_stage = world // pp
+    ranks_per_pp_stage = world // pp
     expect = expected_slices(plan, compiled_student, compiled_teacher)
-    checked = 0
-    by_stage = {}
-    for res in results:
-        stage = res["stage"]
-        names = {p["name"]: p for p in res["parameters"]}
-        for name, shape in expect.items():
-            if name in names:
-                if names[name]["slice_shape"] != shape:
-                    raise RuntimeError(f"rank {res['rank']}: {name} compiled to slice {names[name]['slice_shape']}, "
-                                       f"the plan's strategy table says {shape}")
-                checked += 1
-        trainable = {p["name"] for p in res["parameters"] if not p["name"].startswith(("teacher.", "adam_", "accu_"))
-                     and p["name"] != "step_hyper"}
-        scale = None
-        if int(compiled_student["num_hidden_layers"]) != int(student["num_hidden_layers"]):
-            def factor(full, comp):
-                c = memory.stage_layers(int(comp["num_hidden_layers"]), pp, stage)
-                return memory.stage_layers(int(full["num_hidden_layers"]), pp, stage) / c if c else 0.0
-            scale = {"student": factor(student, compiled_student),
-                     "teacher": factor(teacher, compiled_teacher) if teacher else 0.0}
-        if cfg["model"]["trainable"] == "attention":
-            trainable = {n for n in trainable if ".self_attention." in n}
-        held = memory.held_bytes(res["parameters"], pp > 1, trainable, scale)
-        act = memory.activation_bytes(cfg, student, teacher, plan.data_parallel, plan.model_parallel, pp, stage,
-                                      plan.micro_batch_num, memory.gathered_bytes(res["parameters"], scale))
-        by_stage[stage] = {"held": held, "act": act, "rank": res["rank"], "seconds": res["wall_seconds"],
-                           "peak_rss_gb": res["peak_rss_gb"], "mindspore_memory": res.get("mindspore_memory", [])}
+    checked = sum(_check_slices(res, expect) for res in results)
+    by_pp_stage = {res["stage"]: _compiled_rank_memory(run, plan, student, teacher, res, compiled_student,
+                                                       compiled_teacher) for res in results}
     full = [(shape, "float32") for shape in param_shapes(student).values()]
     if teacher is not None:
         full += [(shape, "float32") for shape in param_shapes(teacher).values()]
-    limit = min(memory.CARD_BYTES, memory.parse_memory(cfg["context"].get("max_device_memory")) or memory.CARD_BYTES)
+    limit = min(memory.CARD_BYTES, memory.parse_memory(run.context.max_device_memory) or memory.CARD_BYTES)
     ranks = []
-    for r in range(world):
-        stage = r // per_stage
-        if stage not in by_stage:
+    for rank in range(world):
+        pp_stage = rank // ranks_per_pp_stage
+        if pp_stage not in by_pp_stage:
             continue
-        h, a = by_stage[stage]["held"], by_stage[stage]["act"]
-        total = h["param"] + h["grad"] + h["optimizer"] + a["total"]
-        ranks.append({"rank": r, "stage": stage, "param_bytes": h["param"], "grad_bytes": h["grad"],
-                      "optimizer_bytes": h["optimizer"], "activation_bytes": a["total"], "total_bytes": total})
+        held, act = by_pp_stage[pp_stage]["held"], by_pp_stage[pp_stage]["act"]
+        ranks.append({"rank": rank, "stage": pp_stage, "param_bytes": held["param"], "grad_bytes": held["grad"],
+                      "optimizer_bytes": held["optimizer"], "activation_bytes": act["total"],
+                      "total_bytes": held["param"] + held["grad"] + held["optimizer"] + act["total"]})
     return {
         "world_size": world, "data_parallel": plan.data_parallel, "model_parallel": plan.model_parallel,
         "pipeline_stage": pp, "unsharded_param_bytes": _unsharded_bytes(full), "ranks": ranks,
         "limit_bytes": limit, "card_bytes": memory.CARD_BYTES,
         "compiled": [{"rank": v["rank"], "stage": s, "seconds": v["seconds"], "peak_host_rss_gb": v["peak_rss_gb"],
-                      "mindspore_memory_log": v["mindspore_memory"]} for s, v in sorted(by_stage.items())],
-        "activation_estimate": {str(s): v["act"] for s, v in sorted(by_stage.items())},
+                      "mindspore_memory_log": v["mindspore_memory"]} for s, v in sorted(by_pp_stage.items())],
+        "activation_estimate": {str(s): v["act"] for s, v in sorted(by_pp_stage.items())},
         "strategy_table_checked": checked,
         "depth_reduced": int(compiled_student["num_hidden_layers"]) != int(student["num_hidden_layers"]),
         "compiled_layers": {"student": int(compiled_student["num_hidden_layers"]),
                             "teacher": int(compiled_teacher["num_hidden_layers"]) if compiled_teacher else None},
         "dryrun_level": level, "cann": "compile-only stand-in" if standin else "installed",
         "model_configs": sources, "micro_batch_num": plan.micro_batch_num,
-        "batch_size": cfg["runner_config"]["batch_size"], "seq_length": cfg["runner_config"]["seq_length"],
-        "recompute": cfg["recompute_config"]["recompute"],
-        "parallel_optimizer": cfg["parallel"]["enable_parallel_optimizer"],
+        "batch_size": run.runner.batch_size, "seq_length": run.runner.seq_length, "recompute": run.recompute,
+        "parallel_optimizer": run.parallel.enable_parallel_optimizer,
     }
 
 
@@ -365,14 +376,14 @@ def _gb(n: int) -> str:
 
 def format_table(report: dict) -> str:
     rows = []
-    stages = {}
+    by_pp_stage = {}
     for r in report["ranks"]:
-        stages.setdefault(r["stage"], []).append(r)
+        by_pp_stage.setdefault(r["stage"], []).append(r)
     head = (f"{'ranks':<12} {'stage':>5} {'params':>8} {'grads':>8} {'optim':>8} {'activ*':>8} {'total':>8}  "
             f"of {memory.human(report['limit_bytes'])}")
     rows.append(head)
     rows.append("-" * len(head))
-    for s, rs in sorted(stages.items()):
+    for s, rs in sorted(by_pp_stage.items()):
         r = rs[0]
         span = f"{rs[0]['rank']}-{rs[-1]['rank']}" if len(rs) > 1 else str(rs[0]["rank"])
         verdict = "fits" if r["total_bytes"] <= report["limit_bytes"] else "DOES NOT FIT"

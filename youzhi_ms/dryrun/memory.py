@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Dict, List, Mapping, Optional
 
 from youzhi_ms.contract import MLA_MODEL_TYPE, parse_config
+from youzhi_ms.train.run_config import RunConfig
 
 GiB = 1024 ** 3
 CARD_BYTES = 64 * GiB  # Ascend 910B: 64 GB HBM per card
@@ -86,9 +87,9 @@ def classify(name: str) -> str:
     return "param"
 
 
-def stage_layers(num_layers: int, pp: int, stage: int) -> int:
-    """Layers on a stage: layer i is on stage i * pp // L (sharded_model.set_stages)."""
-    return sum(1 for i in range(num_layers) if i * pp // num_layers == stage)
+def layers_on_pp_stage(num_layers: int, pp: int, pp_stage: int) -> int:
+    """Layers on pipeline stage `pp_stage` of `pp`: layer i is on stage i * pp // L (sharded_model.set_pp_stages)."""
+    return sum(1 for i in range(num_layers) if i * pp // num_layers == pp_stage)
 
 
 def _layer_index(name: str) -> Optional[int]:
@@ -161,22 +162,22 @@ def layer_elements(cfg: dict, b: int, S: int, m: int) -> int:
     return n
 
 
-def activation_bytes(run_cfg: dict, student: dict, teacher: Optional[dict], dp: int, mp: int, pp: int, stage: int,
+def activation_bytes(run: RunConfig, student: dict, teacher: Optional[dict], dp: int, mp: int, pp: int, pp_stage: int,
                      micro_batch_num: int, gathered: int = 0) -> Dict[str, int]:
-    b = int(run_cfg["runner_config"]["batch_size"])
-    S = int(run_cfg["runner_config"]["seq_length"])
-    recompute = bool(run_cfg["recompute_config"]["recompute"])
-    in_flight = min(micro_batch_num, pp - stage) if pp > 1 else 1
+    b = int(run.runner.batch_size)
+    S = int(run.runner.seq_length)
+    recompute = bool(run.recompute)
+    in_flight = min(micro_batch_num, pp - pp_stage) if pp > 1 else 1
     sd = _dims(student)
     per_layer = 4 * layer_elements(student, b, S, mp)
     kept = 4 * b * S * sd["D"] if recompute else per_layer
-    n_layers = stage_layers(sd["L"], pp, stage)
+    n_layers = layers_on_pp_stage(sd["L"], pp, pp_stage)
     saved = in_flight * n_layers * kept
     working = per_layer
-    if teacher is not None and stage_layers(_dims(teacher)["L"], pp, stage):
+    if teacher is not None and layers_on_pp_stage(_dims(teacher)["L"], pp, pp_stage):
         working += 4 * layer_elements(teacher, b, S, mp)
     loss = 0
-    if stage == pp - 1:
+    if pp_stage == pp - 1:
         loss = 4 * (11 if teacher is not None else 4) * b * S * sd["V"] // mp
     return {"saved": saved, "working": working, "loss": loss, "gathered_weights": gathered, "in_flight": in_flight,
             "per_layer": per_layer, "total": saved + working + loss + gathered}

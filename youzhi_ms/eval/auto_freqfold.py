@@ -45,8 +45,8 @@ def convert_auto(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: boo
     inputs = [("--hf-dir", src_dir), ("--calib-text", opt.calib_text)]
     check_output_dir(out_dir, overwrite, inputs)
     cfg = SourceConfig.from_hf(HFCheckpoint(src_dir).config)
-    d = cfg.head_dim
-    c = d // check_rope_dim(d // 2 if opt.qk_rope_dim is None else opt.qk_rope_dim, d)
+    head_dim = cfg.head_dim
+    collapse = head_dim // check_rope_dim(head_dim // 2 if opt.qk_rope_dim is None else opt.qk_rope_dim, head_dim)
     if opt.calib_ids is not None:
         ids = np.asarray(opt.calib_ids)[:PPL_WINDOWS]
     else:
@@ -55,13 +55,13 @@ def convert_auto(src_dir: str, out_dir: str, opt: ConvertOptions, overwrite: boo
     trace, best, best_dir = [], None, None
     work = tempfile.mkdtemp(prefix=".auto-", dir=os.path.dirname(os.path.abspath(os.path.expanduser(out_dir))))
     try:
-        for F in fold_sizes(d, c):
-            cand = os.path.join(work, f"F{F}")
-            convert(src_dir, cand, dataclasses.replace(opt, freqfold=str(F)))
+        for fold in fold_sizes(head_dim, collapse):  # the paper's F
+            cand = os.path.join(work, f"F{fold}")
+            convert(src_dir, cand, dataclasses.replace(opt, freqfold=str(fold)))
             model, _ = load_model(cand, table_len=ids.shape[1])
             ppl = perplexity(model, ids.reshape(-1), ids.shape[1], progress=False)["ppl"]
-            trace.append({"F": F, "calib_ppl": ppl})
-            log.info("auto FreqFold: F=%d calibration ppl %.4f", F, ppl)
+            trace.append({"F": fold, "calib_ppl": ppl})
+            log.info("auto FreqFold: F=%d calibration ppl %.4f", fold, ppl)
             if best is not None and ppl >= best:
                 break
             best, best_dir = ppl, cand

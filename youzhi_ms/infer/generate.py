@@ -2,11 +2,15 @@
 models alike: one prefill, then one compiled decode step per token against a preallocated cache."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable, List, Optional
 
+import mindspore as ms
 import numpy as np
 
+from youzhi_ms.compile_cache import announce_compile
 from youzhi_ms.config import MLAConfig
+from youzhi_ms.models.base import DecodeCell, PrefillCell
 
 
 def cache_shapes(cfg, batch: int, max_len: int):
@@ -57,7 +61,6 @@ class EagerRunner:
     """
 
     def __init__(self, model, cfg, dynamic_length: bool = False, graph_cache=None):
-        from youzhi_ms.models.base import DecodeCell, PrefillCell
         self.cfg, self.model = cfg, model
         self.dynamic_length, self.graph_cache = dynamic_length, graph_cache
         self.prefill_cell, self.decode_cell = PrefillCell(model), DecodeCell(model)
@@ -78,17 +81,14 @@ class EagerRunner:
 
     def _first_call(self, signature: str, what: str):
         """A context for the call that compiles `signature` (or a no-op when it is compiled already)."""
-        import contextlib
         if signature in self._seen:
             return contextlib.nullcontext()
         self._seen.add(signature)
         if self.graph_cache is not None:
             return self.graph_cache.compiling(signature, what)
-        from youzhi_ms.compile_cache import announce_compile
         return announce_compile(what)
 
     def prefill(self, ids: np.ndarray):
-        import mindspore as ms
         b, s = ids.shape
         if self.dynamic_length:
             if self._prefill_batch is None:
@@ -103,7 +103,6 @@ class EagerRunner:
         return logits, a.asnumpy(), c.asnumpy()
 
     def decode(self, ids: np.ndarray, pos: np.ndarray, *caches):
-        import mindspore as ms
         with self._first_call(self._decode_signature(ids.shape, [c.shape for c in caches]), "the decode graph"):
             logits, a, b = self.decode_cell(ms.Tensor(ids.astype(np.int32)), ms.Tensor(pos.astype(np.int32)),
                                             *caches)
@@ -111,7 +110,6 @@ class EagerRunner:
         return logits, a, b
 
     def to_state(self, arr):
-        import mindspore as ms
         return ms.Tensor(arr)
 
 

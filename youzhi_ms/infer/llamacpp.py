@@ -13,7 +13,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -41,7 +41,7 @@ def lib():
     if _lib is not None:
         return _lib
     try:
-        import llama_cpp
+        import llama_cpp  # optional: the module loads without it, and saying how to install it is this function's job
     except ImportError:
         raise YouzhiError(f"llama.cpp is not installed; {INSTALL_HINT}") from None
     except (OSError, RuntimeError) as exc:  # the package is there but its shared library does not load
@@ -76,7 +76,7 @@ def log_since(count: int) -> List[str]:
 
 
 def version() -> str:
-    import llama_cpp
+    import llama_cpp  # optional (llama-cpp-python, the test extra): see lib()
     return getattr(llama_cpp, "__version__", "?")
 
 

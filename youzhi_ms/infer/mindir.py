@@ -27,6 +27,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
+from youzhi_ms.cli import path_problem
 from youzhi_ms.checkpoint.hf import copy_side_files, read_config, write_json
 from youzhi_ms.checkpoint.mindspore_ckpt import load_model
 from youzhi_ms.config import MLAConfig, load_any_config
@@ -214,8 +215,7 @@ class MindIRRunner:
         path = os.path.join(self.dir, MANIFEST)
         if manifest is None:
             if not os.path.isdir(self.dir):
-                from youzhi_ms.cli import path_problem
-                raise YouzhiError(f"MindIR export {export_dir} {path_problem(export_dir, 'folder')}")
+                        raise YouzhiError(f"MindIR export {export_dir} {path_problem(export_dir, 'folder')}")
             if not os.path.isfile(path):
                 raise YouzhiError(f"{export_dir} has no {MANIFEST}; it is not a directory written by "
                                   "tools/export_mindir.py (run that first)")

@@ -29,8 +29,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
+import yaml
+
 from youzhi_ms import contract
 from youzhi_ms.errors import YouzhiError
+from youzhi_ms.train.run_config import load_yaml
 
 GIB = 1 << 30
 
@@ -207,8 +210,6 @@ def read_config_file(path: str) -> Dict[str, Any]:
         raise YouzhiError(f"cannot read {path}: {exc.strerror}; check the path and permissions") from None
     except UnicodeDecodeError:
         raise YouzhiError(f"{path} is not UTF-8 text; fix the file") from None
-    import yaml
-    from youzhi_ms.train.run_config import load_yaml
     try:
         cfg = load_yaml(text)
     except yaml.YAMLError as exc:

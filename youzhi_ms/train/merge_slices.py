@@ -19,11 +19,20 @@ import os
 import re
 import shutil
 import tempfile
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import numpy as np
+import yaml
+from safetensors import safe_open
 
+from youzhi_ms.checkpoint.hf import ShardedWriter, read_config, write_model_files
+from youzhi_ms.cli import path_problem
 from youzhi_ms.errors import YouzhiError
+from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
+from youzhi_ms.models.names import ms_to_hf
+from youzhi_ms.train.parallel import param_shapes
+from youzhi_ms.train.run_config import load_yaml
 
 STUDENT_FILE = "student.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -76,8 +85,7 @@ def _without_memory_throttle():
     50% used (a brake for its pool of worker processes). With one process on a shared host that is a hang (measured:
     a 2 MB merge waited forever while other jobs held 56% of the memory), so for the duration of the call its view
     of memory reads 0% used; the merge itself holds one output part (<= 3 GB) at a time."""
-    from types import SimpleNamespace
-    import mindspore.parallel.transform_safetensors as ts
+    import mindspore.parallel.transform_safetensors as ts  # lazy: see merge_slices
     real = ts.psutil
     ts.psutil = SimpleNamespace(virtual_memory=lambda: SimpleNamespace(percent=0.0))
     try:
@@ -89,10 +97,10 @@ def _without_memory_throttle():
 def merge_slices(step_dir: str, strategy_dir: str, student_config: dict, workdir: str,
                  log: Callable[[str], None] = print) -> dict:
     """{MindSpore name: full float32 array} of the student, merged by MindSpore from the slices in `step_dir`."""
+    # MindSpore is imported here, not at the top: it takes seconds, and merge_run answers a bad --run, --student-dir
+    # or output directory before it is needed
     import mindspore as ms  # noqa: F401  (loads the framework before the parallel helpers)
     from mindspore.parallel import merge_pipeline_strategys, unified_safetensors
-    from safetensors import safe_open
-    from youzhi_ms.train.parallel import param_shapes
     world = _world_of(step_dir)
     files = sorted(glob.glob(os.path.join(strategy_dir, "*.ckpt")))
     if not files:
@@ -133,14 +141,8 @@ def merge_run(run_dir: str, output_dir: Optional[str] = None, step: Optional[int
               strategy_dir: Optional[str] = None, student_dir: Optional[str] = None, dtype: Optional[str] = None,
               overwrite: bool = False, log: Callable[[str], None] = print) -> str:
     """Write the Hugging Face directory of a model / pipeline parallel run's student (default `<run>/hf_model`)."""
-    import yaml
-    from youzhi_ms.train.run_config import load_yaml
-    from youzhi_ms.checkpoint.hf import ShardedWriter, read_config, write_model_files
-    from youzhi_ms.fsutil import atomic_output_dir, check_output_dir
-    from youzhi_ms.models.names import ms_to_hf
     run_dir = os.path.abspath(run_dir)
     if not os.path.isdir(run_dir):
-        from youzhi_ms.cli import path_problem
         raise YouzhiError(f"--run {run_dir} {path_problem(run_dir, 'folder')}; pass the training run's output_dir")
     cfg_path = os.path.join(run_dir, "run_config.yaml")
     run_cfg = {}

@@ -32,11 +32,13 @@ from typing import Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from youzhi_ms.checkpoint.hf import HFCheckpoint
+from youzhi_ms.checkpoint.mindspore_ckpt import is_ms_layout  # no MindSpore at its top
 from youzhi_ms.contract import MLA_MODEL_TYPE, expected_tensors, parse_config
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.models.names import hf_to_ms, ms_to_hf
+from youzhi_ms.train.run_config import RunConfig
 
-# MindSpore (and the modules that import it: losses, parallel_step, sharded_model, mindspore_ckpt) is imported inside
+# MindSpore (and the modules that import it: losses, parallel_step, sharded_model) is imported inside
 # the two functions that build or fill the sharded step: the dry run's parent process plans and checks from this module
 # without MindSpore (dryrun/__init__.py: only its compile workers import it, after the CANN stand-in is set up).
 
@@ -52,7 +54,7 @@ class ParallelPlan:
     use_seq_parallel: bool
     vocab_emb_dp: bool
     strategies: Dict[str, Strategy] = field(default_factory=dict)
-    stages: Dict[str, int] = field(default_factory=dict)
+    pp_stage_of: Dict[str, int] = field(default_factory=dict)  # parameter prefix -> its pipeline stage
 
     @property
     def device_num(self) -> int:
@@ -95,9 +97,9 @@ def _model_table(dims: dict, dp: int, mp: int, pp: int, seq_par: bool, vocab_dp:
     if dims["layers"] < pp:
         raise YouzhiError(f"parallel_config.pipeline_stage={pp} exceeds the {who}'s {dims['layers']} layers")
     table: Dict[str, Strategy] = {}
-    stages: Dict[str, int] = {}
+    pp_stage_of: Dict[str, int] = {}
     table[prefix + "embedding.word_embeddings"] = ((dp, 1), (1, 1)) if vocab_dp else ((dp, 1), (mp, 1))
-    stages[prefix + "embedding"] = 0
+    pp_stage_of[prefix + "embedding"] = 0
     for i in range(dims["layers"]):
         p = f"{prefix}decoder.layers.{i}."
         a = p + "self_attention."
@@ -116,12 +118,12 @@ def _model_table(dims: dict, dp: int, mp: int, pp: int, seq_par: bool, vocab_dp:
         table[p + "mlp.gating"] = col
         table[p + "mlp.hidden"] = col
         table[p + "mlp.linear_fc2"] = row
-        stages[p.rstrip(".")] = i * pp // dims["layers"]
+        pp_stage_of[p.rstrip(".")] = i * pp // dims["layers"]
     if not dims["tied"]:
         table[prefix + "output_layer"] = col
-    stages[prefix + "decoder.final_layernorm"] = pp - 1
-    stages[prefix + "output_layer"] = pp - 1
-    return table, stages
+    pp_stage_of[prefix + "decoder.final_layernorm"] = pp - 1
+    pp_stage_of[prefix + "output_layer"] = pp - 1
+    return table, pp_stage_of
 
 
 def param_shapes(cfg: dict) -> Dict[str, Tuple[int, ...]]:
@@ -152,13 +154,13 @@ def plan_parallel(parallel_config: dict, student_cfg: Mapping, teacher_cfg: Opti
                           "pipeline stage has work (MindFormers uses micro_batch_num >= pipeline_stage)")
     seq_par = bool(parallel_config.get("use_seq_parallel", False))
     vocab_dp = bool(parallel_config.get("vocab_emb_dp", True))
-    table, stages = _model_table(_model_dims(student_cfg, "student"), dp, mp, pp, seq_par, vocab_dp, "", "student")
+    table, pp_stage_of = _model_table(_model_dims(student_cfg, "student"), dp, mp, pp, seq_par, vocab_dp, "", "student")
     if teacher_cfg is not None:
-        t_table, t_stages = _model_table(_model_dims(teacher_cfg, "teacher"), dp, mp, pp, seq_par, vocab_dp, "teacher.",
-                                         "teacher")
-        table.update(t_table)
-        stages.update(t_stages)
-    return ParallelPlan(dp, mp, pp, micro, seq_par, vocab_dp, table, stages)
+        teacher_table, teacher_pp_stage_of = _model_table(_model_dims(teacher_cfg, "teacher"), dp, mp, pp, seq_par,
+                                                          vocab_dp, "teacher.", "teacher")
+        table.update(teacher_table)
+        pp_stage_of.update(teacher_pp_stage_of)
+    return ParallelPlan(dp, mp, pp, micro, seq_par, vocab_dp, table, pp_stage_of)
 
 
 def check_device(parallel_config: dict, device_target: str) -> None:
@@ -184,60 +186,59 @@ def check_world(plan: ParallelPlan, world_size: int, device_target: str) -> None
             "parallel_config.data_parallel: null to use all workers")
 
 
-def param_groups(params, cfg: dict):
+def param_groups(params, run: RunConfig):
     """(trainable parameters, learning-rate group of each, weight decay of each), by the trainer's rules:
     model.trainable 'attention' keeps the self_attention parameters; lr_schedule.kv_layernorm_learning_rate (if set)
     is group 1 for the kv_layernorm weights; no decay on 1-D parameters (norms, biases)."""
     params = list(params)
-    if cfg["model"]["trainable"] == "attention":
+    if run.model.trainable == "attention":
         train = [p for p in params if ".self_attention." in p.name]
     else:
         train = params
     if not train:
         raise YouzhiError("model.trainable selects no parameters")
-    kv_lr = cfg["lr_schedule"].get("kv_layernorm_learning_rate")
+    kv_lr = run.lr_schedule.kv_layernorm_learning_rate
     groups = [1 if kv_lr is not None and ".kv_layernorm." in p.name else 0 for p in train]
-    wd = float(cfg["optimizer"]["weight_decay"])
+    wd = float(run.optimizer.weight_decay)
     decays = [wd if len(p.shape) >= 2 else 0.0 for p in train]
     return train, groups, decays
 
 
-def local_rows(cfg: dict, plan: ParallelPlan) -> int:
+def local_rows(run: RunConfig, plan: ParallelPlan) -> int:
     """Rows of one step's batch on one data-parallel rank: batch_size per pipeline micro-batch."""
-    rows = int(cfg["runner_config"]["batch_size"])
+    rows = int(run.runner.batch_size)
     return rows * plan.micro_batch_num if plan.pipeline_stage > 1 else rows
 
 
-def check_semi_auto(cfg: dict, plan: ParallelPlan) -> None:
+def check_semi_auto(run: RunConfig, plan: ParallelPlan) -> None:
     """What the sharded step does not do, refused before anything is built."""
     if plan.use_seq_parallel:
         raise YouzhiError("parallel_config.use_seq_parallel is not implemented by youzhi_ms's sharded model; set it "
                           "to false")
-    accum = int(cfg["runner_config"]["gradient_accumulation_steps"])
+    accum = int(run.runner.gradient_accumulation_steps)
     if accum != 1:
         how = ("the pipeline micro-batches are the accumulation: set gradient_accumulation_steps: 1 and "
                f"micro_batch_num: {plan.micro_batch_num * accum}") if plan.pipeline_stage > 1 else \
             "raise batch_size instead, or use pipeline stages (their micro-batches are the accumulation)"
         raise YouzhiError(f"runner_config.gradient_accumulation_steps={accum} under model/pipeline parallel: one "
                           f"optimizer step is one compiled graph; {how}")
-    if cfg["run_mode"] == "distill" and cfg["distill"]["lmbda"] > 0:
-        raise YouzhiError(f"distill.lmbda={cfg['distill']['lmbda']}: on-policy sampling needs the student's decode "
+    if run.distilling and run.distill.lmbda > 0:
+        raise YouzhiError(f"distill.lmbda={run.distill.lmbda}: on-policy sampling needs the student's decode "
                           "graph, which the sharded model does not have; under model / pipeline parallel set "
                           "distill.lmbda: 0.0 (GKD on the dataset's sequences)")
-    d = cfg["distill"]
-    if cfg["run_mode"] == "distill" and d["offline_teacher"] is not None:
+    if run.offline_teacher:
         raise YouzhiError("distill.offline_teacher is implemented for data parallel only (the sharded step computes "
                           "the teacher live, its head split over model_parallel); drop it, or set "
                           "parallel_config.model_parallel=1 and pipeline_stage=1")
-    if cfg["run_mode"] == "distill" and d["teacher_graph"] != "joint":
-        raise YouzhiError(f"distill.teacher_graph={d['teacher_graph']} is implemented for data parallel only; under "
-                          "model / pipeline parallel the teacher runs inside the sharded step: set it to joint")
-    if cfg["parallel"]["enable_parallel_optimizer"] and plan.data_parallel == 1:
+    if run.distilling and run.distill.teacher_graph != "joint":
+        raise YouzhiError(f"distill.teacher_graph={run.distill.teacher_graph} is implemented for data parallel only; "
+                          "under model / pipeline parallel the teacher runs inside the sharded step: set it to joint")
+    if run.parallel.enable_parallel_optimizer and plan.data_parallel == 1:
         raise YouzhiError("parallel.enable_parallel_optimizer shards the optimizer over the data-parallel replicas, "
                           "and data_parallel is 1; set it to false or raise data_parallel")
 
 
-def build_semi_auto_step(cfg: dict, plan: ParallelPlan, student_cfg, teacher_cfg, rank: int, world: int,
+def build_semi_auto_step(run: RunConfig, plan: ParallelPlan, student_cfg, teacher_cfg, rank: int, world: int,
                          use_fused: bool = True, strategy_file: Optional[str] = None):
     """The training step of a model / pipeline parallel run, as MindSpore compiles it on every rank:
     sharded student (+ teacher) and loss (sharded_model.py), pipeline stages, optional recompute of the student's
@@ -246,33 +247,31 @@ def build_semi_auto_step(cfg: dict, plan: ParallelPlan, student_cfg, teacher_cfg
     parallel.enable_parallel_optimizer). Used by the trainer (Ascend) and by tools/dryrun.py (compile only).
 
     Returns (parallel_net, step, student, teacher). Call `step.set_hyper(...)` before each `parallel_net(ids,
-    labels, loss_mask)`; inputs are [local_rows(cfg, plan), seq_length] on every rank."""
-    check_semi_auto(cfg, plan)
+    labels, loss_mask)`; inputs are [local_rows(run, plan), seq_length] on every rank."""
+    check_semi_auto(run, plan)
     from mindspore.parallel.auto_parallel import AutoParallel  # lazy: see the imports at the top
     from youzhi_ms.train.losses import jsd_upper_bound
     from youzhi_ms.train.parallel_step import ShardedStep, ShardedUpdateCore
     from youzhi_ms.train.sharded_model import build_sharded
-    d = cfg["distill"]
-    distill = cfg["run_mode"] == "distill"
     dp, mp, pp = plan.data_parallel, plan.model_parallel, plan.pipeline_stage
-    loss_net, student, teacher = build_sharded(student_cfg, teacher_cfg if distill else None,
-                                               cfg["runner_config"]["seq_length"], dp, mp, plan.vocab_emb_dp,
-                                               use_fused, jsd_beta=d["beta"], temperature=d["temperature"])
+    loss_net, student, teacher = build_sharded(student_cfg, teacher_cfg if run.distilling else None,
+                                               run.runner.seq_length, dp, mp, plan.vocab_emb_dp, use_fused,
+                                               jsd_beta=run.distill.jsd_beta, temperature=run.distill.temperature)
     if pp > 1:
-        student.set_stages(pp)
+        student.set_pp_stages(pp)
         if teacher is not None:
-            teacher.set_stages(pp)
-    if cfg["recompute_config"]["recompute"]:
+            teacher.set_pp_stages(pp)
+    if run.recompute:
         for layer in student.decoder.layers:
             layer.recompute()
-    train, groups, decays = param_groups(student.get_parameters(), cfg)
+    train, groups, decays = param_groups(student.get_parameters(), run)
     chosen = {id(p) for p in train}
     for p in student.get_parameters():
         p.requires_grad = id(p) in chosen
-    opt = cfg["optimizer"]
-    core = ShardedUpdateCore(train, groups, decays, tuple(opt["betas"]), opt["eps"], opt["max_grad_norm"])
-    bound = jsd_upper_bound(d["beta"]) if distill else None
-    shard_opt = bool(cfg["parallel"]["enable_parallel_optimizer"])
+    opt = run.optimizer
+    core = ShardedUpdateCore(train, groups, decays, tuple(opt.betas), opt.eps, opt.max_grad_norm)
+    bound = jsd_upper_bound(run.distill.jsd_beta) if run.distilling else None
+    shard_opt = bool(run.parallel.enable_parallel_optimizer)
     step = ShardedStep(loss_net, core, max(groups) + 1, pp, plan.micro_batch_num, bound, rank, world, shard_opt)
     step.set_train()
     net = AutoParallel(step, parallel_mode="semi_auto")
@@ -333,7 +332,6 @@ def load_sharded_weights(model, model_dir: str, kind: str, layout: dict, local_r
     rank's index inside its pipeline stage; `prefix` is stripped from the names first (the teacher's 'teacher.').
     Returns the number of tensors loaded."""
     import mindspore as ms  # lazy: see the imports at the top
-    from youzhi_ms.checkpoint.mindspore_ckpt import is_ms_layout
     ckpt = HFCheckpoint(model_dir)
     ms_layout = is_ms_layout(ckpt)
     n = 0

@@ -29,7 +29,7 @@ from mindspore.communication import create_group
 
 from youzhi_ms.train.optim import UpdateCore, adamw_values
 
-__all__ = ["ShardedUpdateCore", "ShardedStep", "stage_peers"]
+__all__ = ["ShardedUpdateCore", "ShardedStep", "pp_stage_peers"]
 
 _square_sum = ops.MultitypeFuncGraph("youzhi_sharded_square_sum")
 _adamw_guarded = ops.MultitypeFuncGraph("youzhi_adamw_guarded")
@@ -76,11 +76,11 @@ class ShardedUpdateCore(UpdateCore):
         return ops.depend(norm, done)
 
 
-def stage_peers(rank: int, world: int, pipeline_stage: int):
+def pp_stage_peers(rank: int, world: int, pipeline_stage: int):
     """The ranks holding the same slice as `rank` in every pipeline stage (MindSpore numbers stage s's devices
     s * world / pp ... (s + 1) * world / pp - 1)."""
-    per_stage = world // pipeline_stage
-    return [rank % per_stage + s * per_stage for s in range(pipeline_stage)]
+    ranks_per_pp_stage = world // pipeline_stage
+    return [rank % ranks_per_pp_stage + s * ranks_per_pp_stage for s in range(pipeline_stage)]
 
 
 class ShardedStep(nn.Cell):
@@ -89,7 +89,7 @@ class ShardedStep(nn.Cell):
     The step's scalars live in `self.hyper` = [scale, bc1, bc2, lr_0 .. lr_G-1] (set with `set_hyper` before each
     call): MindSpore's parallel compiler accepts a dataset strategy only for the inputs the network consumes, so the
     graph inputs are the three batch tensors alone.
-    `loss_bound` (GKD with 0 < beta < 1): a loss above it is a corrupted computation and nothing is applied.
+    `loss_bound` (GKD with 0 < jsd_beta < 1): a loss above it is a corrupted computation and nothing is applied.
     `pipeline_stage` > 1 wraps the loss net in nn.PipelineCell with `micro_batch_num` micro-batches; `rank` / `world`
     then locate this rank's stage (only the last one computes the loss) and its peers in the other stages."""
 
@@ -109,9 +109,9 @@ class ShardedStep(nn.Cell):
             self.pp_reducer = nn.PipelineGradReducer(self.params, opt_shard=optimizer_shard)
         self.bounded = loss_bound is not None
         self.limit = float(loss_bound) * (1.0 + 1e-4) + 1e-6 if self.bounded else 0.0
-        self.last_stage = (not self.pipeline) or rank // (world // pipeline_stage) == pipeline_stage - 1
+        self.in_last_pp_stage = (not self.pipeline) or rank // (world // pipeline_stage) == pipeline_stage - 1
         if self.bounded and self.pipeline:
-            peers = stage_peers(rank, world, pipeline_stage)
+            peers = pp_stage_peers(rank, world, pipeline_stage)
             group = "youzhi_stage_peers_" + "_".join(str(r) for r in peers)
             create_group(group, peers)
             self.verdict = ops.AllReduce(ops.ReduceOp.MIN, group)
@@ -132,7 +132,7 @@ class ShardedStep(nn.Cell):
         loss = total * scale
         ok = ops.ones((), ms.bool_)
         if self.bounded:
-            if self.last_stage:
+            if self.in_last_pp_stage:
                 good = ops.cast(loss <= self.limit, ms.float32)
             else:
                 good = ops.ones((), ms.float32)

@@ -3,6 +3,8 @@
 Every key a run can use is listed in DEFAULTS below (the schema): a yaml file or an override naming any other key is
 refused with one message that names the key, the file, and the closest valid spelling. Values of `--set key=value` are
 parsed as yaml scalars (`3` -> int, `1e-4` -> float, `true` -> bool, `null` -> None, `[0.9, 0.95]` -> list).
+`load_run_config` returns the validated plain dict (each section checked by its own function, SECTION_CHECKS); the
+code that runs a config parses it once with `RunConfig.parse` into typed sections (`run.runner.batch_size`).
 
 Sections (MindFormers names where MindFormers has the concept):
   seed, output_dir, run_mode (distill | sft: cross entropy on the responses of chat data, or on every token
@@ -22,7 +24,7 @@ Sections (MindFormers names where MindFormers has the concept):
                    {type: LossMonitor, per_print_times}
   train_dataset    data_path (wiki-calib | wiki-eval | .txt | .jsonl), format (auto | packed | chat), shuffle,
                    max_tokens (truncate a packed token stream)
-  distill          teacher (source GQA Hugging Face dir), beta, lmbda, temperature, max_new_tokens, top_p,
+  distill          teacher (source GQA Hugging Face dir), beta (the JSD mix), lmbda, temperature, max_new_tokens, top_p,
                    loss (chunked: vocabulary loss in token chunks with a hand-written backward | full: plain logits),
                    loss_chunk_tokens, teacher_graph (joint: teacher forward inside the training graph | separate: in
                    its own no-grad graph), offline_teacher (a tools/make_teacher_topk.py file: no live teacher).
@@ -35,6 +37,7 @@ Sections (MindFormers names where MindFormers has the concept):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import math
 import os
@@ -267,42 +270,59 @@ def _path(cfg, section, key):
           f"{section}.{key} must be a directory path, got {v!r}")
 
 
-def validate(cfg: Dict[str, Any]) -> None:
-    """Types and ranges of everything that is not a path (paths are checked when they are opened)."""
+def _check_top_level(cfg: Dict[str, Any]) -> None:
     _int(cfg, None, "seed", 0)
     _flag(cfg, None, "resume_training")
-    for section, key in (("runner_config", "progress"), ("train_dataset", "shuffle"),
-                         ("parallel_config", "use_seq_parallel"), ("parallel_config", "vocab_emb_dp")):
-        _flag(cfg, section, key)
-    _path(cfg, "model", "student")
-    _path(cfg, "distill", "teacher")
-    mem = cfg["context"]["max_device_memory"]
-    _need(mem is None or isinstance(mem, str), f"context.max_device_memory must be a size such as '58GB', got {mem!r}")
     _need(cfg["run_mode"] in RUN_MODES, f"run_mode must be one of {RUN_MODES}, got {cfg['run_mode']!r}")
     _need(isinstance(cfg["output_dir"], str) and cfg["output_dir"], "output_dir must be a directory path")
-    _need(cfg["context"]["mode"] in ("GRAPH_MODE", "PYNATIVE_MODE", 0, 1),
-          f"context.mode must be GRAPH_MODE or PYNATIVE_MODE, got {cfg['context']['mode']!r}")
-    _need(cfg["context"]["device_target"] in ("CPU", "Ascend", "GPU"),
-          f"context.device_target must be CPU, Ascend or GPU, got {cfg['context']['device_target']!r}")
+
+
+def _check_context(cfg: Dict[str, Any]) -> None:
+    c = cfg["context"]
+    _need(c["max_device_memory"] is None or isinstance(c["max_device_memory"], str),
+          f"context.max_device_memory must be a size such as '58GB', got {c['max_device_memory']!r}")
+    _need(c["mode"] in ("GRAPH_MODE", "PYNATIVE_MODE", 0, 1),
+          f"context.mode must be GRAPH_MODE or PYNATIVE_MODE, got {c['mode']!r}")
+    _need(c["device_target"] in ("CPU", "Ascend", "GPU"),
+          f"context.device_target must be CPU, Ascend or GPU, got {c['device_target']!r}")
+
+
+def _check_parallel(cfg: Dict[str, Any]) -> None:
+    """Sections `parallel` and `parallel_config` (whether a layout fits the world is parallel.py's check)."""
     _need(cfg["parallel"]["parallel_mode"] in ("data_parallel", "semi_auto_parallel"),
           f"parallel.parallel_mode must be data_parallel or semi_auto_parallel, got "
           f"{cfg['parallel']['parallel_mode']!r}")
-    for section, key in (("parallel", "enable_parallel_optimizer"), ("recompute_config", "recompute"),
-                         ("parallel_config", "use_seq_parallel"), ("parallel_config", "vocab_emb_dp")):
-        _need(isinstance(cfg[section][key], bool), f"{section}.{key} must be true or false, got {cfg[section][key]!r}")
+    for section, key in (("parallel", "enable_parallel_optimizer"), ("parallel_config", "use_seq_parallel"),
+                         ("parallel_config", "vocab_emb_dp")):
+        _flag(cfg, section, key)
     _int(cfg, "parallel_config", "data_parallel", 1, allow_none=True)
     for k in ("model_parallel", "pipeline_stage", "micro_batch_num"):
         _int(cfg, "parallel_config", k, 1)
-    _need(cfg["model"]["trainable"] in ("all", "attention", "attention+norms"),
-          f"model.trainable must be 'all', 'attention' or 'attention+norms', got {cfg['model']['trainable']!r}")
-    _need(cfg["model"]["save_dtype"] in ("fp32", "bf16", "fp16"),
-          f"model.save_dtype must be fp32, bf16 or fp16, got {cfg['model']['save_dtype']!r}")
+
+
+def _check_model(cfg: Dict[str, Any]) -> None:
+    """Sections `model` and `recompute_config` (the student's)."""
+    m = cfg["model"]
+    _path(cfg, "model", "student")
+    _need(m["trainable"] in ("all", "attention", "attention+norms"),
+          f"model.trainable must be 'all', 'attention' or 'attention+norms', got {m['trainable']!r}")
+    _need(m["save_dtype"] in ("fp32", "bf16", "fp16"),
+          f"model.save_dtype must be fp32, bf16 or fp16, got {m['save_dtype']!r}")
+    _flag(cfg, "recompute_config", "recompute")
+
+
+def _check_runner(cfg: Dict[str, Any]) -> None:
+    _flag(cfg, "runner_config", "progress")
     for k in ("max_steps", "batch_size", "gradient_accumulation_steps", "seq_length"):
         _int(cfg, "runner_config", k, 1)
     _int(cfg, "runner_config", "stop_at_step", 1, allow_none=True)
     _need(cfg["runner_config"]["seq_length"] >= 2,
           f"runner_config.seq_length {cfg['runner_config']['seq_length']} leaves no token to learn from (each window's "
           "first token is never predicted); use at least 2, e.g. the default 256")
+
+
+def _check_optimizer(cfg: Dict[str, Any]) -> None:
+    """Sections `optimizer` and `lr_schedule`."""
     _need(cfg["optimizer"]["type"] == "AdamW", f"optimizer.type must be AdamW, got {cfg['optimizer']['type']!r}")
     betas = cfg["optimizer"]["betas"]
     _need(isinstance(betas, (list, tuple)) and len(betas) == 2 and
@@ -319,43 +339,213 @@ def validate(cfg: Dict[str, Any]) -> None:
     _int(cfg, "lr_schedule", "warmup_steps", 0, allow_none=True)
     _num(cfg, "lr_schedule", "min_lr_ratio", 0.0, 1.0)
     _int(cfg, "lr_schedule", "total_steps", 1, allow_none=True)
-    ck = callback(cfg, "CheckpointMonitor")
-    if ck:
-        _need(isinstance(ck["save_checkpoint_steps"], int) and ck["save_checkpoint_steps"] >= 1,
-              "callbacks.CheckpointMonitor.save_checkpoint_steps must be an integer >= 1")
-        _need(isinstance(ck["keep_checkpoint_max"], int) and ck["keep_checkpoint_max"] >= 1,
-              "callbacks.CheckpointMonitor.keep_checkpoint_max must be an integer >= 1")
-    lm = callback(cfg, "LossMonitor")
-    if lm:
-        _need(isinstance(lm["per_print_times"], int) and lm["per_print_times"] >= 1,
-              "callbacks.LossMonitor.per_print_times must be an integer >= 1")
-    _need(cfg["train_dataset"]["format"] in ("auto", "packed", "chat"),
-          f"train_dataset.format must be auto, packed or chat, got {cfg['train_dataset']['format']!r}")
-    _need(isinstance(cfg["train_dataset"]["data_path"], str) and cfg["train_dataset"]["data_path"],
+
+
+def _check_callbacks(cfg: Dict[str, Any]) -> None:
+    for name, keys in CALLBACK_DEFAULTS.items():
+        entry = callback(cfg, name)
+        for key in keys if entry else ():
+            _need(isinstance(entry[key], int) and entry[key] >= 1, f"callbacks.{name}.{key} must be an integer >= 1")
+
+
+def _check_train_dataset(cfg: Dict[str, Any]) -> None:
+    d = cfg["train_dataset"]
+    _flag(cfg, "train_dataset", "shuffle")
+    _need(d["format"] in ("auto", "packed", "chat"),
+          f"train_dataset.format must be auto, packed or chat, got {d['format']!r}")
+    _need(isinstance(d["data_path"], str) and d["data_path"],
           "train_dataset.data_path must be wiki-calib, wiki-eval or a file path")
     _int(cfg, "train_dataset", "max_tokens", 1, allow_none=True)
-    _num(cfg, "distill", "beta", 0.0, 1.0)
-    _num(cfg, "distill", "lmbda", 0.0, 1.0)
-    _num(cfg, "distill", "temperature", 0.0)
-    _num(cfg, "distill", "top_p", 0.0, 1.0)
-    _int(cfg, "distill", "max_new_tokens", 1)
+
+
+def _check_distill(cfg: Dict[str, Any]) -> None:
     d = cfg["distill"]
+    _path(cfg, "distill", "teacher")
+    for key, hi in (("beta", 1.0), ("lmbda", 1.0), ("temperature", None), ("top_p", 1.0)):
+        _num(cfg, "distill", key, 0.0, hi)
+    _int(cfg, "distill", "max_new_tokens", 1)
     _need(d["loss"] in ("chunked", "full"), f"distill.loss must be chunked or full, got {d['loss']!r}")
     _int(cfg, "distill", "loss_chunk_tokens", 1)
     _need(d["teacher_graph"] in ("joint", "separate"),
           f"distill.teacher_graph must be joint or separate, got {d['teacher_graph']!r}")
     _need(d["offline_teacher"] is None or (isinstance(d["offline_teacher"], str) and d["offline_teacher"]),
           "distill.offline_teacher must be a file path (tools/make_teacher_topk.py) or null")
-    if cfg["run_mode"] == "distill" and d["offline_teacher"] is not None:
+
+
+def _check_distill_run(cfg: Dict[str, Any]) -> None:
+    """What a distill run needs of `distill` together with the other sections (after each section is checked)."""
+    d = cfg["distill"]
+    if cfg["run_mode"] != "distill":
+        return
+    if d["offline_teacher"] is not None:
         _need(d["lmbda"] == 0, f"distill.lmbda {d['lmbda']} > 0 needs the live teacher: on-policy batches are the "
               "student's own samples, which no stored file can hold; set distill.lmbda=0 to distill from "
               f"{d['offline_teacher']}, or drop distill.offline_teacher")
         _need(d["loss"] == "chunked", "distill.offline_teacher works with distill.loss=chunked only")
-    if cfg["run_mode"] == "distill" and cfg["distill"]["lmbda"] > 0:
-        _need(cfg["distill"]["max_new_tokens"] < cfg["runner_config"]["seq_length"],
-              f"distill.max_new_tokens ({cfg['distill']['max_new_tokens']}) must be smaller than "
+    if d["lmbda"] > 0:
+        _need(d["max_new_tokens"] < cfg["runner_config"]["seq_length"],
+              f"distill.max_new_tokens ({d['max_new_tokens']}) must be smaller than "
               f"runner_config.seq_length ({cfg['runner_config']['seq_length']}): on-policy sequences are a prompt "
               "plus the student's continuation inside one window")
-    if cfg["distill"]["temperature"] == 0 and cfg["run_mode"] == "distill":
-        raise YouzhiError("distill.temperature 0 is only meaningful for sampling; the GKD loss divides logits by it. "
-                          "Use a small positive value (e.g. 0.1), or 1.0 for the plain distributions")
+    _need(d["temperature"] != 0, "distill.temperature 0 is only meaningful for sampling; the GKD loss divides logits "
+          "by it. Use a small positive value (e.g. 0.1), or 1.0 for the plain distributions")
+
+
+# one check per section, in DEFAULTS' order; the last one relates sections to each other
+SECTION_CHECKS = (_check_top_level, _check_context, _check_parallel, _check_model, _check_runner, _check_optimizer,
+                  _check_callbacks, _check_train_dataset, _check_distill, _check_distill_run)
+
+
+def validate(cfg: Dict[str, Any]) -> None:
+    """Types and ranges of everything that is not a path (paths are checked when they are opened)."""
+    for check in SECTION_CHECKS:
+        check(cfg)
+
+
+# ------------------------------------------------------------------------------------------------------ typed sections
+# The validated dict parsed once into typed sections, so the trainer reads `run.runner.batch_size` (a name an editor
+# and a reader can follow) instead of `cfg["runner_config"]["batch_size"]`. Field names are the yaml keys, except
+# `DistillSection.jsd_beta` (yaml `distill.beta`, TRL's name; "beta" is another thing in the converter).
+@dataclasses.dataclass(frozen=True)
+class ContextSection:
+    mode: Any
+    device_target: str
+    max_device_memory: Optional[str]
+
+    @property
+    def graph_mode(self) -> bool:
+        return self.mode in ("GRAPH_MODE", 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelSection:
+    parallel_mode: str
+    enable_parallel_optimizer: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfigSection:
+    """MindFormers' names: `pipeline_stage` is the number of pipeline stages."""
+    data_parallel: Optional[int]
+    model_parallel: int
+    pipeline_stage: int
+    micro_batch_num: int
+    use_seq_parallel: bool
+    vocab_emb_dp: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DryRunSection:
+    student_config: Optional[str]
+    teacher_config: Optional[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    student: Optional[str]
+    trainable: str
+    save_dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerSection:
+    max_steps: int
+    batch_size: int
+    gradient_accumulation_steps: int
+    seq_length: int
+    stop_at_step: Optional[int]
+    progress: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSection:
+    type: str
+    betas: List[float]
+    eps: float
+    weight_decay: float
+    max_grad_norm: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LrScheduleSection:
+    type: str
+    learning_rate: float
+    kv_layernorm_learning_rate: Optional[float]
+    warmup_ratio: float
+    warmup_steps: Optional[int]
+    min_lr_ratio: float
+    total_steps: Optional[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainDatasetSection:
+    data_path: str
+    format: str
+    shuffle: bool
+    max_tokens: Optional[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSection:
+    teacher: Optional[str]
+    jsd_beta: float
+    lmbda: float
+    temperature: float
+    max_new_tokens: int
+    top_p: float
+    loss: str
+    loss_chunk_tokens: int
+    teacher_graph: str
+    offline_teacher: Optional[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A validated run config as typed sections; `raw` is the plain dict (what run_config.yaml records, what the
+    dry run sends to its compile workers, and the sections data.build_dataset and parallel.plan_parallel read)."""
+    raw: Dict[str, Any] = dataclasses.field(repr=False)
+    seed: int
+    output_dir: str
+    run_mode: str
+    resume_training: bool
+    context: ContextSection
+    parallel: ParallelSection
+    parallel_config: ParallelConfigSection
+    model: ModelSection
+    runner: RunnerSection
+    optimizer: OptimizerSection
+    lr_schedule: LrScheduleSection
+    train_dataset: TrainDatasetSection
+    distill: DistillSection
+    recompute: bool
+    dry_run: DryRunSection
+    save_checkpoint_steps: Optional[int]   # None: no CheckpointMonitor (checkpoints at the end only)
+    keep_checkpoint_max: int
+    print_every: Optional[int]             # LossMonitor.per_print_times; None: no LossMonitor
+
+    @classmethod
+    def parse(cls, cfg: Dict[str, Any]) -> "RunConfig":
+        """`cfg`: load_run_config's validated dict."""
+        distill = dict(cfg["distill"])
+        distill["jsd_beta"] = distill.pop("beta")
+        checkpoints = callback(cfg, "CheckpointMonitor") or {}
+        return cls(raw=cfg, seed=cfg["seed"], output_dir=cfg["output_dir"], run_mode=cfg["run_mode"],
+                   resume_training=cfg["resume_training"], context=ContextSection(**cfg["context"]),
+                   parallel=ParallelSection(**cfg["parallel"]),
+                   parallel_config=ParallelConfigSection(**cfg["parallel_config"]), model=ModelSection(**cfg["model"]),
+                   runner=RunnerSection(**cfg["runner_config"]), optimizer=OptimizerSection(**cfg["optimizer"]),
+                   lr_schedule=LrScheduleSection(**cfg["lr_schedule"]),
+                   train_dataset=TrainDatasetSection(**cfg["train_dataset"]), distill=DistillSection(**distill),
+                   recompute=cfg["recompute_config"]["recompute"], dry_run=DryRunSection(**cfg["dry_run"]),
+                   save_checkpoint_steps=checkpoints.get("save_checkpoint_steps"),
+                   keep_checkpoint_max=checkpoints.get("keep_checkpoint_max", 2),
+                   print_every=(callback(cfg, "LossMonitor") or {}).get("per_print_times"))
+
+    @property
+    def distilling(self) -> bool:
+        return self.run_mode == "distill"
+
+    @property
+    def offline_teacher(self) -> bool:
+        """Distillation from a stored top-k file instead of a live teacher."""
+        return self.distilling and self.distill.offline_teacher is not None

@@ -327,7 +327,7 @@ class ShardedCausalLM(nn.Cell):
         self.sin = Tensor(table.sin.asnumpy()[:seq_length][None, None], ms.float32)
         self.mask = Tensor(np.triu(np.full((seq_length, seq_length), NEG_INF, np.float32), 1)[None, None], ms.float32)
 
-    def set_stages(self, pipeline_stage: int) -> None:
+    def set_pp_stages(self, pipeline_stage: int) -> None:
         """Layer i of L on stage i * pp // L (parallel.plan_parallel uses the same split); embedding on the first stage,
         final norm and head on the last. Only leaf blocks get a stage: a stage set on an enclosing cell overrides its
         children's (measured: every parameter then lands on that stage)."""

@@ -33,6 +33,7 @@ from youzhi_ms.cli import path_problem
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.progress import ProgressBar
 from youzhi_ms.train.data import EpochSampler, build_dataset
+from youzhi_ms.train.run_config import RunConfig
 
 MAGIC = b"YZTOPK01"
 VERSION = 1
@@ -255,27 +256,27 @@ def rows_for_steps(n_windows: int, seed: int, shuffle: bool, steps: int, rows_pe
 def write_teacher_topk(cfg: dict, out: str, k: int, steps: Optional[int] = None, world: int = 1,
                        batch_size: int = 2, source: Optional[str] = None, progress: bool = True,
                        resume: bool = True) -> dict:
-    """Run the teacher (`distill.teacher`) over the training windows of run config `cfg` and write their top-k file
-    to `out`: every window, or (`steps`) those the trainer visits in that many steps with `world` data-parallel
-    workers. With `source` (a file with k' >= k) shrink it instead of running the teacher. An interrupted run resumes
-    from `out + '.partial'`."""
+    """Run the teacher (`distill.teacher`) over the training windows of run config `cfg` (load_run_config's dict)
+    and write their top-k file to `out`: every window, or (`steps`) those the trainer visits in that many steps with
+    `world` data-parallel workers. With `source` (a file with k' >= k) shrink it instead of running the teacher. An
+    interrupted run resumes from `out + '.partial'`."""
     if os.path.exists(out):
         raise YouzhiError(f"{out} already exists; choose another --out (this tool never replaces a file)")
-    d = cfg["distill"]
-    student = cfg["model"]["student"]
+    run = RunConfig.parse(cfg)
+    distill = run.distill
+    student = run.model.student
     if student is None:
         raise YouzhiError("model.student is not set: the training data is tokenized with the student's tokenizer")
     tok = Tokenizer.from_dir(student)
-    seq_len = cfg["runner_config"]["seq_length"]
+    seq_len = run.runner.seq_length
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eot_id
     dataset = build_dataset(cfg["train_dataset"], tok, seq_len, pad_id)
-    rc = cfg["runner_config"]
     if steps is None:
         rows = np.arange(len(dataset))
     else:
-        rows = rows_for_steps(len(dataset), cfg["seed"], cfg["train_dataset"]["shuffle"], steps,
-                              rc["batch_size"] * world * rc["gradient_accumulation_steps"])
-    temperature = float(d["temperature"])
+        rows = rows_for_steps(len(dataset), run.seed, run.train_dataset.shuffle, steps,
+                              run.runner.batch_size * world * run.runner.gradient_accumulation_steps)
+    temperature = float(distill.temperature)
     if source is not None:
         src = TopKStore(source)
         if src.k < k or src.seq_len != seq_len or abs(src.temperature - temperature) > 1e-9:
@@ -283,10 +284,10 @@ def write_teacher_topk(cfg: dict, out: str, k: int, steps: Optional[int] = None,
                               f"cannot give k {k} at seq_length {seq_len}, temperature {temperature}")
         vocab, meta = src.vocab_size, dict(src.header["meta"], shrunk_from=source, k=k)
     else:
-        if d["teacher"] is None:
+        if distill.teacher is None:
             raise YouzhiError("distill.teacher is not set; pass the source (GQA) model directory")
-        vocab = load_any_config(read_config(d["teacher"])).vocab_size
-        meta = {"teacher": d["teacher"], "data_path": cfg["train_dataset"]["data_path"], "k": k}
+        vocab = load_any_config(read_config(distill.teacher)).vocab_size
+        meta = {"teacher": distill.teacher, "data_path": run.train_dataset.data_path, "k": k}
     if not 1 <= k <= vocab:
         raise YouzhiError(f"--k must be in [1, {vocab}], got {k}")
     writer = TopKWriter(out, rows, seq_len, k, vocab, temperature, meta, resume=resume)
@@ -294,14 +295,14 @@ def write_teacher_topk(cfg: dict, out: str, k: int, steps: Optional[int] = None,
     if source is not None:
         for i in ProgressBar(todo, desc="shrink", unit="window", disable=not progress):
             ex = dataset[int(rows[i])]
-            t = src.batch([int(rows[i])], ex.input_ids[None])
-            ids, lp, tail = shrink(t["ids"][0], t["lq_top"][0], t["lq_tail"][0], k)
+            stored = src.batch([int(rows[i])], ex.input_ids[None])
+            ids, lp, tail = shrink(stored["ids"][0], stored["lq_top"][0], stored["lq_tail"][0], k)
             writer.write(i, ex.input_ids, ids, lp, tail)
         return {"path": writer.close(), "windows": int(len(rows)), "k": k}
-    teacher, _ = load_model(d["teacher"])
+    teacher, _ = load_model(distill.teacher)
     bar = ProgressBar(total=len(todo), desc=f"teacher top-{k}", unit="window", disable=not progress)
-    for s in range(0, len(todo), batch_size):
-        idx = todo[s:s + batch_size]
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start:start + batch_size]
         ids_in = np.stack([dataset[int(rows[i])].input_ids for i in idx])
         logits = teacher(ms.Tensor(ids_in, ms.int32)).asnumpy()
         top_ids, top_lp, tail = topk_of_logits(logits, k, temperature)

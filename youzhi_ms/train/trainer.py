@@ -1,4 +1,4 @@
-"""The training loop: GKD recovery of a converted MLA student from its GQA teacher, or SFT of the student.
+"""Training: GKD recovery of a converted MLA student from its GQA teacher, or SFT of the student.
 
 One process (or one msrun worker) holds the frozen teacher and the trainable student (or, with
 `distill.offline_teacher`, the teacher's stored top-k file instead of the teacher: `teacher_topk.py`). The distill
@@ -12,14 +12,13 @@ loss is `chunked_loss.py`'s by default (`distill.loss=full`: the plain loss on f
    `sum of per-token losses / that number` (GKD generalized JSD, or SFT cross entropy). Gradients are summed over
    micro-batches (accumulators) and ranks (`nn.DistributedGradReducer`, SUM) inside the compiled update, then clipped
    by global norm and applied by AdamW (`optim.py`). The result is the gradient of the global token-mean however the
-   batch is split, so 2 workers reproduce one process. In distill mode with 0 < beta < 1 the step's loss is checked
-   against the largest value the generalized JSD can take before anything is applied: above it, the computation was
-   corrupted (observed on CPU), so the gradients are dropped and the step computed once more, then skipped;
-   `CORRUPT_STEPS_MAX` skipped steps in a row save the state and stop with a --resume hint.
+   batch is split, so 2 workers reproduce one process. In distill mode with 0 < jsd_beta < 1 the step's loss is
+   checked against the largest value the generalized JSD can take before anything is applied (`step_guard.py`).
 3. Rank 0 appends a row to `loss_log.jsonl` (`loss_log.py`), updates the progress bar, and every
    `save_checkpoint_steps` writes `checkpoint/step_XXXXXXXX/` atomically (`checkpointing.py`: student weights, AdamW
-   moments, data position and the lambda coin's RNG state; no pickle). `resume_training` restores all of it and
-   truncates the loss log to the checkpoint, so an interrupted-and-resumed run reproduces the uninterrupted one.
+   moments, data position and the lambda coin's RNG state; no pickle; output_dir's layout: `run_output.py`).
+   `resume_training` restores all of it and truncates the loss log to the checkpoint, so an interrupted-and-resumed
+   run reproduces the uninterrupted one.
 
 At `max_steps` the student is written as a Hugging Face directory `hf_model/` (the student's config.json and tokenizer
 files, weights in `model.save_dtype`) that `load_model` and `tools/eval_ppl.py` read, plus `loss_curve.png`.
@@ -33,50 +32,40 @@ directory.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
-import json
 import logging
-import math
 import os
-import resource
-import shutil
-import sys
 import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
 import mindspore as ms
 import numpy as np
+from mindspore import communication
+from mindspore.nn.utils import no_init_parameters
 
-from youzhi_ms.checkpoint.hf import ShardedWriter, read_config, write_model_files
-from youzhi_ms.checkpoint.mindspore_ckpt import hf_state_dict_from_model, load_model, model_kind
+from youzhi_ms.checkpoint.hf import read_config
+from youzhi_ms.checkpoint.mindspore_ckpt import load_model, model_kind
 from youzhi_ms.config import load_any_config
 from youzhi_ms.data.tokenizer import Tokenizer
 from youzhi_ms.errors import YouzhiError
-from youzhi_ms.fsutil import (atomic_output_dir, check_not_input, check_output_dir, claim_run_dir, output_lock,
-                              record_written)
-from youzhi_ms.progress import ProgressBar
 from youzhi_ms.runtime import init_context
-from youzhi_ms.train.checkpointing import RunCheckpoints, rng_from_json, rng_state_to_json
+from youzhi_ms.train.checkpointing import rng_from_json, rng_state_to_json
 from youzhi_ms.train.chunked_loss import ChunkedGKDNet, TeacherHidden, TopKGKDNet, head_weight
 from youzhi_ms.train.data import (EpochSampler, StudentContinuation, build_dataset, collate, row_rngs,
                                   shard_rows)
-from youzhi_ms.train.loss_log import LOSS_LOG, append_row, plot_loss_curve, truncate_loss_log
-from youzhi_ms.train.losses import GKDNet, SFTNet, jsd_upper_bound
+from youzhi_ms.train.loop import run_training
+from youzhi_ms.train.losses import GKDNet, SFTNet
 from youzhi_ms.train.optim import (AllReduceSum, ApplyStep, FusedStep, MicroStep, ResetAccumulators, UpdateCore,
                                    lr_factor)
 from youzhi_ms.train.parallel import (build_semi_auto_step, check_device, check_semi_auto, check_world,
                                       held_parameters, load_sharded_weights, local_rows, plan_parallel)
-from youzhi_ms.train.run_config import callback
+from youzhi_ms.train.run_config import RunConfig
+from youzhi_ms.train.run_output import HF_DIR, RunOutput  # noqa: F401  (HF_DIR: the pipeline's name for hf_model/)
+from youzhi_ms.train.step_guard import StepGuard
 from youzhi_ms.train.teacher_topk import TopKStore
 
 log = logging.getLogger("youzhi_ms.train")
-
-HF_DIR = "hf_model"
-CORRUPT_RETRIES = 1       # recomputations of a GKD step whose loss is out of range
-CORRUPT_STEPS_MAX = 3     # consecutive skipped steps before the run stops (state saved; --resume continues)
 
 
 # --------------------------------------------------------------------------------------------------------- distributed
@@ -89,51 +78,53 @@ def init_distributed():
     cluster and never returns); otherwise a single process."""
     if not launched_by_msrun():
         return 0, 1
-    from mindspore import communication
     communication.init()
     return communication.get_rank(), communication.get_group_size()
 
 
 # ----------------------------------------------------------------------------------------------------------- trainer
 class Trainer:
+    """Set-up (models, trainable set, optimizer, loss, step graphs, data) and one optimizer step (`train_step`). The
+    loop that drives the steps is loop.py; what goes to output_dir is `self.output` (run_output.py); the
+    corrupted-step check is `self.guard` (step_guard.py)."""
+
     def __init__(self, cfg: Dict[str, Any], rank: Optional[int] = None, world: Optional[int] = None):
-        self.cfg = cfg
-        self.run_mode = cfg["run_mode"]
-        rc = cfg["runner_config"]
-        self.max_steps = rc["max_steps"]
-        self.micro_bs = rc["batch_size"]
-        self.accum = rc["gradient_accumulation_steps"]
-        self.seq_len = rc["seq_length"]
-        self.seed = cfg["seed"]
-        self.out = os.path.abspath(os.path.expanduser(cfg["output_dir"]))  # '~/x' is the home folder's, not ./~
-        self.device = cfg["context"]["device_target"]
+        """`cfg`: run_config.load_run_config's validated dict, parsed here once into typed sections."""
+        self.run_config = conf = RunConfig.parse(cfg)
+        self.run_mode = conf.run_mode
+        self.max_steps = conf.runner.max_steps
+        self.micro_bs = conf.runner.batch_size
+        self.accum = conf.runner.gradient_accumulation_steps
+        self.seq_len = conf.runner.seq_length
+        self.seed = conf.seed
+        self.out = os.path.abspath(os.path.expanduser(conf.output_dir))  # '~/x' is the home folder's, not ./~
+        self.device = conf.context.device_target
         check_device(cfg["parallel_config"], self.device)  # before anything heavy
-        if cfg["model"]["student"] is None:
+        if conf.model.student is None:
             raise YouzhiError("model.student is not set; pass the converted MLA directory, e.g. "
                               "--set model.student=output/smollm2_mla")
-        self.offline = self.run_mode == "distill" and cfg["distill"]["offline_teacher"] is not None
-        if self.run_mode == "distill" and not self.offline and cfg["distill"]["teacher"] is None:
+        self.offline = conf.offline_teacher
+        if conf.distilling and not self.offline and conf.distill.teacher is None:
             raise YouzhiError("distill.teacher is not set; pass the source (GQA) model directory, e.g. "
                               "--set distill.teacher=output/smollm2_hf")
         self._read_model_configs()
 
-        mode = cfg["context"]["mode"]
-        init_context("graph" if mode in ("GRAPH_MODE", 0) else "pynative", device=self.device, seed=self.seed)
+        init_context("graph" if conf.context.graph_mode else "pynative", device=self.device, seed=self.seed)
         if rank is None:
             rank, world = init_distributed()
         self.rank, self.world = rank, world
         self.is_main = rank == 0
         self._setup_parallel()
-        self.ckpt = RunCheckpoints(self.out, self.rank, self.sharded)
+        self.output = RunOutput(self.out, self.rank, self.world, self.sharded, self._inputs())
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _read_model_configs(self):
-        self.student_dir = self.cfg["model"]["student"]
+        self.student_dir = self.run_config.model.student
         self.student_cfg = load_any_config(read_config(self.student_dir),
                                            os.path.join(self.student_dir, "config.json"))
         self.teacher_cfg = None
-        if self.run_mode == "distill" and not self.offline:
-            self.teacher_dir = self.cfg["distill"]["teacher"]
+        if self.run_config.distilling and not self.offline:
+            self.teacher_dir = self.run_config.distill.teacher
             self.teacher_cfg = load_any_config(read_config(self.teacher_dir),
                                                os.path.join(self.teacher_dir, "config.json"))
             if self.teacher_cfg.vocab_size != self.student_cfg.vocab_size:
@@ -146,23 +137,28 @@ class Trainer:
                                   f"max_position_embeddings {c.max_position_embeddings}")
 
     def _setup_parallel(self):
-        self.plan = plan_parallel(self.cfg["parallel_config"], self.student_cfg.raw,
+        """The parallel plan and this rank's place in it: its data-parallel index among `dp_world` replicas and, with
+        pipeline parallel, its pipeline stage (model parallel is the innermost rank dimension, stages the outermost)."""
+        self.plan = plan_parallel(self.run_config.raw["parallel_config"], self.student_cfg.raw,
                                   self.teacher_cfg.raw if self.teacher_cfg else None, self.world)
         check_world(self.plan, self.world, self.device)
+        self.ranks_per_pp_stage = self.world // self.plan.pipeline_stage
+        self.rank_in_pp_stage = self.rank % self.ranks_per_pp_stage
+        self.in_last_pp_stage = self.rank // self.ranks_per_pp_stage == self.plan.pipeline_stage - 1
         if self.plan.semi_auto:  # Ascend only (check_device refused it elsewhere); compiled by tools/dryrun.py
-            check_semi_auto(self.cfg, self.plan)
-            self.micro_bs = local_rows(self.cfg, self.plan)  # pipeline: all micro-batches of the step at once
-            mem = self.cfg["context"].get("max_device_memory")
-            if mem:
-                ms.set_context(max_device_memory=mem)
-            # data-parallel index of this rank: model parallel is the innermost dimension, stages the outermost
-            per_stage = self.world // self.plan.pipeline_stage
-            self.dp_rank, self.dp_world = (self.rank % per_stage) // self.plan.model_parallel, self.plan.data_parallel
+            check_semi_auto(self.run_config, self.plan)
+            self.micro_bs = local_rows(self.run_config, self.plan)  # pipeline: all micro-batches of the step at once
+            if self.run_config.context.max_device_memory:
+                ms.set_context(max_device_memory=self.run_config.context.max_device_memory)
+            self.dp_rank = self.rank_in_pp_stage // self.plan.model_parallel
+            self.dp_world = self.plan.data_parallel
         else:
             self.dp_rank, self.dp_world = self.rank, self.world
 
     def _setup_models(self):
         """Models, then the trainable set and its optimizer, then the loss, then the compiled step graphs."""
+        self.guard = StepGuard(self.run_config.distill.jsd_beta if self.run_config.distilling else None)
+        self.allreduce = AllReduceSum() if self.world > 1 else None
         if self.plan.semi_auto:
             return self._build_semi_auto()
         self._load_models()
@@ -174,14 +170,15 @@ class Trainer:
     def _load_models(self):
         self.student, _ = load_model(self.student_dir)
         self.student.set_train(True)
-        if self.cfg["recompute_config"]["recompute"]:
+        if self.run_config.recompute:
             for layer in self.student.decoder.layers:  # keep layer inputs only; recompute the rest in the backward
                 layer.recompute()
         self.teacher = self.topk = None
         if self.offline:
-            self.topk = TopKStore(self.cfg["distill"]["offline_teacher"])
-            self.topk.check_compatible(self.student_cfg.vocab_size, self.seq_len, self.cfg["distill"]["temperature"])
-        elif self.run_mode == "distill":
+            distill = self.run_config.distill
+            self.topk = TopKStore(distill.offline_teacher)
+            self.topk.check_compatible(self.student_cfg.vocab_size, self.seq_len, distill.temperature)
+        elif self.run_config.distilling:
             self.teacher, _ = load_model(self.teacher_dir)
             for p in self.teacher.get_parameters():  # distinct names: both models live in one graph
                 p.name = "teacher." + p.name
@@ -191,7 +188,7 @@ class Trainer:
         """model.trainable: every student parameter, the attention ones only (`.self_attention.`), or those plus
         every RMSNorm weight (`attention+norms`: 35K more parameters, the layers' input scales)."""
         params = list(self.student.get_parameters())
-        kind = self.cfg["model"]["trainable"]
+        kind = self.run_config.model.trainable
         if kind == "all":
             train = params
         else:
@@ -204,29 +201,29 @@ class Trainer:
             raise YouzhiError("model.trainable selects no parameters")
         self.trainable = train
 
+    def _group_learning_rates(self) -> List[float]:
+        """Group 0 at learning_rate; group 1 (the latent `kv_layernorm`s) at kv_layernorm_learning_rate when set."""
+        schedule = self.run_config.lr_schedule
+        kv_lr = schedule.kv_layernorm_learning_rate
+        return [float(schedule.learning_rate)] + ([float(kv_lr)] if kv_lr is not None else [])
+
     def _build_optimizer(self):
-        """AdamW over the trainable set: group 0 at learning_rate, group 1 (the latent `kv_layernorm`s) at
-        kv_layernorm_learning_rate when set; no weight decay on norms and biases."""
-        lr_cfg = self.cfg["lr_schedule"]
-        self.group_lrs = [float(lr_cfg["learning_rate"])]
-        kv_lr = lr_cfg.get("kv_layernorm_learning_rate")
-        if kv_lr is not None:
-            self.group_lrs.append(float(kv_lr))
-        group_ids = [1 if kv_lr is not None and ".kv_layernorm." in p.name else 0 for p in self.trainable]
-        wd = float(self.cfg["optimizer"]["weight_decay"])
-        decays = [wd if len(p.shape) >= 2 else 0.0 for p in self.trainable]
-        opt = self.cfg["optimizer"]
-        reduce_world = self.world if not self.plan.semi_auto else 1  # semi-auto inserts its own reduction
-        self.core = UpdateCore(self.trainable, group_ids, decays, tuple(opt["betas"]), opt["eps"],
-                               opt["max_grad_norm"], reduce_world)
+        """AdamW over the trainable set, one learning-rate group per _group_learning_rates; no weight decay on norms
+        and biases."""
+        self.group_lrs = self._group_learning_rates()
+        kv_group = len(self.group_lrs) > 1
+        group_ids = [1 if kv_group and ".kv_layernorm." in p.name else 0 for p in self.trainable]
+        opt = self.run_config.optimizer
+        decays = [float(opt.weight_decay) if len(p.shape) >= 2 else 0.0 for p in self.trainable]
+        self.core = UpdateCore(self.trainable, group_ids, decays, tuple(opt.betas), opt.eps, opt.max_grad_norm,
+                               self.world)  # semi-auto (which inserts its own reduction) does not come here
 
     def _build_semi_auto(self):
         """Model / pipeline parallel: the sharded step of parallel.build_semi_auto_step, built as placeholders and
         compiled first, so each rank then reads only the slices it holds (a 7B pair is 57 GB in float32; every rank
         loading it whole would need that much host memory per process); MindSpore's strategy file goes to
         `strategy/` with the first checkpoint, for tools/merge_slices.py."""
-        from mindspore.nn.utils import no_init_parameters
-        if self.run_mode == "distill" and self.cfg["distill"]["loss"] == "chunked" and self.is_main:
+        if self.run_config.distilling and self.run_config.distill.loss == "chunked" and self.is_main:
             # the chunked loss multiplies by the head weight itself and would bypass the sharded head cells; with
             # the vocabulary split over model_parallel the full-logit tensors are 1/mp per rank anyway
             log.info("model / pipeline parallel: the sharded step's plain GKD loss (distill.loss=chunked applies to "
@@ -236,35 +233,21 @@ class Trainer:
                                           f"strategy_rank_{self.rank}.ckpt")
         with no_init_parameters():
             self.parallel_net, self.pstep, self.student, self.teacher = build_semi_auto_step(
-                self.cfg, self.plan, self.student_cfg, self.teacher_cfg, self.rank, self.world,
+                self.run_config, self.plan, self.student_cfg, self.teacher_cfg, self.rank, self.world,
                 strategy_file=self.strategy_file)
         ids = ms.Tensor(np.zeros((self.micro_bs, self.seq_len), np.int32))
         self.parallel_net.compile(ids, ids, ms.Tensor(np.zeros((self.micro_bs, self.seq_len), np.float32)))
         self.layout = self.parallel_net.parameter_layout_dict
-        local = self.rank % (self.world // self.plan.pipeline_stage)
-        load_sharded_weights(self.student, self.student_dir, model_kind(self.student_cfg), self.layout, local)
+        load_sharded_weights(self.student, self.student_dir, model_kind(self.student_cfg), self.layout,
+                             self.rank_in_pp_stage)
         if self.teacher is not None:
-            load_sharded_weights(self.teacher, self.teacher_dir, model_kind(self.teacher_cfg), self.layout, local,
-                                 prefix="teacher.")
+            load_sharded_weights(self.teacher, self.teacher_dir, model_kind(self.teacher_cfg), self.layout,
+                                 self.rank_in_pp_stage, prefix="teacher.")
         self.core = self.pstep.core
         self.trainable = list(self.core.params)
-        kv_lr = self.cfg["lr_schedule"].get("kv_layernorm_learning_rate")
-        self.group_lrs = [float(self.cfg["lr_schedule"]["learning_rate"])] + ([float(kv_lr)] if kv_lr is not None
-                                                                             else [])
-        self.loss_bound = jsd_upper_bound(self.cfg["distill"]["beta"]) if self.run_mode == "distill" else None
+        self.group_lrs = self._group_learning_rates()
         self.fused = None
         self.teacher_hidden = self.topk = None  # offline / separate teacher: refused by check_semi_auto
-        self.bad_in_a_row = 0
-        self.allreduce = AllReduceSum() if self.world > 1 else None
-        self.last_stage = self.rank // (self.world // self.plan.pipeline_stage) == self.plan.pipeline_stage - 1
-
-    def _publish_strategy(self) -> None:
-        """This rank's strategy file into `<output_dir>/strategy/` (once; after the first step output_dir is claimed)."""
-        dst = os.path.join(self.out, "strategy", os.path.basename(self.strategy_file))
-        if not os.path.isfile(dst):
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            shutil.copy2(self.strategy_file, dst + ".tmp")
-            os.replace(dst + ".tmp", dst)
 
     def _held(self, params) -> list:
         """Parameters this rank holds: all of them, or under model / pipeline parallel its compiled slices."""
@@ -273,54 +256,51 @@ class Trainer:
     def _build_loss_net(self):
         """distill: the chunked vocabulary loss (from the live teacher, in or out of the training graph, or from the
         stored top-k file), or the plain one on full logits (distill.loss=full); sft: cross entropy."""
-        d = self.cfg["distill"]
+        distill = self.run_config.distill
         self.teacher_hidden = None
-        if self.run_mode == "distill" and d["loss"] == "chunked":
+        if self.run_config.distilling and distill.loss == "chunked":
             head_trains = any(p is head_weight(self.student) for p in self.trainable)
             if self.offline:
-                self.loss_net = TopKGKDNet(self.student, d["beta"], d["temperature"], d["loss_chunk_tokens"],
-                                           head_trains)
+                self.loss_net = TopKGKDNet(self.student, distill.jsd_beta, distill.temperature,
+                                           distill.loss_chunk_tokens, head_trains)
             else:
-                separate = d["teacher_graph"] == "separate"
-                self.loss_net = ChunkedGKDNet(self.student, self.teacher, d["beta"], d["temperature"],
-                                              d["loss_chunk_tokens"], head_trains, teacher_outside=separate)
+                separate = distill.teacher_graph == "separate"
+                self.loss_net = ChunkedGKDNet(self.student, self.teacher, distill.jsd_beta, distill.temperature,
+                                              distill.loss_chunk_tokens, head_trains, teacher_outside=separate)
                 self.teacher_hidden = TeacherHidden(self.teacher) if separate else None
-        elif self.run_mode == "distill":
-            self.loss_net = GKDNet(self.student, self.teacher, d["beta"], d["temperature"])
+        elif self.run_config.distilling:
+            self.loss_net = GKDNet(self.student, self.teacher, distill.jsd_beta, distill.temperature)
         else:
             self.loss_net = SFTNet(self.student)
-        self.loss_bound = jsd_upper_bound(self.cfg["distill"]["beta"]) if self.run_mode == "distill" else None
 
     def _build_step_graphs(self):
         """One fused graph (forward, backward, update) when there is nothing to check or accumulate; otherwise a
         micro-step graph accumulating gradients and an apply graph, so a bounded loss is checked before its update
         is applied (see train_step)."""
         self.fused = None
-        if self.accum == 1 and self.loss_bound is None:
+        if self.accum == 1 and self.guard.loss_bound is None:
             self.fused = FusedStep(self.loss_net, self.core)
         else:
             self.accumulators = self.core.params.clone(prefix="accum", init="zeros")
             self.micro = MicroStep(self.loss_net, self.core, self.accumulators)
             self.apply = ApplyStep(self.core, self.accumulators)
             self.reset = ResetAccumulators(self.accumulators)
-        self.bad_in_a_row = 0
-        self.allreduce = AllReduceSum() if self.world > 1 else None
 
     def _setup_data(self):
         self.tokenizer = Tokenizer.from_dir(self.student_dir)
         tok = self.tokenizer
         self.pad_id = tok.pad_id if tok.pad_id is not None else tok.eot_id
-        self.dataset = build_dataset(self.cfg["train_dataset"], tok, self.seq_len, self.pad_id)
+        self.dataset = build_dataset(self.run_config.raw["train_dataset"], tok, self.seq_len, self.pad_id)
         # run_mode sft on a packed text (wiki split, .txt, .jsonl with "text") scores every token: continued
         # pre-training on a domain corpus (tools/pipeline.py's domain step); on chat data only the responses
-        self.sampler = EpochSampler(len(self.dataset), self.seed, self.cfg["train_dataset"]["shuffle"])
+        self.sampler = EpochSampler(len(self.dataset), self.seed, self.run_config.train_dataset.shuffle)
         self.coin = np.random.default_rng([self.seed, 7])  # on-policy decisions, identical on every rank
         self.continuation = None
-        d = self.cfg["distill"]
-        if self.run_mode == "distill" and d["lmbda"] > 0:
-            self.continuation = StudentContinuation(self.student, self.student_cfg, self.seq_len, d["max_new_tokens"],
-                                                    d["temperature"], d["top_p"], (tok.eos_id, tok.eot_id),
-                                                    self.pad_id)
+        distill = self.run_config.distill
+        if self.run_config.distilling and distill.lmbda > 0:
+            self.continuation = StudentContinuation(self.student, self.student_cfg, self.seq_len,
+                                                    distill.max_new_tokens, distill.temperature, distill.top_p,
+                                                    (tok.eos_id, tok.eot_id), self.pad_id)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _sum_over_ranks(self, values: List[float]) -> np.ndarray:
@@ -332,11 +312,13 @@ class Trainer:
         return total / (self.world // self.dp_world)
 
     def lrs(self, step: int) -> List[float]:
-        s = self.cfg["lr_schedule"]
-        total = s["total_steps"] or self.max_steps
-        warm = s["warmup_steps"] if s["warmup_steps"] is not None else int(round(s["warmup_ratio"] * total))
-        f = lr_factor(step, total, warm, s["min_lr_ratio"])
-        return [lr * f for lr in self.group_lrs]
+        """Each learning-rate group's rate at optimizer step `step` (0-based)."""
+        schedule = self.run_config.lr_schedule
+        total = schedule.total_steps or self.max_steps
+        warmup = schedule.warmup_steps if schedule.warmup_steps is not None else \
+            int(round(schedule.warmup_ratio * total))
+        factor = lr_factor(step, total, warmup, schedule.min_lr_ratio)
+        return [lr * factor for lr in self.group_lrs]
 
     def next_micro_batch(self, step: int, micro: int) -> Dict[str, Any]:
         """This rank's part of global micro-batch `micro` of optimizer step `step` (0-based)."""
@@ -345,21 +327,15 @@ class Trainer:
         batch = collate([self.dataset[int(global_rows[i])] for i in local])
         batch["rows"] = [int(global_rows[i]) for i in local]  # dataset windows (the offline teacher's key)
         on_policy = False
-        if self.run_mode == "distill":
-            on_policy = bool(self.coin.random() < self.cfg["distill"]["lmbda"])
+        if self.run_config.distilling:
+            on_policy = bool(self.coin.random() < self.run_config.distill.lmbda)
         if on_policy:
             prompts = self.continuation.prompts(batch, self.dataset.prompt_keeps_end)
             batch = self.continuation(prompts, row_rngs(self.seed, step, micro, local))
         batch["on_policy"] = on_policy
         return batch
 
-    def _callback(self, name):
-        return callback(self.cfg, name)
-
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def _ckpt_root(self) -> str:
-        return self.ckpt.root
-
     @property
     def sharded(self) -> bool:
         """Model / pipeline parallel (Ascend): every rank holds parameter slices and checkpoints its own."""
@@ -367,14 +343,13 @@ class Trainer:
 
     def checkpoints(self) -> List[str]:
         """Complete checkpoint step directories (for this rank's files), oldest first."""
-        return self.ckpt.complete()
+        return self.output.checkpoints()
 
     def _run_signature(self) -> dict:
-        rc = self.cfg["runner_config"]
         return {"run_mode": self.run_mode, "global_batch": self.micro_bs * self.dp_world * self.accum,
                 "micro_batch_global": self.micro_bs * self.dp_world, "seq_length": self.seq_len,
                 "trainable": [p.name for p in self.trainable], "seed": self.seed,
-                "gradient_accumulation_steps": rc["gradient_accumulation_steps"]}
+                "gradient_accumulation_steps": self.run_config.runner.gradient_accumulation_steps}
 
     def _optimizer_params(self) -> list:
         return self._held(list(self.core.m) + list(self.core.v))
@@ -383,77 +358,36 @@ class Trainer:
         """Data parallel: rank 0 writes the (replicated) state. Sharded: every rank writes its slices to rank_R/."""
         if not (self.is_main or self.sharded):
             return None
-        keep = (self._callback("CheckpointMonitor") or {}).get("keep_checkpoint_max", 2)
         state = {"data": self.sampler.state_dict(), "rng": rng_state_to_json(self.coin),
                  "signature": self._run_signature(), "world_size": self.world}
-        if self.is_main:
-            step_dir = os.path.relpath(self.ckpt.step_dir(step), self.out).replace(os.sep, "/") + "/"
-            record_written(self.out, [step_dir] + [f"{step_dir}rank_{r}/" for r in range(self.world)
-                                                   if self.sharded])
-        if self.sharded:
-            self._publish_strategy()
-        return self.ckpt.save(step, self._held(self.student.get_parameters()), self._optimizer_params(), state, keep)
+        return self.output.save_checkpoint(step, self._held(self.student.get_parameters()), self._optimizer_params(),
+                                           state, self.run_config.keep_checkpoint_max,
+                                           self.strategy_file if self.sharded else None)
 
     def load_checkpoint(self, path: str) -> int:
-        state = self.ckpt.load(path, self._run_signature(), self._held(self.student.get_parameters()),
-                               self._optimizer_params())
+        state = self.output.load_checkpoint(path, self._run_signature(), self._held(self.student.get_parameters()),
+                                            self._optimizer_params())
         self.sampler.load_state_dict(state["data"])
         self.coin = rng_from_json(state["rng"])
         return int(state["step"])
 
     # ------------------------------------------------------------------------------------------------ outputs
     def _inputs(self) -> list:
-        return [("model.student", self.student_dir), ("distill.teacher", self.cfg["distill"]["teacher"]),
-                ("train_dataset.data_path", self.cfg["train_dataset"]["data_path"])]
+        return [("model.student", self.student_dir), ("distill.teacher", self.run_config.distill.teacher),
+                ("train_dataset.data_path", self.run_config.train_dataset.data_path)]
 
     def _check_output(self, resume: bool, overwrite: bool) -> None:
-        """Before anything is loaded: resume needs a checkpoint; a fresh run must not mix into an old output_dir, and
-        output_dir follows the output rule (fsutil): never an input, never someone else's directory."""
-        if resume and not self.checkpoints():
-            raise YouzhiError(f"resume requested but {self._ckpt_root()} has no complete checkpoint; run without "
-                              "--resume to start from the student directory")
-        if not resume and not overwrite and (self.checkpoints() or os.path.isfile(os.path.join(self.out, LOSS_LOG))):
-            raise YouzhiError(f"output_dir {self.out} already holds a run (checkpoints / {LOSS_LOG}); pass --resume "
-                              "to continue it, --overwrite to start it over, or choose another output_dir")
-        if resume or not self.is_main:  # other ranks: rank 0 may already have claimed output_dir
-            check_not_input(self.out, self._inputs(), "output_dir")
-        else:
-            check_output_dir(self.out, overwrite, self._inputs(), "output_dir")
-        if resume and self.is_main:
-            # replaced when the resumed run completes: refuse now, not after the training, if it is not ours
-            check_output_dir(os.path.join(self.out, HF_DIR), True, flag="the trained model directory")
+        self.output.check(resume, overwrite)
 
     def _prepare_output(self, resume: bool, overwrite: bool) -> int:
         """Returns the step to start from (restoring the newest checkpoint when resuming)."""
-        start = 0
-        if resume:
-            start = self.load_checkpoint(self.checkpoints()[-1])
-        if self.is_main:
-            claim_run_dir(self.out, overwrite, resume, self._inputs())
-            # the marker lists what this run writes (so --overwrite removes exactly that), each entry added before it
-            # is first written; one already there that the run did not write (an adopted folder) is never listed
-            record_written(self.out, ["run_config.yaml", LOSS_LOG, LOSS_LOG + ".tmp", "loss_curve.png",
-                                      "loss_curve.png.tmp.png", "ranks/", "checkpoint/", HF_DIR + "/"]
-                           + [f"ranks/rank_{r}.json" for r in range(self.world)]
-                           + (["strategy/"] + [f"strategy/strategy_rank_{r}.ckpt{t}" for r in range(self.world)
-                                               for t in ("", ".tmp")] if self.sharded else []))
-            if resume:
-                truncate_loss_log(os.path.join(self.out, LOSS_LOG), start)
-            import yaml
-            with open(os.path.join(self.out, "run_config.yaml"), "w") as f:
-                yaml.safe_dump(self.cfg, f, sort_keys=False)
+        start = self.load_checkpoint(self.checkpoints()[-1]) if resume else 0
+        self.output.claim(resume, overwrite, start, self.run_config.raw)
         return start
 
     def export_hf(self) -> str:
         """The trained student as a Hugging Face directory next to the checkpoints (rank 0)."""
-        path = os.path.join(self.out, HF_DIR)
-        with atomic_output_dir(path, True, flag="the trained model directory", kind="trained model") as tmp:
-            writer = ShardedWriter(tmp, dtype=self.cfg["model"]["save_dtype"])
-            for name, arr in hf_state_dict_from_model(self.student, model_kind(self.student_cfg)).items():
-                writer.add(name, arr)
-            writer.close()
-            write_model_files(tmp, read_config(self.student_dir), self.student_dir)
-        return path
+        return self.output.export_hf(self.student, self.student_cfg, self.student_dir, self.run_config.model.save_dtype)
 
     def weights_digest(self) -> str:
         h = hashlib.sha256()
@@ -470,181 +404,55 @@ class Trainer:
         count = float(self._sum_over_ranks([local])[0])
         scale = ms.Tensor(1.0 / max(count, 1.0), ms.float32)
         lrs = self.lrs(step)
-        b1, b2 = self.cfg["optimizer"]["betas"]
+        b1, b2 = self.run_config.optimizer.betas
         update_args = (ms.Tensor(np.asarray(lrs, np.float32)), ms.Tensor(1.0 - float(b1) ** (step + 1), ms.float32),
                        ms.Tensor(1.0 - float(b2) ** (step + 1), ms.float32))
         inputs = [self._net_inputs(b, scale) for b in batches]
         row = {"step": step + 1, "loss": None, "lr": lrs[0], "grad_norm": None, "tokens": int(count),
                "on_policy": [b["on_policy"] for b in batches]}
         if self.plan.semi_auto:  # one sharded graph per step; its loss takes (ids, labels, mask) only
-            self._semi_auto_update(step, inputs[0][:3], (float(scale.asnumpy()), *[float(a.asnumpy()) for a in
-                                                                                   update_args[1:]], lrs), row)
+            self.pstep.set_hyper(float(scale.asnumpy()), *[float(a.asnumpy()) for a in update_args[1:]], lrs)
+            self.guard.checked_in_graph(step, lambda: self._semi_auto_call(inputs[0][:3]), row)
         elif self.fused is not None:
             loss, norm = self.fused(*update_args, ms.mutable(inputs[0]))
             row["loss"] = float(loss.asnumpy())
             row["grad_norm"] = float(norm.asnumpy())
         else:
-            self._guarded_update(step, inputs, update_args, row)
+            self.guard.accumulated_update(step, lambda: self._accumulate(inputs),
+                                          lambda: float(self.apply(*update_args).asnumpy()), self.reset, row)
         row["seconds"] = round(time.time() - t0, 4)
         return row
 
-    def _net_inputs(self, b: dict, scale) -> tuple:
-        """The loss net's inputs for micro-batch `b`: ids, labels, mask, scale, then the teacher's part when it is
-        not computed inside the training graph (its hidden states from its own graph, or the stored top-k)."""
-        ids = ms.Tensor(b["input_ids"], ms.int32)
-        x = (ids, ms.Tensor(b["labels"], ms.int32), ms.Tensor(b["loss_mask"], ms.float32), scale)
+    def _net_inputs(self, batch: dict, scale) -> tuple:
+        """The loss net's inputs for micro-batch `batch`: ids, labels, mask, scale, then the teacher's part when it
+        is not computed inside the training graph (its hidden states from its own graph, or the stored top-k)."""
+        ids = ms.Tensor(batch["input_ids"], ms.int32)
+        inputs = (ids, ms.Tensor(batch["labels"], ms.int32), ms.Tensor(batch["loss_mask"], ms.float32), scale)
         if self.teacher_hidden is not None:
-            x += (self.teacher_hidden(ids),)
+            inputs += (self.teacher_hidden(ids),)
         elif self.topk is not None:
-            t = self.topk.batch(b["rows"], b["input_ids"])
-            x += (ms.Tensor(t["ids"]), ms.Tensor(t["lq_top"]), ms.Tensor(t["lq_tail"]))
-        return x
+            stored = self.topk.batch(batch["rows"], batch["input_ids"])
+            inputs += (ms.Tensor(stored["ids"]), ms.Tensor(stored["lq_top"]), ms.Tensor(stored["lq_tail"]))
+        return inputs
 
-    def _guarded_update(self, step: int, inputs: list, update_args: tuple, row: dict) -> None:
-        """Accumulate the micro-batches' gradients, check the step's loss, then apply (fills `row`).
+    def _accumulate(self, inputs: list) -> float:
+        """The micro-batches' gradients into the accumulators; returns the step's global loss."""
+        loss_local = sum(float(self.micro(ms.mutable(x)).asnumpy()) for x in inputs)
+        return float(self._sum_over_ranks([loss_local])[0]) if self.world > 1 else loss_local
 
-        A GKD loss above the JSD supremum is a corrupted computation (seen with MindSpore 2.10 on CPU: ~1e4 on some
-        steps of some runs, with corrupted gradients that ruined a run). Its gradients are dropped and the
-        micro-batches computed again; a step that stays corrupted is skipped, never applied."""
-        for attempt in range(1 + CORRUPT_RETRIES):
-            loss_local = sum(float(self.micro(ms.mutable(x)).asnumpy()) for x in inputs)
-            row["loss"] = float(self._sum_over_ranks([loss_local])[0]) if self.world > 1 else loss_local
-            if not self._out_of_range(row["loss"]):
-                row["grad_norm"] = float(self.apply(*update_args).asnumpy())
-                break
-            self.reset()
-            if attempt < CORRUPT_RETRIES:
-                row["retries"] = attempt + 1
-            log.warning("step %d: loss %.6g exceeds %.4f, the largest value the generalized JSD (beta %g) can "
-                        "take: a corrupted computation; its gradients are dropped%s", step + 1, row["loss"],
-                        self.loss_bound, self.cfg["distill"]["beta"],
-                        " and the step is computed again" if attempt < CORRUPT_RETRIES else
-                        " and the step is skipped (no update)")
-        else:
-            row["skipped"] = True
-
-    def _semi_auto_update(self, step: int, batch: tuple, hyper: tuple, row: dict) -> None:
-        """One graph call computes, checks and (if the loss is in range) applies the step; a rejected step changed
-        nothing, so it is computed once more, then skipped. The loss is the last pipeline stage's."""
-        scale, bc1, bc2, lrs = hyper
-        self.pstep.set_hyper(scale, bc1, bc2, lrs)
-        for attempt in range(1 + CORRUPT_RETRIES):
-            loss, norm, ok = self.parallel_net(*batch)
-            mine = float(loss.asnumpy()) if self.last_stage else 0.0
-            per_stage = self.world // self.plan.pipeline_stage  # every last-stage rank holds the same global loss
-            row["loss"] = float(self._sum_over_ranks([mine])[0]) * self.world / self.dp_world / per_stage \
-                if self.world > 1 else mine
-            if bool(ok.asnumpy()):
-                row["grad_norm"] = float(norm.asnumpy())
-                break
-            if attempt < CORRUPT_RETRIES:
-                row["retries"] = attempt + 1
-            log.warning("step %d: loss %.6g exceeds %.4f (generalized JSD maximum): a corrupted computation; "
-                        "nothing was applied%s", step + 1, row["loss"], self.loss_bound,
-                        ", computing the step again" if attempt < CORRUPT_RETRIES else ", the step is skipped")
-        else:
-            row["skipped"] = True
-
-    def _out_of_range(self, loss: float) -> bool:
-        return self.loss_bound is not None and loss > self.loss_bound * (1.0 + 1e-4) + 1e-6
+    def _semi_auto_call(self, batch: tuple) -> tuple:
+        """One call of the sharded graph: (global loss, gradient norm, applied). The loss is the last pipeline
+        stage's; every rank of that stage holds the same global loss."""
+        loss, norm, ok = self.parallel_net(*batch)
+        mine = float(loss.asnumpy()) if self.in_last_pp_stage else 0.0
+        total = float(self._sum_over_ranks([mine])[0]) * self.world / self.dp_world / self.ranks_per_pp_stage \
+            if self.world > 1 else mine
+        return total, float(norm.asnumpy()), bool(ok.asnumpy())
 
     # ------------------------------------------------------------------------------------------------ the loop
     def run(self, resume: bool = False, progress: Optional[bool] = None, overwrite: bool = False) -> Dict[str, Any]:
-        """`overwrite`: start over in an output_dir holding an earlier youzhi_ms run (what it wrote is removed).
-        Rank 0 holds output_dir's lock throughout, so a second run into it is refused at once."""
-        try:
-            with output_lock(self.out, "output_dir") if self.is_main else contextlib.nullcontext():
-                return self._run(resume, progress, overwrite)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                done = self.checkpoints()
-                exc.add_note(f"the newest complete checkpoint {done[-1]} is kept: run the same command with --resume "
-                             "to continue from it" if done else "no checkpoint was complete yet: the run starts over")
-            raise
-
-    def _run(self, resume: bool, progress: Optional[bool], overwrite: bool) -> Dict[str, Any]:
-        resume = resume or self.cfg["resume_training"]
-        self._check_output(resume, overwrite)
-        self._setup_models()
-        self._setup_data()
-        start = self._prepare_output(resume, overwrite)
-        rc = self.cfg["runner_config"]
-        stop_at = rc.get("stop_at_step")
-        save_every = (self._callback("CheckpointMonitor") or {}).get("save_checkpoint_steps")
-        show = self.is_main and (rc["progress"] if progress is None else progress) and sys.stderr.isatty()
-        bar = ProgressBar(total=self.max_steps, initial=start, desc=self.run_mode, unit="step", disable=not show)
-        rows = []
-        step = start
-        t_run = time.time()
-        last_saved = None
-        while step < self.max_steps:
-            if stop_at is not None and step >= stop_at:
-                break
-            row = self.train_step(step)
-            step += 1
-            if not math.isfinite(row["loss"]):
-                raise YouzhiError(f"the loss became {row['loss']} at step {step}; lower lr_schedule.learning_rate or "
-                                  "check the data (resume from the last checkpoint with --resume)")
-            rows.append(row)
-            if self.is_main:
-                self._report(row, bar, show)
-            self._stop_after_corrupted_steps(row, step, bar)
-            if (save_every and step % save_every == 0) or step == self.max_steps or \
-                    (stop_at is not None and step == stop_at):
-                self.save_checkpoint(step)
-                last_saved = step
-        bar.close()
-        return self._finish(start, step, rows, time.time() - t_run, last_saved)
-
-    def _report(self, row: dict, bar, show: bool) -> None:
-        """Rank 0: the loss log row, the progress bar, and a LossMonitor line every per_print_times steps."""
-        append_row(os.path.join(self.out, LOSS_LOG), row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-        print_every = (self._callback("LossMonitor") or {}).get("per_print_times")
-        step = row["step"]
-        if print_every and (step % print_every == 0 or step == self.max_steps):
-            gn = "skipped" if row.get("skipped") else f"{row['grad_norm']:.4f}"
-            msg = (f"step {step}/{self.max_steps} loss {row['loss']:.6f} lr {row['lr']:.3e} "
-                   f"grad_norm {gn} {row['seconds']:.2f}s/step"
-                   f"{' on-policy' if any(row['on_policy']) else ''}")
-            if not show:  # the bar shows the same numbers
-                log.info(msg)
-
-    def _stop_after_corrupted_steps(self, row: dict, step: int, bar) -> None:
-        self.bad_in_a_row = self.bad_in_a_row + 1 if row.get("skipped") else 0
-        if self.bad_in_a_row >= CORRUPT_STEPS_MAX:
-            bar.close()
-            self.save_checkpoint(step)  # skipped steps changed nothing: this is the last good state
-            raise YouzhiError(f"{self.bad_in_a_row} steps in a row (up to step {step}) computed a loss above "
-                              f"the generalized JSD's maximum {self.loss_bound:.4f}, i.e. corrupted values, and "
-                              f"were skipped. The state is saved in {self._ckpt_root()}/step_{step:08d}; run the "
-                              "same command with --resume to continue from it in a fresh process")
-
-    def _finish(self, start: int, step: int, rows: List[dict], seconds: float, last_saved) -> Dict[str, Any]:
-        """Per-rank summary json; rank 0 draws the loss curve and, at max_steps, exports the Hugging Face student."""
-        log_path = os.path.join(self.out, LOSS_LOG)
-        result = {"start_step": start, "end_step": step, "steps_run": step - start, "rank": self.rank,
-                  "world": self.world, "seconds": round(seconds, 3), "last_checkpoint": last_saved,
-                  "losses": [r["loss"] for r in rows], "weights_sha256": self.weights_digest(),
-                  "loss_log": log_path, "peak_rss_mib": peak_rss_mib()}
-        os.makedirs(os.path.join(self.out, "ranks"), exist_ok=True)
-        with open(os.path.join(self.out, "ranks", f"rank_{self.rank}.json"), "w") as f:
-            json.dump({k: v for k, v in result.items() if k != "losses"}, f, indent=1)
-        if self.is_main:
-            plot_loss_curve(log_path, os.path.join(self.out, "loss_curve.png"))
-            if step == self.max_steps and not self.sharded:
-                result["hf_model"] = self.export_hf()
-            elif step == self.max_steps:
-                log.warning("model/pipeline parallel: the final weights are the per-rank slices in %s; merge them "
-                            "into a Hugging Face directory with tools/merge_slices.py --run %s",
-                            self.checkpoints()[-1], self.out)
-        return result
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (what decides whether workers fit side by side on one machine)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # KiB on Linux
+        """The whole run (loop.py). `overwrite`: start over in an output_dir holding an earlier youzhi_ms run."""
+        return run_training(self, resume, progress, overwrite)
 
 
 def train(cfg: Dict[str, Any], resume: bool = False, progress: Optional[bool] = None,
