@@ -57,37 +57,6 @@ DIGESTS = {
             "model.safetensors": "9879d424e553307af5ef25363fa65ab1f57d96afc2cb4386b45b9a8d8ae331d9",
             "tokenizer.json": "9aaf644f3562e9e40351f95e3ff3259bf1af0777bc6d229f9b9a679ee0c17987"
         }
-    },
-    # recorded at f5a5bb1 (before the rest of issue 22) on the 2-core session machine, whose OpenBLAS picks the
-    # Prescott kernels: same numpy, other float bits for the weights and the plot
-    "numpy 1.26.4 / OpenBLAS Prescott": {
-        "4": {
-            "config.json": "dc0de6c8d1420688fdcdc00e2079952936e86e1549d8e20dc24d055b13d72081",
-            "conversion_report.json": "02e32228d2c211b0dbebf6feb78ff12ce03e5dc376990fa75a37888251269c5f",
-            "conversion_report.md": "9d67252c203f20cb6321d741148ecf3b80ad5cac5b4dcd952100c55b2476a70a",
-            "freqfold.png": "5e975f2946bd9184138808d1d62155719f67ee59315575a0bb83880d7c1bd99f",
-            "generation_config.json": "89c1678d2e54c78b2e98842459d5bf4469a62ac0cf78b461607ffefcfd2840db",
-            "model.safetensors": "c8efe13afb9bad94b722d9b46998d6609d4d7d3db3d25c7b287fe49dd7210078",
-            "tokenizer.json": "9aaf644f3562e9e40351f95e3ff3259bf1af0777bc6d229f9b9a679ee0c17987"
-        },
-        "adaptive": {
-            "config.json": "5d9f7543f2fcb50309f5584e7af7f12b8a35b2ba8fd7d4d8643ee65543ec658c",
-            "conversion_report.json": "c9c8c536f2a70683667805eacb707ac98702b85cb2309abd20434278c23e6f69",
-            "conversion_report.md": "ad89ee8aecd7148dbbf4dd3b3c0007a0c754573caa0096dbf9388bbd76fa5f88",
-            "freqfold.png": "31f6b06e6b79d8eabcff02ea2337cd64a39dca75e2d7eda30a39271ad9a80e60",
-            "generation_config.json": "89c1678d2e54c78b2e98842459d5bf4469a62ac0cf78b461607ffefcfd2840db",
-            "model.safetensors": "b0bc24e48b0f4515e833a87edf7c0ff84337957eb1ed929bf4dbd2f57ed14d5d",
-            "tokenizer.json": "9aaf644f3562e9e40351f95e3ff3259bf1af0777bc6d229f9b9a679ee0c17987"
-        },
-        "auto": {
-            "config.json": "8bd462122ad018b7327a9e0b3541f01029e0c9e568f893addfe01a0d09212c36",
-            "conversion_report.json": "5e461ec9e624bfd4bb4976aa199e1fbf362ba2abac2892ba228066d5f0fd98b8",
-            "conversion_report.md": "3c4e83cfca4b302abe69cd9a82de02e5c9dc004d59e535953e62866211e2ec9e",
-            "freqfold.png": "4878f63aa697a0dd83d59f3ffe792a54b61c8e286b42565b8a728226d0168f5e",
-            "generation_config.json": "89c1678d2e54c78b2e98842459d5bf4469a62ac0cf78b461607ffefcfd2840db",
-            "model.safetensors": "0410ab805d41c569b85a4c3041ea32a88bc5a43fd20ca03575fabb01828a0b64",
-            "tokenizer.json": "9aaf644f3562e9e40351f95e3ff3259bf1af0777bc6d229f9b9a679ee0c17987"
-        }
     }
 }
 
