@@ -125,7 +125,7 @@ def main():
             q, k, _ = gqa_qkv(x["conv"][:npx], src, H, kv, d)
             return adaptive.BandProxy(q, k, probs, inv, kv, stats.moments, c, d ** -0.5).error
 
-        dec = pipeline._decide(opt, args.layer, stats, score, geo, band_proxy)
+        dec = adaptive.decide(opt, args.layer, stats, score, geo, band_proxy)
         total, cpu = time.perf_counter() - t_all, time.process_time() - c_all
         res = {"search": search, "layer": args.layer, "choice": dec.name, "beta": dec.beta, "score": dec.score,
                "seconds": round(total, 2), "cpu_seconds": round(cpu, 2),

@@ -360,7 +360,7 @@ def test_auto_uniform_search_records_its_trace(tmp_path):
 def test_a_work_dir_is_resumed_only_with_the_same_hidden_streams(saved, resumed, tmp_path):
     """Same options and source, but hidden states saved with other streams (a work dir of the build that named the
     partial-RoPE stream 'stage1'): the conversion starts afresh instead of failing on a missing stream."""
-    from youzhi_ms.convert.pipeline import LayerRecord, _resume
+    from youzhi_ms.convert.journal import LayerRecord, resume as _resume
     work, fp = tmp_path / "work", {"source": "src", "options": {"stats": "standard"}}
     work.mkdir()
     (work / "meta.json").write_text(json.dumps(fp))

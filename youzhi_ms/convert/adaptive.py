@@ -27,9 +27,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from youzhi_ms.contract import max_rank
 from youzhi_ms.convert.latent import kv_group
-from youzhi_ms.convert.rorope import Band, describe_bands, pca, uniform_bands
-from youzhi_ms.convert.score_workers import map_scores
+from youzhi_ms.convert.rorope import Band, describe_bands, pca, uniform_bands, validate_bands
+from youzhi_ms.convert.score_workers import default_workers, map_scores
 
 MODES = ("adaptive", "adaptive-layer")
 
@@ -231,3 +232,43 @@ def choose(cands: Dict[str, List[Band]], score_of: Callable[[List[Band], float],
     s, n, beta = best
     return Decision(name=n, bands=list(cands[n]), beta=beta, score=s, scores=scores, refined=refined, coarse=coarse,
                     coarse_balances=coarse_balances)
+
+
+def decide(opt, i: int, stats, score, geo, band_proxy, progress=None) -> Decision:
+    """Layer i's FreqFold bands and key/value balance, as the conversion options `opt` (pipeline.ConvertOptions) ask:
+    given (a plan, a uniform F) or searched (the adaptive modes); `stats` a calibrate.LayerStats, `score` its
+    calibrate.ResidualScore, band_proxy() the shortlisting proxy (built only when the candidates need it)."""
+    d, c = geo.d, geo.c
+    if opt.plan is not None:
+        bands = [tuple(b) for b in opt.plan[i]]
+        validate_bands(bands, d, c)
+        cands = {"plan": bands}
+    elif opt.freqfold in MODES:
+        cands = layer_candidates(opt.freqfold, d, c)
+        if len(cands) > opt.max_candidates:
+            cands = shortlist(cands, band_proxy(), opt.max_candidates)
+    else:
+        cands = {f"F={int(opt.freqfold)}": uniform_bands(d, int(opt.freqfold))}
+    betas = opt.betas if opt.pca_metric == "attn" and not opt.skip_pca else (1.0,)
+    R_id = np.eye(max_rank(geo.n_kv, d, geo.rope_dim)) if opt.skip_pca else None
+    # fast: candidates built from per-layer products (LatentPCA, the same layers to float tolerance) and scored by
+    # successive halving (`choose`); exhaustive: every candidate built as it is exported and scored on all positions.
+    # The exported layer is built by stats.build either way.
+    fast = opt.freqfold_search == "fast"
+    build = stats.fast_build if fast else stats.build
+    workers = opt.search_workers or default_workers()
+    if workers > 1:  # what every candidate reads, computed once here so the forked workers share it
+        stats.prepare_search(cands.values(), fast)
+
+    def score_of(bands, beta):
+        return score(build(bands, beta, R_override=R_id)[0])
+
+    coarse_of = None
+    if fast:
+        coarse = score.subsample(opt.search_subsample, opt.search_windows)
+
+        def coarse_of(bands, beta):
+            return coarse(build(bands, beta, R_override=R_id)[0])
+
+    return choose(cands, score_of, betas, opt.finalists, progress, coarse_of, opt.search_survivors, workers,
+                  opt.search_balance_survivors)
