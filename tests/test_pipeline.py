@@ -77,7 +77,8 @@ def _args(d, out, *extra):
            "save_checkpoint_steps=2", "callbacks.LossMonitor.per_print_times=1", "runner_config.progress=false",
            f"train_dataset.data_path={d / 'general.txt'}", "model.trainable=attention+norms"]
     dom = ["runner_config.seq_length=32", "lr_schedule.learning_rate=3e-3", "lr_schedule.warmup_steps=1",
-           "callbacks.CheckpointMonitor.save_checkpoint_steps=2", "runner_config.progress=false"]
+           "callbacks.CheckpointMonitor.save_checkpoint_steps=2", "runner_config.progress=false",
+           f"train_dataset.replay_path={d / 'general.txt'}", "train_dataset.replay_fraction=0.25"]
     sets = [f"output_dir={out}", f"source.model={d / 'src'}", f"eval.general_text={d / 'general_eval.txt'}",
             f"eval.domain_text={d / 'news_eval.txt'}", "eval.max_tokens=640", "eval.seq_len=64",
             f"eval.mcq={d / 'mcq.jsonl'}", "eval.mcq_batch_size=4", "convert.kv_lora_rank=16", "convert.qk_rope_dim=8",
@@ -149,6 +150,7 @@ def test_stages_chain_and_every_output_loads_in_transformers(setup, full_run):
     with open(os.path.join(out, "domain", "run_config.yaml")) as f:
         dcfg = f.read()
     assert os.path.join(out, "gkd", "hf_model") in dcfg and str(setup / "news.txt") in dcfg
+    assert str(setup / "general.txt") in dcfg and "replay_fraction: 0.25" in dcfg  # the general replay
     assert st["gkd"]["result"]["steps"] == 12 and st["domain"]["result"]["steps"] == 4
     assert st["domain"]["result"]["loss_last"] < st["domain"]["result"]["loss_first"]
     with open(os.path.join(out, "summary.json")) as f:
@@ -232,6 +234,12 @@ def test_interrupted_stage_resumes_and_ends_identical(setup, full_run, tmp_path)
     (["--set", "gkd.overrides=[runner_config.batch_size=0]"], "runner_config.batch_size must be an integer >= 1"),
     (["--set", "gkd.config=yaml_configs/domain_smollm2_mla.yaml"], "the gkd stage needs run_mode distill"),
     (["--stop-after", "nonsense"], "--stop-after 'nonsense' is not a stage"),
+    (["--set", "domain.overrides=[train_dataset.replay_fraction=0.95]"],
+     "train_dataset.replay_fraction must be <= 0.9"),
+    (["--set", "domain.overrides=[train_dataset.replay_fraction=0.3, train_dataset.replay_path=null]"],
+     "needs train_dataset.replay_path"),
+    (["--set", "domain.overrides=[train_dataset.replay_fraction=0.3, train_dataset.replay_path=/nonexistent.txt]"],
+     "domain: train_dataset.replay_path '/nonexistent.txt' is neither"),
 ])
 def test_bad_config_is_one_error_line_before_any_stage(setup, tmp_path, extra, expect):
     out = tmp_path / "bad"
@@ -247,3 +255,29 @@ def test_existing_foreign_output_dir_is_refused(setup, tmp_path):
     p = _run(_args(setup, str(out), "--overwrite"))
     one_error_line(p.returncode, p.stderr, "not replaced even with --overwrite")
     assert (out / "notes.txt").read_text() == "keep"
+
+
+def test_replay_mixes_the_first_general_windows_into_the_domain_windows(setup):
+    """train_dataset.replay_path / replay_fraction: the domain windows unchanged, then the first general windows,
+    as many as make the fraction of the union; fraction 0 is the plain dataset; too short a replay text is refused."""
+    from youzhi_ms.data.tokenizer import Tokenizer
+    from youzhi_ms.errors import YouzhiError
+    from youzhi_ms.train.data import PackedText, build_dataset, replay_windows
+    tok = Tokenizer.from_dir(str(setup / "src"))
+    news, general = str(setup / "news.txt"), str(setup / "general.txt")
+    plain = PackedText(news, tok, 32)
+    cfg = {"data_path": news, "format": "packed", "replay_path": general, "replay_fraction": 0.25}
+    mixed = build_dataset(cfg, tok, 32, 0)
+    n = len(plain)
+    want = round(n / 3)
+    assert replay_windows(n, 0.25) == want and mixed.replay == want and len(mixed) == n + want
+    assert np.array_equal(mixed.windows[:n], plain.windows)
+    assert np.array_equal(mixed.windows[n:], PackedText(general, tok, 32).windows[:want])
+    assert abs(want / len(mixed) - 0.25) < 1 / len(mixed)
+    ex = mixed[n]  # a replay window is a packed window like the others: every position but the last scored
+    assert ex.loss_mask.sum() == 31 and np.array_equal(ex.input_ids, PackedText(general, tok, 32).windows[0])
+    assert np.array_equal(build_dataset(dict(cfg, replay_fraction=0.0), tok, 32, 0).windows, plain.windows)
+    short = setup / "short.txt"
+    short.write_text("the cat sat on the mat.")
+    with pytest.raises(YouzhiError, match="replay_path .* fewer than the"):
+        build_dataset(dict(cfg, replay_path=str(short)), tok, 32, 0)

@@ -123,6 +123,8 @@ def validate(cfg: Dict[str, Any]) -> None:
             raise YouzhiError(f"{sec}.config / {sec}.overrides: {exc}") from None
         _need(tcfg["run_mode"] == mode, f"{sec}.config {cfg[sec]['config']} has run_mode {tcfg['run_mode']}; the "
               f"{sec} stage needs run_mode {mode}")
+        if sec == "domain" and tcfg["train_dataset"]["replay_fraction"] > 0:
+            _text_source(tcfg["train_dataset"]["replay_path"], "domain: train_dataset.replay_path")
     x = cfg["export"]
     for k in ("mindir", "gguf"):
         _need(isinstance(x[k], bool), f"export.{k} must be true or false")

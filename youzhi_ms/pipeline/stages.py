@@ -253,6 +253,8 @@ def _train_files(stage: str) -> Callable[[Context], List[str]]:
         out = [resolve_file(ctx.cfg[stage]["config"])]
         if stage == "domain":
             out.append(ctx.cfg["domain"]["corpus"])
+            # the general text the domain step replays (a user's file: its content, a built-in: its name)
+            out.append(train_config(ctx, stage)["train_dataset"]["replay_path"])
         return out
     return files
 

@@ -6,6 +6,12 @@ Datasets (every example is laid out in the *shifted* convention of `losses.py`: 
 - `PackedText`: a plain-text / jsonl corpus or a wiki split packed into one token stream exactly as the perplexity
   protocol does (each document preceded by the end-of-text token), cut into non-overlapping `seq_len` windows. Every
   position but the last is scored (there is no padding in a packed window).
+- Replay (`train_dataset.replay_path` / `replay_fraction`, packed text only): windows of a second, general text are
+  added to the windows of the training text so that they make `replay_fraction` of all windows; the sampler shuffles
+  the union, so every batch mixes the two in that proportion on average. The domain step of tools/pipeline.py uses it
+  to keep the general ability the GKD stage restored (continued pre-training on a domain corpus alone drifts away from
+  general text: the forgetting the pipeline measures). The general windows are the first ones of the replay text, so
+  the set is the same in every run and on every rank.
 - `ChatExamples`: a jsonl file, one example per line, either `{"messages": [{"role", "content"}, ...]}` rendered with
   the tokenizer's chat template, or `{"prompt": ..., "response": ...}` (rendered as a user / assistant exchange when a
   chat template exists, else `prompt + response + eos`). Only assistant tokens are scored (the rendered assistant turn,
@@ -40,7 +46,7 @@ from youzhi_ms.data.text import iter_jsonl, load_token_stream
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.infer.generate import EagerRunner, decode_state, sample_next
 
-__all__ = ["Example", "PackedText", "ChatExamples", "build_dataset", "detect_format", "layout", "EpochSampler",
+__all__ = ["Example", "PackedText", "add_replay", "replay_windows", "ChatExamples", "build_dataset", "detect_format", "layout", "EpochSampler",
            "shard_rows", "collate", "row_rngs", "StudentContinuation"]
 
 
@@ -214,14 +220,43 @@ def detect_format(data_path: str) -> str:
     return "packed"
 
 
+def replay_windows(n_train: int, fraction: float) -> int:
+    """How many replay windows make `fraction` of the union with `n_train` training windows (0 for fraction 0)."""
+    return int(round(n_train * fraction / (1.0 - fraction))) if fraction > 0 else 0
+
+
+def add_replay(train: PackedText, replay_path: str, fraction: float, tokenizer) -> PackedText:
+    """`train` with the first `replay_windows(len(train), fraction)` windows of `replay_path` appended (module
+    docstring); `train.replay` counts them."""
+    want = replay_windows(len(train), fraction)
+    if want == 0:
+        train.replay = 0
+        return train
+    stream = load_token_stream(replay_path, tokenizer)
+    have = len(stream) // train.seq_len
+    if have < want:
+        raise YouzhiError(f"train_dataset.replay_path {replay_path!r} has {have} windows of {train.seq_len} tokens, "
+                          f"fewer than the {want} that make replay_fraction {fraction} of the {len(train)} training "
+                          "windows; use a longer replay text or a smaller replay_fraction")
+    general = stream[:want * train.seq_len].reshape(want, train.seq_len).astype(np.int32)
+    train.windows = np.ascontiguousarray(np.concatenate([train.windows, general]))
+    train.replay = want
+    return train
+
+
 def build_dataset(dataset_cfg: dict, tokenizer, seq_len: int, pad_id: int):
     path = dataset_cfg["data_path"]
     fmt = dataset_cfg.get("format", "auto")
     if fmt == "auto":
         fmt = detect_format(path)
+    fraction = float(dataset_cfg.get("replay_fraction") or 0.0)
     if fmt == "chat":
+        if fraction > 0:
+            raise YouzhiError(f"train_dataset.replay_fraction {fraction} works with packed text only, but "
+                              f"{path} is chat data; set train_dataset.replay_fraction=0 or train on a packed text")
         return ChatExamples(path, tokenizer, seq_len, pad_id)
-    return PackedText(path, tokenizer, seq_len, dataset_cfg.get("max_tokens"), pad_id)
+    data = PackedText(path, tokenizer, seq_len, dataset_cfg.get("max_tokens"), pad_id)
+    return add_replay(data, dataset_cfg.get("replay_path"), fraction, tokenizer) if fraction > 0 else data
 
 
 class EpochSampler:

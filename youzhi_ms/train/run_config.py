@@ -23,7 +23,8 @@ Sections (MindFormers names where MindFormers has the concept):
   callbacks        list of {type: CheckpointMonitor, save_checkpoint_steps, keep_checkpoint_max} and
                    {type: LossMonitor, per_print_times}
   train_dataset    data_path (wiki-calib | wiki-eval | .txt | .jsonl), format (auto | packed | chat), shuffle,
-                   max_tokens (truncate a packed token stream)
+                   max_tokens (truncate a packed token stream), replay_path / replay_fraction (packed text: windows of
+                   a general text mixed in as that fraction of all windows; train/data.py)
   distill          teacher (source GQA Hugging Face dir), beta (the JSD mix), lmbda, temperature, max_new_tokens, top_p,
                    loss (chunked: vocabulary loss in token chunks with a hand-written backward | full: plain logits),
                    loss_chunk_tokens, teacher_graph (joint: teacher forward inside the training graph | separate: in
@@ -70,7 +71,8 @@ DEFAULTS: Dict[str, Any] = {
     "lr_schedule": {"type": "CosineWithWarmUpLR", "learning_rate": 1e-4, "kv_layernorm_learning_rate": None,
                     "warmup_ratio": 0.05, "warmup_steps": None, "min_lr_ratio": 0.1, "total_steps": None},
     "callbacks": [dict(type=k, **v) for k, v in CALLBACK_DEFAULTS.items()],
-    "train_dataset": {"data_path": "wiki-calib", "format": "auto", "shuffle": True, "max_tokens": None},
+    "train_dataset": {"data_path": "wiki-calib", "format": "auto", "shuffle": True, "max_tokens": None,
+                      "replay_path": None, "replay_fraction": 0.0},
     "distill": {"teacher": None, "beta": 0.5, "lmbda": 0.5, "temperature": 0.9, "max_new_tokens": 128, "top_p": 1.0,
                 "loss": "chunked", "loss_chunk_tokens": 128, "teacher_graph": "joint", "offline_teacher": None},
     "recompute_config": {"recompute": False},
@@ -356,6 +358,12 @@ def _check_train_dataset(cfg: Dict[str, Any]) -> None:
     _need(isinstance(d["data_path"], str) and d["data_path"],
           "train_dataset.data_path must be wiki-calib, wiki-eval or a file path")
     _int(cfg, "train_dataset", "max_tokens", 1, allow_none=True)
+    _num(cfg, "train_dataset", "replay_fraction", 0.0, 0.9)
+    if d["replay_fraction"] > 0:
+        _need(isinstance(d["replay_path"], str) and d["replay_path"].strip() != "", "train_dataset.replay_fraction > 0 "
+              "needs train_dataset.replay_path: the general text to mix in (wiki-calib, a .txt or a .jsonl)")
+        _need(d["format"] != "chat", "train_dataset.replay_fraction > 0 works with packed text only; set "
+              "train_dataset.format to packed (or auto) or replay_fraction to 0")
 
 
 def _check_distill(cfg: Dict[str, Any]) -> None:
@@ -483,6 +491,8 @@ class TrainDatasetSection:
     format: str
     shuffle: bool
     max_tokens: Optional[int]
+    replay_path: Optional[str]
+    replay_fraction: float
 
 
 @dataclasses.dataclass(frozen=True)
