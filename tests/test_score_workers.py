@@ -23,12 +23,13 @@ def _square_sum(i):
 
 
 def test_workers_return_what_one_process_returns_in_order():
+    before = set(_children())  # processes an earlier test may have left running are not ours to judge
     items = list(range(11))
     ticks = []
     one = score_workers.map_scores(_square_sum, items, 1)
     three = score_workers.map_scores(_square_sum, items, 3, lambda: ticks.append(1))
     np.testing.assert_allclose(three, one, rtol=1e-12)
-    assert len(ticks) == len(items) and _children() == []
+    assert len(ticks) == len(items) and set(_children()) <= before
 
 
 def _dies_in_a_worker(i):
@@ -38,8 +39,9 @@ def _dies_in_a_worker(i):
 
 
 def test_a_killed_worker_costs_time_not_results():
+    before = set(_children())
     assert score_workers.map_scores(_dies_in_a_worker, list(range(8)), 2) == [float(i * i) for i in range(8)]
-    assert _children() == []
+    assert set(_children()) <= before
 
 
 def _fails_on_five(i):
@@ -49,9 +51,10 @@ def _fails_on_five(i):
 
 
 def test_an_error_in_a_worker_is_raised_here_with_its_message():
+    before = set(_children())
     with pytest.raises(ValueError, match="candidate 5 is broken"):
         score_workers.map_scores(_fails_on_five, list(range(8)), 2)
-    assert _children() == []
+    assert set(_children()) <= before
 
 
 def _blas_threads(_):
