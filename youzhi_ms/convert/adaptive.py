@@ -234,10 +234,10 @@ def choose(cands: Dict[str, List[Band]], score_of: Callable[[List[Band], float],
                     coarse_balances=coarse_balances)
 
 
-def decide(opt, i: int, stats, score, geo, band_proxy, progress=None) -> Decision:
+def decide(opt, i: int, layer_stats, objective, geo, band_proxy, progress=None) -> Decision:
     """Layer i's FreqFold bands and key/value balance, as the conversion options `opt` (pipeline.ConvertOptions) ask:
-    given (a plan, a uniform F) or searched (the adaptive modes); `stats` a calibrate.LayerStats, `score` its
-    calibrate.ResidualScore, band_proxy() the shortlisting proxy (built only when the candidates need it)."""
+    given (a plan, a uniform F) or searched (the adaptive modes); `layer_stats` a calibrate.LayerStats, `objective`
+    its calibrate.ResidualScore, band_proxy() the shortlisting proxy (built only when the candidates need it)."""
     d, c = geo.d, geo.c
     if opt.plan is not None:
         bands = [tuple(b) for b in opt.plan[i]]
@@ -253,19 +253,19 @@ def decide(opt, i: int, stats, score, geo, band_proxy, progress=None) -> Decisio
     R_id = np.eye(max_rank(geo.n_kv, d, geo.rope_dim)) if opt.skip_pca else None
     # fast: candidates built from per-layer products (LatentPCA, the same layers to float tolerance) and scored by
     # successive halving (`choose`); exhaustive: every candidate built as it is exported and scored on all positions.
-    # The exported layer is built by stats.build either way.
+    # The exported layer is built by layer_stats.build either way.
     fast = opt.freqfold_search == "fast"
-    build = stats.fast_build if fast else stats.build
+    build = layer_stats.fast_build if fast else layer_stats.build
     workers = opt.search_workers or default_workers()
     if workers > 1:  # what every candidate reads, computed once here so the forked workers share it
-        stats.prepare_search(cands.values(), fast)
+        layer_stats.prepare_search(cands.values(), fast)
 
     def score_of(bands, beta):
-        return score(build(bands, beta, R_override=R_id)[0])
+        return objective(build(bands, beta, R_override=R_id)[0])
 
     coarse_of = None
     if fast:
-        coarse = score.subsample(opt.search_subsample, opt.search_windows)
+        coarse = objective.subsample(opt.search_subsample, opt.search_windows)
 
         def coarse_of(bands, beta):
             return coarse(build(bands, beta, R_override=R_id)[0])

@@ -222,18 +222,19 @@ def _convert_layer(run: _Run, opt: ConvertOptions, i: int, h: Dict[str, np.ndarr
     x = {k: rms_norm(v, w["ln1"], cfg.rms_norm_eps) for k, v in h.items()}
     a_orig = geo.gqa(x["orig"], src)
     flat = {k: v.reshape(-1, D) for k, v in x.items()}
-    stats = LayerStats(geo, src, keys_x=flat["orig" if run.standard else "conv"],
+    layer_stats = LayerStats(geo, src, keys_x=flat["orig" if run.standard else "conv"],
                        pca_x=flat["partial_rope" if run.standard else "conv"], pca_metric=opt.pca_metric,
                        rorope_metric=opt.rorope_metric, damping=opt.damping)
     a_loc, probs = geo.gqa(x["conv"][:npx], src, return_probs=True)
-    score = ResidualScore(geo, w, h["conv"][:npx], h["orig"][:npx], a_orig[:npx], opt.score, a_loc, opt.score_stride)
+    objective = ResidualScore(geo, w, h["conv"][:npx], h["orig"][:npx], a_orig[:npx], opt.score, a_loc,
+                              opt.score_stride)
 
     def band_proxy():
         q, k, _ = gqa_qkv(x["conv"][:npx], src, geo.n_heads, geo.n_kv, geo.d)
-        return adaptive.BandProxy(q, k, probs, run.inv_freq, geo.n_kv, stats.moments, geo.c, geo.d ** -0.5).error
+        return adaptive.BandProxy(q, k, probs, run.inv_freq, geo.n_kv, layer_stats.moments, geo.c, geo.d ** -0.5).error
 
-    dec = adaptive.decide(opt, i, stats, score, geo, band_proxy, progress)
-    m, info = stats.build(dec.bands, dec.beta, R_override=run.R_id)
+    dec = adaptive.decide(opt, i, layer_stats, objective, geo, band_proxy, progress)
+    m, info = layer_stats.build(dec.bands, dec.beta, R_override=run.R_id)
     a_conv = geo.mla(x["conv"], m)
     rec = LayerRecord(layer=i, bands=[list(b) for b in dec.bands], choice=dec.name, beta=dec.beta,
                       score=dec.score, scores=dec.scores, refined=dec.refined, coarse=dec.coarse,
@@ -248,7 +249,7 @@ def _convert_layer(run: _Run, opt: ConvertOptions, i: int, h: Dict[str, np.ndarr
     nxt = {"conv": block_output(h["conv"], a_conv, w, cfg.rms_norm_eps),
            "orig": block_output(h["orig"], a_orig, w, cfg.rms_norm_eps)}
     if run.standard:
-        m1, _ = stats.build(dec.bands, 1.0, rank=run.full_rank, R_override=np.eye(run.full_rank))
+        m1, _ = layer_stats.build(dec.bands, 1.0, rank=run.full_rank, R_override=np.eye(run.full_rank))
         nxt["partial_rope"] = block_output(h["partial_rope"], geo.mla(x["partial_rope"], m1, rank=run.full_rank), w,
                                            cfg.rms_norm_eps)
     return m, rec, nxt
