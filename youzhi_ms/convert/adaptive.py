@@ -11,9 +11,10 @@ Every candidate is converted fully at the target kv_lora_rank (RoRoPE + latent P
 against the source layer's output on the same inputs: measured on held-out text of two domains it picks better plans
 than the issue's residual-stream-with-drift score, which over-fits the upstream drift of the calibration text
 (docs/benchmarks.md section 2; the other kinds stay selectable). The best few candidates are then re-scored over the
-key/value balances (`latent_pca`) on all proxy windows, and the (bands, balance) pair with the smallest error wins.
-The fast search (the default, `choose` with `coarse_of`) scores every candidate on a subsample first and only the best
-few in full; the exhaustive one scores all in full.
+key/value balances (`latent_pca`), and the (bands, balance) pair with the smallest full error wins. The fast search
+(the default, `choose` with `coarse_of`) scores every candidate, and then the finalists' other balances, on a
+subsample first and only the best few of each round in full; the exhaustive one scores all in full. `decide` turns
+the conversion options into that search for one layer.
 
 When a head dimension gives more candidates than `max_candidates`, a rank-blind, separable band proxy (`BandProxy`:
 the variance of each band's logit error under the source attention, a second-order KL) shortlists them; uniform
