@@ -82,6 +82,8 @@ def main():
     ap.add_argument("--eval-tokens", type=int, default=8192, help="tokens of each text (512-token windows)")
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--keep-models", action="store_true")
+    ap.add_argument("--option", action="append", default=[], metavar="NAME=INT",
+                    help="another integer ConvertOptions field for every conversion, e.g. search_survivors=64")
     args = ap.parse_args()
     init_context("graph")
     import shutil
@@ -99,9 +101,10 @@ def main():
         if not os.path.isfile(os.path.join(src, "config.json")):
             gguf_to_hf("smollm2", src, dtype="fp32", progress=False)
     texts = args.texts.split(",")
+    extra_options = {k: int(v) for k, v in (o.split("=", 1) for o in args.option)}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     results = json.load(open(args.out)) if os.path.isfile(args.out) else {"runs": {}}
-    results["meta"] = {"source": src, "texts": texts, "eval_tokens": args.eval_tokens, "seq_len": 512,
+    results["meta"] = {"options": extra_options, "source": src, "texts": texts, "eval_tokens": args.eval_tokens, "seq_len": 512,
                        "calib_text": "wiki-calib", "calib_tokens": args.calib_tokens, "qk_rope_dim": args.qk_rope_dim,
                        "machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
     tok = Tokenizer.from_dir(src)
@@ -142,7 +145,8 @@ def main():
                     shutil.rmtree(out, ignore_errors=True)
                     t0 = time.time()
                     opt = ConvertOptions(kv_lora_rank=r, qk_rope_dim=args.qk_rope_dim, freqfold=mode, export=export,
-                                         calib_tokens=args.calib_tokens, progress=False, pca_metric=pca, stats=stats)
+                                         calib_tokens=args.calib_tokens, progress=False, pca_metric=pca, stats=stats,
+                                         **extra_options)
                     if stage == "partial":
                         if full is None:
                             sc = load_any_config(HFCheckpoint(src).config)

@@ -60,13 +60,18 @@ def table(args):
             score = calibrate.ResidualScore(geo, w, h["conv"][:npx], h["orig"][:npx], a_orig[:npx], opt.score, a_loc,
                                             opt.score_stride)
             coarse = score.subsample(opt.search_subsample, opt.search_windows)
+            variants = {v: score.subsample(*map(int, v.split("x"))) for v in args.coarse_variants}
             cands = adaptive.layer_candidates("adaptive", d, c)
             full, first = {}, {}
+            other = {v: {} for v in variants}
             for name, bands in cands.items():
                 for beta in opt.betas:
                     m = stats.fast_build(bands, beta)[0]
                     full[f"{name}@{beta}"], first[f"{name}@{beta}"] = score(m), coarse(m)
-            out.append({"layer": i, "names": list(cands), "betas": list(opt.betas), "full": full, "coarse": first})
+                    for v, fn in variants.items():
+                        other[v][f"{name}@{beta}"] = fn(m)
+            out.append({"layer": i, "names": list(cands), "betas": list(opt.betas), "full": full, "coarse": first,
+                        **{f"coarse {v}": t for v, t in other.items()}})
             print(f"layer {i}: {len(full)} pairs in {time.time() - t0:.0f} s", flush=True)
         m, _ = stats.build(adaptive.uniform_bands(d, 4), 1.0)
         h = {"conv": block_output(h["conv"], geo.mla(x["conv"], m), w, cfg.rms_norm_eps),
@@ -120,6 +125,8 @@ def main():
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--layers", default="0,3,7,11,15,20,25,29")
     ap.add_argument("--out", default="benchmarks/results/freqfold_search/agreement.json")
+    ap.add_argument("--coarse-variants", type=lambda s: [v for v in s.split(",") if v], default=[],
+                    metavar="KxW,...", help="also record first-round scores on every K-th position of W windows")
     ap.add_argument("--replay", metavar="JSON", help="replay the rules on a table written earlier")
     args = ap.parse_args()
     if args.replay:

@@ -74,6 +74,13 @@ def main(argv=None):
                     help="how the adaptive modes search the band tilings: fast = every tiling on a subsample of the "
                          "scored positions, the best few on all (default); exhaustive = every tiling on all positions, "
                          "each built exactly as it would be exported (for checking; several times slower)")
+    ap.add_argument("--search-survivors", type=POSITIVE, default=defaults["search_survivors"].default,
+                    help="fast search: band tilings of the subsample round scored on all positions (default "
+                         f"{defaults['search_survivors'].default}; at least the candidates' count: every tiling in full)")
+    ap.add_argument("--search-balance-survivors", type=POSITIVE,
+                    default=defaults["search_balance_survivors"].default,
+                    help="fast search: (finalist, key/value balance) pairs of the subsample round scored on all "
+                         f"positions (default {defaults['search_balance_survivors'].default})")
     ap.add_argument("--search-workers", type=NONNEGATIVE, default=defaults["search_workers"].default,
                     help="processes that score the FreqFold candidates (default 0: one per core, at most 8); the "
                          "choice does not depend on it")
@@ -107,7 +114,8 @@ def main(argv=None):
                          proxy_seqs=args.proxy_seqs, export=args.export, seed=args.seed, plan=plan,
                          out_dtype=args.out_dtype, pca_metric=args.pca_metric, stats=args.stats,
                          score=args.freqfold_score, freqfold_search=args.freqfold_search,
-                         search_workers=args.search_workers,
+                         search_workers=args.search_workers, search_survivors=args.search_survivors,
+                         search_balance_survivors=args.search_balance_survivors,
                          progress=not args.quiet)
     if opt.freqfold == "auto":  # judged by the converted MindSpore model: MindSpore is imported only for this mode
         from youzhi_ms.eval.auto_freqfold import convert_auto as convert
