@@ -71,16 +71,17 @@ def main(argv=None):
     choices, defaults = ConvertOptions.CHOICES, ConvertOptions.__dataclass_fields__
     ap.add_argument("--freqfold-search", choices=choices["freqfold_search"],
                     default=defaults["freqfold_search"].default,
-                    help="how the adaptive modes search the band tilings: fast = every tiling on a subsample of the "
-                         "scored positions, the best few on all (default); exhaustive = every tiling on all positions, "
-                         "each built exactly as it would be exported (for checking; several times slower)")
-    ap.add_argument("--search-survivors", type=POSITIVE, default=defaults["search_survivors"].default,
-                    help="fast search: band tilings of the subsample round scored on all positions (default "
-                         f"{defaults['search_survivors'].default}; at least the candidates' count: every tiling in full)")
-    ap.add_argument("--search-balance-survivors", type=POSITIVE,
+                    help="how the adaptive modes build the band tilings they score: fast = from per-layer products, "
+                         "in worker processes (default); exhaustive = each exactly as it would be exported (for "
+                         "checking; several times slower). Both score every tiling on all positions and choose the "
+                         "same (to float tolerance)")
+    ap.add_argument("--search-survivors", type=NONNEGATIVE, default=defaults["search_survivors"].default,
+                    help="fast search, successive halving: score every band tiling on a subsample first and only this "
+                         "many on all positions (default 0: every tiling on all positions, the exhaustive search's "
+                         "choice; e.g. 4 is quicker on large models but may drop a near-tie)")
+    ap.add_argument("--search-balance-survivors", type=NONNEGATIVE,
                     default=defaults["search_balance_survivors"].default,
-                    help="fast search: (finalist, key/value balance) pairs of the subsample round scored on all "
-                         f"positions (default {defaults['search_balance_survivors'].default})")
+                    help="the same for the finalists' key/value balances (default 0: all on all positions)")
     ap.add_argument("--search-workers", type=NONNEGATIVE, default=defaults["search_workers"].default,
                     help="processes that score the FreqFold candidates (default 0: one per core, at most 8); the "
                          "choice does not depend on it")

@@ -11,10 +11,12 @@ Every candidate is converted fully at the target kv_lora_rank (RoRoPE + latent P
 against the source layer's output on the same inputs: measured on held-out text of two domains it picks better plans
 than the issue's residual-stream-with-drift score, which over-fits the upstream drift of the calibration text
 (docs/benchmarks.md section 2; the other kinds stay selectable). The best few candidates are then re-scored over the
-key/value balances (`latent_pca`), and the (bands, balance) pair with the smallest full error wins. The fast search
-(the default, `choose` with `coarse_of`) scores every candidate, and then the finalists' other balances, on a
-subsample first and only the best few of each round in full; the exhaustive one scores all in full. `decide` turns
-the conversion options into that search for one layer.
+key/value balances (`latent_pca`), and the (bands, balance) pair with the smallest full error wins. Both searches
+score every candidate in full and so choose the same; the fast one (the default) builds the candidates from per-layer
+products and scores them in worker processes, the exhaustive one builds each as it is exported (for checking).
+Successive halving (`--search-survivors`, `--search-balance-survivors`: a subsample round first, only the best few in
+full) is quicker still but drops near-ties the 30 layers after them amplify (docs/benchmarks.md section 2).
+`decide` turns the conversion options into that search for one layer.
 
 When a head dimension gives more candidates than `max_candidates`, a rank-blind, separable band proxy (`BandProxy`:
 the variance of each band's logit error under the source attention, a second-order KL) shortlists them; uniform
@@ -170,26 +172,27 @@ class Decision:
 def choose(cands: Dict[str, List[Band]], score_of: Callable[[List[Band], float], float],
            betas: Sequence[float] = (1.0,), finalists: int = 3,
            progress: Optional[Callable[[int, int], None]] = None,
-           coarse_of: Optional[Callable[[List[Band], float], float]] = None, survivors: int = 4,
-           workers: int = 1, balance_survivors: int = 3) -> Decision:
+           coarse_of: Optional[Callable[[List[Band], float], float]] = None, survivors: int = 0,
+           workers: int = 1, balance_survivors: int = 0) -> Decision:
     """The layer's (bands, key/value balance) pair with the smallest error among those scored in full.
 
     score_of(bands, beta) -> error; progress(done, total) after every pair scored (either score).
-    Exhaustive (no coarse_of): every candidate in full at balance 1, then the best `finalists` in full at every other
-    balance. Fast (coarse_of(bands, beta): a cheaper score that ranks like score_of, e.g. on a subsample of the query
-    positions): successive halving in both directions. Every candidate by coarse_of at balance 1, the best `survivors`
-    in full; the best `finalists` of those by coarse_of at the other balances, the best `balance_survivors` of those
-    pairs in full. The fast choice equals the exhaustive one unless the full score's winner falls outside a coarse
-    round's survivors. With no more candidates than `survivors` (a uniform F, a plan) the search is the exhaustive one.
-    Each round's pairs are scored by up to `workers` processes (`score_workers.map_scores`); the result does not
-    depend on their number. Ties keep the first name."""
+    Every candidate in full at balance 1, then the best `finalists` in full at every other balance: the exhaustive
+    rule, and the default. Successive halving, when asked (coarse_of(bands, beta): a cheaper score that ranks like
+    score_of, e.g. on a subsample of the query positions): with `survivors` > 0 every candidate by coarse_of at
+    balance 1 and only the best `survivors` in full; with `balance_survivors` > 0 the finalists' other balances by
+    coarse_of and only the best `balance_survivors` pairs in full. Halving equals the exhaustive rule unless the full
+    score's winner falls outside a coarse round's survivors, which near-ties make likely (docs/benchmarks.md
+    section 2). Each round's pairs are scored by up to `workers` processes (`score_workers.map_scores`); the result
+    does not depend on their number. Ties keep the first name."""
     top_n = min(max(1, finalists), len(cands))
-    halving = coarse_of is not None and len(cands) > max(survivors, top_n)
+    halving = coarse_of is not None and survivors > 0 and len(cands) > max(survivors, top_n)
     n_full = max(survivors, top_n) if halving else len(cands)
     other_betas = [b for b in betas if b != 1.0]
     n_pairs = top_n * len(other_betas)
-    n_pairs_full = min(max(1, balance_survivors), n_pairs) if halving else n_pairs
-    total = (len(cands) + n_pairs if halving else 0) + n_full + n_pairs_full
+    balance_halving = coarse_of is not None and len(cands) > top_n and 0 < balance_survivors < n_pairs
+    n_pairs_full = balance_survivors if balance_halving else n_pairs
+    total = (len(cands) if halving else 0) + (n_pairs if balance_halving else 0) + n_full + n_pairs_full
     done = [0]
 
     def tick():
@@ -210,7 +213,7 @@ def choose(cands: Dict[str, List[Band]], score_of: Callable[[List[Band], float],
     scores = scored(lambda n: score_of(cands[n], 1.0), names)
     top = sorted(scores, key=scores.get)[:top_n]
     pairs = [(n, beta) for n in top for beta in other_betas]
-    if halving and pairs:
+    if balance_halving and pairs:
         pair_coarse = scored(lambda nb: coarse_of(cands[nb[0]], nb[1]), pairs)
         coarse_balances = {f"{n} @ {beta:g}": v for (n, beta), v in pair_coarse.items()}
         keep = set(sorted(pairs, key=pair_coarse.get)[:n_pairs_full])
@@ -252,8 +255,9 @@ def decide(opt, i: int, layer_stats, objective, geo, band_proxy, progress=None) 
         cands = {f"F={int(opt.freqfold)}": uniform_bands(d, int(opt.freqfold))}
     betas = opt.betas if opt.pca_metric == "attn" and not opt.skip_pca else (1.0,)
     R_id = np.eye(max_rank(geo.n_kv, d, geo.rope_dim)) if opt.skip_pca else None
-    # fast: candidates built from per-layer products (LatentPCA, the same layers to float tolerance) and scored by
-    # successive halving (`choose`); exhaustive: every candidate built as it is exported and scored on all positions.
+    # fast: candidates built from per-layer products (LatentPCA, the same layers to float tolerance), all scored in
+    # full unless the options ask for successive halving (`choose`); exhaustive: every candidate built as it is
+    # exported.
     # The exported layer is built by layer_stats.build either way.
     fast = opt.freqfold_search == "fast"
     build = layer_stats.fast_build if fast else layer_stats.build
@@ -265,7 +269,7 @@ def decide(opt, i: int, layer_stats, objective, geo, band_proxy, progress=None) 
         return objective(build(bands, beta, R_override=R_id)[0])
 
     coarse_of = None
-    if fast:
+    if fast and (opt.search_survivors or opt.search_balance_survivors):
         coarse = objective.subsample(opt.search_subsample, opt.search_windows)
 
         def coarse_of(bands, beta):

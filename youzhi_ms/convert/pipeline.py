@@ -63,10 +63,10 @@ class ConvertOptions:
     score: str = "local-block"  # the error the FreqFold and balance decisions minimise (calibrate.SCORES)
     score_stride: int = 2  # the score reads every score_stride-th query position of the proxy windows
     freqfold_search: str = "fast"  # fast | exhaustive: how the adaptive candidates are scored (CHOICES)
-    search_subsample: int = 4  # fast search: first round on every search_subsample-th scored query position ...
+    search_subsample: int = 4  # halving: subsample rounds on every search_subsample-th scored query position ...
     search_windows: int = 2  # ... of the first search_windows scoring windows
-    search_survivors: int = 4  # fast search: tilings of the first round scored in full
-    search_balance_survivors: int = 3  # fast search: (finalist, balance) pairs of the coarse balance round in full
+    search_survivors: int = 0  # fast search, > 0: halving, the subsample round's best tilings in full (0: all in full)
+    search_balance_survivors: int = 0  # > 0: halving, the best (finalist, balance) pairs in full (0: all in full)
     search_workers: int = 0  # processes scoring the candidates (0: one per core, at most 8); results do not depend on it
 
     # every option with a fixed set of values: its choices, defined here once (the CLI reads them from here)
@@ -82,10 +82,13 @@ class ConvertOptions:
             if getattr(self, name) not in allowed:
                 flag = self.FLAGS.get(name, "--" + name.replace("_", "-"))
                 raise YouzhiError(f"{flag} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        for name in ("search_subsample", "search_windows", "search_survivors", "search_balance_survivors",
-                     "score_stride", "finalists", "max_candidates"):
+        for name in ("search_subsample", "search_windows", "score_stride", "finalists", "max_candidates"):
             if int(getattr(self, name)) < 1:
                 raise YouzhiError(f"{name} {getattr(self, name)}: must be at least 1")
+        for name in ("search_survivors", "search_balance_survivors"):
+            if int(getattr(self, name)) < 0:
+                raise YouzhiError(f"--{name.replace('_', '-')} {getattr(self, name)}: use 0 (every candidate in "
+                                  "full) or a positive count")
         if int(self.search_workers) < 0:
             raise YouzhiError(f"--search-workers {self.search_workers}: use 0 (one per core) or a positive count")
 
