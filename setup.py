@@ -20,12 +20,13 @@ setup(
         "tqdm",
         "jinja2",  # chat templates
         "matplotlib",  # report and benchmark plots (PNG, Agg backend)
+        "gguf==0.19.0",  # the llama.cpp project's GGUF writer: tools/export_gguf.py and the pipeline's GGUF stage
     ],
     extras_require={
         # transformers (torch, CPU) is the independent reference the tests compare against;
-        # gguf is the reference for our own GGUF reader and the writer of tools/export_gguf.py;
+        # gguf (a runtime dependency, above) is also the reference for our own GGUF reader;
         # llama-cpp-python is llama.cpp, the inference engine the GGUF exports are run in (no wheel on the index:
         # pip builds it from source, run_scripts/setup_env.sh sets the CMake flags that keep the build short).
-        "test": ["pytest", "torch==2.13.0", "transformers==4.57.1", "gguf==0.19.0", "llama-cpp-python==0.3.36"],
+        "test": ["pytest", "torch==2.13.0", "transformers==4.57.1", "llama-cpp-python==0.3.36"],
     },
 )

