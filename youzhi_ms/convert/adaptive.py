@@ -165,8 +165,8 @@ class Decision:
     score: float
     scores: Dict[str, float] = field(default_factory=dict)  # candidates scored in full at balance 1
     refined: Dict[str, float] = field(default_factory=dict)  # "name @ beta" for the finalists
-    coarse: Dict[str, float] = field(default_factory=dict)  # every candidate on the subsample (fast search only)
-    coarse_balances: Dict[str, float] = field(default_factory=dict)  # "name @ beta" on the subsample (fast only)
+    coarse: Dict[str, float] = field(default_factory=dict)  # every candidate on the subsample (halving only)
+    coarse_balances: Dict[str, float] = field(default_factory=dict)  # "name @ beta" on the subsample (halving only)
 
 
 def choose(cands: Dict[str, List[Band]], score_of: Callable[[List[Band], float], float],
