@@ -68,6 +68,17 @@ def reductions(runs, source, texts):
     return out
 
 
+def _int_option(text):
+    """NAME=INT -> (name, int), for argparse (a bad value is its one-line error, not a traceback)."""
+    name, sep, value = text.partition("=")
+    if sep and name:
+        try:
+            return name, int(value)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"{text!r}: use NAME=INT, e.g. search_survivors=4")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/conversion_grid.json")
@@ -82,7 +93,7 @@ def main():
     ap.add_argument("--eval-tokens", type=int, default=8192, help="tokens of each text (512-token windows)")
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--keep-models", action="store_true")
-    ap.add_argument("--option", action="append", default=[], metavar="NAME=INT",
+    ap.add_argument("--option", action="append", default=[], metavar="NAME=INT", type=_int_option,
                     help="another integer ConvertOptions field for every conversion, e.g. search_survivors=64")
     args = ap.parse_args()
     init_context("graph")
@@ -101,11 +112,14 @@ def main():
         if not os.path.isfile(os.path.join(src, "config.json")):
             gguf_to_hf("smollm2", src, dtype="fp32", progress=False)
     texts = args.texts.split(",")
-    extra_options = {k: int(v) for k, v in (o.split("=", 1) for o in args.option)}
+    extra_options = dict(args.option)
+    unknown = sorted(set(extra_options) - set(ConvertOptions.__dataclass_fields__))
+    if unknown:
+        ap.error(f"--option {', '.join(unknown)}: not a ConvertOptions field (youzhi_ms/convert/pipeline.py)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     results = json.load(open(args.out)) if os.path.isfile(args.out) else {"runs": {}}
-    results["meta"] = {"options": extra_options, "source": src, "texts": texts, "eval_tokens": args.eval_tokens, "seq_len": 512,
-                       "calib_text": "wiki-calib", "calib_tokens": args.calib_tokens, "qk_rope_dim": args.qk_rope_dim,
+    results["meta"] = {"options": extra_options, "source": src, "texts": texts, "eval_tokens": args.eval_tokens,
+                       "seq_len": 512, "calib_text": "wiki-calib", "calib_tokens": args.calib_tokens, "qk_rope_dim": args.qk_rope_dim,
                        "machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
     tok = Tokenizer.from_dir(src)
     streams = {t: token_stream(t, tok, args.eval_tokens) for t in texts}

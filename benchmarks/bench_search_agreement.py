@@ -60,7 +60,7 @@ def table(args):
             score = calibrate.ResidualScore(geo, w, h["conv"][:npx], h["orig"][:npx], a_orig[:npx], opt.score, a_loc,
                                             opt.score_stride)
             coarse = score.subsample(opt.search_subsample, opt.search_windows)
-            variants = {v: score.subsample(*map(int, v.split("x"))) for v in args.coarse_variants}
+            variants = {f"{k}x{w}": score.subsample(k, w) for k, w in args.coarse_variants}
             cands = adaptive.layer_candidates("adaptive", d, c)
             full, first = {}, {}
             other = {v: {} for v in variants}
@@ -117,6 +117,17 @@ def report(data):
         print(f"| {rule} | {same} / {len(data['layers'])} | {'; '.join(diffs) or '-'} |")
 
 
+def _variants(text):
+    """'16x8,8x8' -> [(16, 8), (8, 8)]: every K-th scored position of the first W windows, for argparse."""
+    try:
+        out = [tuple(int(n) for n in v.split("x")) for v in text.split(",") if v]
+    except ValueError:
+        out = []
+    if not out or any(len(v) != 2 or min(v) < 1 for v in out):
+        raise argparse.ArgumentTypeError(f"{text!r}: use K x W pairs of positive integers, e.g. 16x8,8x8")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf-dir")
@@ -125,7 +136,7 @@ def main():
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--layers", default="0,3,7,11,15,20,25,29")
     ap.add_argument("--out", default="benchmarks/results/freqfold_search/agreement.json")
-    ap.add_argument("--coarse-variants", type=lambda s: [v for v in s.split(",") if v], default=[],
+    ap.add_argument("--coarse-variants", type=_variants, default=[],
                     metavar="KxW,...", help="also record first-round scores on every K-th position of W windows")
     ap.add_argument("--replay", metavar="JSON", help="replay the rules on a table written earlier")
     args = ap.parse_args()

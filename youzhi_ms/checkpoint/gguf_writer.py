@@ -331,7 +331,8 @@ def export_gguf(model_dir: str, outfile: str, outtype: str = "f32", progress: bo
         import gguf  # a runtime dependency (setup.py); imported here so that reading GGUF files does not need it
     except ImportError:
         raise YouzhiError("the GGUF export needs the `gguf` package (the llama.cpp project's writer), which this "
-                          "environment lacks: run `bash run_scripts/setup_env.sh` or `pip install gguf==0.19.0`") from None
+                          "environment lacks: run `bash run_scripts/setup_env.sh` or `pip install gguf==0.19.0`"
+                          ) from None
     if outtype not in OUTTYPES:
         raise YouzhiError(f"--outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
     check_output_file(outfile, overwrite, [("--model", model_dir)], "--outfile")

@@ -257,8 +257,7 @@ def decide(opt, i: int, layer_stats, objective, geo, band_proxy, progress=None) 
     R_id = np.eye(max_rank(geo.n_kv, d, geo.rope_dim)) if opt.skip_pca else None
     # fast: candidates built from per-layer products (LatentPCA, the same layers to float tolerance), all scored in
     # full unless the options ask for successive halving (`choose`); exhaustive: every candidate built as it is
-    # exported.
-    # The exported layer is built by layer_stats.build either way.
+    # exported. The exported layer is built by layer_stats.build either way.
     fast = opt.freqfold_search == "fast"
     build = layer_stats.fast_build if fast else layer_stats.build
     workers = opt.search_workers or default_workers()

@@ -46,8 +46,8 @@ from youzhi_ms.data.text import iter_jsonl, load_token_stream
 from youzhi_ms.errors import YouzhiError
 from youzhi_ms.infer.generate import EagerRunner, decode_state, sample_next
 
-__all__ = ["Example", "PackedText", "add_replay", "replay_windows", "ChatExamples", "build_dataset", "detect_format", "layout", "EpochSampler",
-           "shard_rows", "collate", "row_rngs", "StudentContinuation"]
+__all__ = ["Example", "PackedText", "add_replay", "replay_windows", "ChatExamples", "build_dataset", "detect_format",
+           "layout", "EpochSampler", "shard_rows", "collate", "row_rngs", "StudentContinuation"]
 
 
 @dataclass
@@ -82,6 +82,7 @@ class PackedText:
 
     kind = "packed"
     prompt_keeps_end = False  # on-policy prompt = the window's first seq_len - max_new_tokens tokens
+    replay = 0  # windows appended from a replay text (`add_replay`): the last `replay` ones
 
     def __init__(self, source: str, tokenizer, seq_len: int, max_tokens: Optional[int] = None, pad_id: int = 0):
         stream = load_token_stream(source, tokenizer)
@@ -230,7 +231,6 @@ def add_replay(train: PackedText, replay_path: str, fraction: float, tokenizer) 
     docstring); `train.replay` counts them."""
     want = replay_windows(len(train), fraction)
     if want == 0:
-        train.replay = 0
         return train
     stream = load_token_stream(replay_path, tokenizer)
     have = len(stream) // train.seq_len
