@@ -24,6 +24,7 @@ from youzhi_ms.checkpoint.hf import HFCheckpoint  # noqa: E402
 from youzhi_ms.config import SourceConfig, rope_inv_freq, rope_tables  # noqa: E402
 from youzhi_ms.convert import adaptive, calibrate, pipeline  # noqa: E402
 from youzhi_ms.convert.attention_np import block_output, rms_norm  # noqa: E402
+import numpy as np  # noqa: E402  (after youzhi_ms, which picks numpy's BLAS kernel before numpy loads)
 
 RULES = [  # (survivors, finalists, balance pairs in full); None = the exhaustive rule
     None, (8, 3, 12), (4, 3, 3), (4, 3, 2), (3, 2, 2)]
@@ -115,6 +116,18 @@ def report(data):
                 err = L["full"][f"{got[0]}@{got[1]}"] / L["full"][f"{ex[0]}@{ex[1]}"] - 1
                 diffs.append(f"layer {L['layer']}: {err:+.2%}")
         print(f"| {rule} | {same} / {len(data['layers'])} | {'; '.join(diffs) or '-'} |")
+    # how well each recorded first round tracks the full score, against how close the pairs it must separate are
+    print("\n| layer | first round | sd of first-round / full score (ratio to its median) | top five pairs in full: "
+          "gaps to the best |")
+    print("|---|---|---|---|")
+    for L in data["layers"]:
+        full = L["full"]
+        best = sorted(full.values())[:5]
+        gaps = ", ".join(f"{v / best[0] - 1:.2%}" for v in best[1:])
+        for key in [k for k in L if k.startswith("coarse")]:
+            ratio = np.array([L[key][p] / full[p] for p in full])
+            print(f"| {L['layer']} | {key[len('coarse '):] or 'default (4x2)'} | {np.std(ratio / np.median(ratio)):.1%} "
+                  f"| {gaps} |")
 
 
 def _variants(text):
