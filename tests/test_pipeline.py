@@ -74,7 +74,8 @@ def setup(tmp_path_factory):
 def _args(d, out, *extra):
     gkd = ["runner_config.seq_length=32", "runner_config.gradient_accumulation_steps=1",
            "lr_schedule.learning_rate=3e-3", "lr_schedule.warmup_steps=1", "callbacks.CheckpointMonitor."
-           "save_checkpoint_steps=2", "callbacks.LossMonitor.per_print_times=1", "runner_config.progress=false",
+           "save_checkpoint_steps=2", "callbacks.CheckpointMonitor.keep_checkpoint_max=100",
+           "callbacks.LossMonitor.per_print_times=1", "runner_config.progress=false",
            f"train_dataset.data_path={d / 'general.txt'}", "model.trainable=attention+norms"]
     dom = ["runner_config.seq_length=32", "lr_schedule.learning_rate=3e-3", "lr_schedule.warmup_steps=1",
            "callbacks.CheckpointMonitor.save_checkpoint_steps=2", "runner_config.progress=false",
@@ -191,7 +192,8 @@ def test_interrupted_stage_resumes_and_ends_identical(setup, full_run, tmp_path)
     assert p.returncode == 0 and "stopped after eval_mla" in p.stdout, p.stderr[-2000:]
     before = _state(out)
     assert list(before) == ["source", "eval_source", "convert", "eval_mla"]
-    # Ctrl-C during GKD, after its step-4 checkpoint
+    # Ctrl-C during GKD, after its step-4 checkpoint (kept: with the default keep_checkpoint_max=2 the step-8 save
+    # removed it, and a test process descheduled for those few steps never saw it and the run finished)
     proc = subprocess.Popen(_args(setup, out, "--resume"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     ck = os.path.join(out, "gkd", "checkpoint", "step_00000004")
