@@ -126,8 +126,8 @@ def report(data):
         gaps = ", ".join(f"{v / best[0] - 1:.2%}" for v in best[1:])
         for key in [k for k in L if k.startswith("coarse")]:
             ratio = np.array([L[key][p] / full[p] for p in full])
-            print(f"| {L['layer']} | {key[len('coarse '):] or 'default (4x2)'} | {np.std(ratio / np.median(ratio)):.1%} "
-                  f"| {gaps} |")
+            sd = np.std(ratio / np.median(ratio))
+            print(f"| {L['layer']} | {key[len('coarse '):] or 'default (4x2)'} | {sd:.1%} | {gaps} |")
     # exact pruning (stop scoring a candidate once its partial error passes the score it must beat), at its best:
     # candidates in the order of their full scores and every error accruing evenly over the windows, so a candidate
     # with full score s against threshold t costs min(1, t / s) of a full score. Not built: this bounds its gain.
