@@ -136,8 +136,8 @@ def report(data):
     fractions = []
     for L in data["layers"]:
         full, names = L["full"], L["names"]
-        at1 = sorted(full[f"{n}@1.0"] for n in names)
-        top = sorted(names, key=lambda n: full[f"{n}@1.0"])[:3]
+        ranked = sorted(names, key=lambda n: full[f"{n}@1.0"])
+        at1, top = [full[f"{n}@1.0"] for n in ranked], ranked[:3]
         pairs = [full[f"{n}@{b}"] for n in top for b in L["betas"] if b != 1.0]
         best = min(at1[0], *pairs)
         work = 3 + sum(min(1.0, at1[2] / v) for v in at1[3:]) + sum(min(1.0, best / v) for v in pairs)
